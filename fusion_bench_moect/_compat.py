@@ -1,0 +1,35 @@
+"""Make ``fusion_bench.method.MixtralForCausalLMMergingAlgorithm`` importable on transformers 5.
+
+FusionBench 0.2.x imports two names that transformers 5 moved or removed:
+``transformers.modeling_utils.no_init_weights`` (now in ``transformers.initialization``) and
+``MixtralBlockSparseTop2MLP`` (experts are fused 3-D tensors now). We add only what is
+missing, never replace anything, and never use the stand-in: our algorithm overrides
+``run`` and builds every weight itself.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class _RemovedMixtralBlockSparseTop2MLP(nn.Module):
+    """Stand-in for a class transformers 5 removed; FusionBench only names it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        raise RuntimeError(
+            "MixtralBlockSparseTop2MLP does not exist in transformers 5; FusionBench's own "
+            "Mixtral upcycling cannot run here. Use fusion_bench_moect instead."
+        )
+
+
+def ensure_fusion_bench_mixtral_importable() -> None:
+    """Add the two missing names, if missing, before FusionBench's Mixtral module is imported."""
+    import transformers.modeling_utils as modeling_utils
+    from transformers.models.mixtral import modeling_mixtral
+
+    if not hasattr(modeling_utils, "no_init_weights"):
+        from transformers.initialization import no_init_weights
+
+        modeling_utils.no_init_weights = no_init_weights
+    if not hasattr(modeling_mixtral, "MixtralBlockSparseTop2MLP"):
+        modeling_mixtral.MixtralBlockSparseTop2MLP = _RemovedMixtralBlockSparseTop2MLP

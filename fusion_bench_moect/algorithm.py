@@ -1,0 +1,312 @@
+"""``OrthogonalMoECTMergingAlgorithm``: validation and orchestration only.
+
+The math lives in ``ops/``, the per-family details in ``arch/``, the disk I/O in ``io/``
+and the tensor-by-tensor engine in ``build.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from fusion_bench import BaseModelPool, auto_register_config
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ._compat import ensure_fusion_bench_mixtral_importable
+
+ensure_fusion_bench_mixtral_importable()
+from fusion_bench.method import MixtralForCausalLMMergingAlgorithm  # noqa: E402
+
+from . import arch as arch_registry  # noqa: E402
+from .build import STREAM_ROUTER, build_moe_model, check_compatible  # noqa: E402
+from .io.checkpoint import check_destination, save_checkpoint  # noqa: E402
+from .io.sources import SourceError, TensorSource, open_source, pool_model_path  # noqa: E402
+from .ops.routers import PROMPT_GATE_MODES, condition_number, random_rows, seeded_generator  # noqa: E402
+from .plan import MoEPlan, make_plan  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@auto_register_config
+class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
+    """Upcycle a dense causal LM, or merge its fine-tunes, into a Mixture-of-Experts model.
+
+    Pure upcycling (a pool with only ``_pretrained_``) makes ``num_experts`` copies of the
+    base FFN; merging makes one expert per source model, fused with the base FFN by
+    ``lerp(W_base, W_source, alpha_l)`` under a layer-wise alpha schedule (MoE-CT), plus the
+    base FFN itself as an anchor expert. Routers start orthogonal by default.
+
+    Args:
+        num_experts: Experts per layer for pure upcycling (default 8); derived when merging.
+        experts_per_token: Top-k experts per token.
+        gate_mode: ``orthogonal``, ``random``, ``uniform_random``, ``hidden`` or ``cheap_embed``.
+        gate_scale: Factor on every router row.
+        moe_ct_mode: Fuse sources with the base FFN; false means alpha = 1 (plain merging).
+        base_alpha: Peak alpha in [0, 1] of the schedule.
+        alpha_strategy: ``constant``, ``linear_increase``, ``linear_decrease``, ``u_shaped``
+            or a list of one alpha per layer.
+        include_base_expert: When merging, add the base FFN as a routed anchor expert.
+        router_aux_scale: Factor on the anchor experts' router rows (their logits).
+        anchor_experts: Expert names to use as anchors instead of the base expert.
+        noise_scale: Std of Gaussian noise on expert weights (a number or name -> number).
+        residual_scale: Factor on expert down projections (a number or name -> number).
+        drop_ratio: Drop-Upcycling fraction of neurons re-initialised in each non-anchor expert.
+        granularity: G, fine-grained experts per FFN (each a 1/G neuron slice).
+        permute_neurons: Slice a seeded permutation of the neurons instead of contiguous ranges.
+        shared_expert_share: Qwen2-MoE: share w of the output given to the shared base expert.
+        prompts: For ``hidden``/``cheap_embed``: expert name -> prompts.
+        architecture: ``auto``, ``mixtral``, ``qwen2_moe`` or ``qwen3_moe``.
+        dtype: Output dtype; default the pool's ``torch_dtype`` or else the base's.
+        seed: Seed of every random choice (routers, noise, drop, permutation).
+        save_checkpoint: Directory to write the Hugging Face checkpoint to (atomically).
+        overwrite: Replace a non-empty ``save_checkpoint`` directory.
+    """
+
+    def __init__(
+        self,
+        num_experts: int | None = None,
+        experts_per_token: int = 2,
+        gate_mode: str = "orthogonal",
+        gate_scale: float = 1.0,
+        moe_ct_mode: bool = True,
+        base_alpha: float = 0.8,
+        alpha_strategy: str | Sequence[float] = "u_shaped",
+        include_base_expert: bool = True,
+        router_aux_scale: float = 1.1,
+        anchor_experts: Sequence[str] | None = None,
+        noise_scale: float | Mapping[str, float] = 0.0,
+        residual_scale: float | Mapping[str, float] = 1.0,
+        drop_ratio: float = 0.0,
+        granularity: int = 1,
+        permute_neurons: bool = False,
+        shared_expert_share: float = 0.5,
+        prompts: Mapping[str, Any] | None = None,
+        architecture: str = "auto",
+        dtype: str | None = None,
+        seed: int = 42,
+        save_checkpoint: str | None = None,
+        overwrite: bool = False,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            num_experts=num_experts,
+            experts_per_token=experts_per_token,
+            save_checkpoint=save_checkpoint,
+            **kwargs,
+        )
+
+    def parameters_record(self) -> dict[str, Any]:
+        """Every algorithm parameter as plain JSON-able values."""
+        names = list(self._config_mapping.values())
+        return {name: _plain(getattr(self, name, None)) for name in names}
+
+    @torch.no_grad()
+    def run(self, modelpool: BaseModelPool | torch.nn.Module) -> torch.nn.Module:
+        """Build the MoE model from the pool (and save it when ``save_checkpoint`` is set).
+
+        Args:
+            modelpool: A pool with ``_pretrained_`` (the dense base) and zero or more source
+                experts of the same architecture; or a dense base model.
+
+        Returns:
+            The MoE causal LM (Mixtral, Qwen2-MoE or Qwen3-MoE), in eval mode.
+        """
+        if isinstance(modelpool, torch.nn.Module):
+            modelpool = BaseModelPool({"_pretrained_": modelpool})
+        if not modelpool.has_pretrained:
+            raise ValueError(
+                "The model pool has no '_pretrained_' entry: add `_pretrained_: <path to the "
+                "dense base model>` to its `models`."
+            )
+        if self.save_checkpoint:
+            check_destination(self.save_checkpoint, self.overwrite)
+        source_names = list(modelpool.model_names)
+        base = open_source(modelpool, "_pretrained_")
+        sources: dict[str, TensorSource] = {}
+        try:
+            arch = arch_registry.resolve(self.architecture, base.config.model_type)
+            for name in source_names:
+                sources[name] = open_source(modelpool, name)
+                check_compatible(base, sources[name])
+            tokenizer = self._load_tokenizer(modelpool)
+            self._check_vocabularies(modelpool, tokenizer, source_names)
+            cfg = base.config
+            plan = make_plan(
+                architecture=arch.name,
+                source_names=source_names,
+                num_layers=cfg.num_hidden_layers,
+                hidden_size=cfg.hidden_size,
+                intermediate_size=cfg.intermediate_size,
+                num_experts=self.num_experts,
+                experts_per_token=int(self.experts_per_token),
+                granularity=int(self.granularity),
+                moe_ct_mode=bool(self.moe_ct_mode),
+                base_alpha=float(self.base_alpha),
+                alpha_strategy=_plain(self.alpha_strategy),
+                include_base_expert=bool(self.include_base_expert),
+                anchor_experts=_plain(self.anchor_experts),
+                router_aux_scale=float(self.router_aux_scale),
+                gate_mode=self.gate_mode,
+                gate_scale=float(self.gate_scale),
+                noise_scale=_plain(self.noise_scale),
+                residual_scale=_plain(self.residual_scale),
+                drop_ratio=float(self.drop_ratio),
+                shared_expert_share=float(self.shared_expert_share),
+                permute_neurons=bool(self.permute_neurons),
+                seed=int(self.seed),
+            )
+            dtype = self._output_dtype(modelpool, base)
+            self._log_plan(plan, arch, dtype)
+            rows = self._router_rows(plan, modelpool, base, tokenizer)
+            model = build_moe_model(plan, arch, base, sources, rows, dtype)
+        finally:
+            for src in (base, *sources.values()):
+                src.close()
+
+        conds = [_router_condition(model, arch, layer, plan) for layer in range(len(rows))]
+        model.config.moe_ct = plan.record(self.parameters_record(), conds)
+        log.info(
+            "Router condition numbers per layer: min %.4f, max %.4f",
+            min(conds),
+            max(conds),
+        )
+        if self.save_checkpoint:
+            save_checkpoint(model, self.save_checkpoint, tokenizer, overwrite=self.overwrite)
+        return model
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _load_tokenizer(self, modelpool: Any) -> Any:
+        if getattr(modelpool, "tokenizer", None) is None:
+            return None
+        try:
+            return modelpool.load_tokenizer()
+        except Exception as err:
+            raise ValueError(f"The model pool's tokenizer cannot be loaded: {err}") from err
+
+    def _check_vocabularies(self, modelpool: Any, tokenizer: Any, source_names: list[str]) -> None:
+        """Every source directory that ships a tokenizer must share the base vocabulary."""
+        reference = tokenizer
+        base_dir = pool_model_path(modelpool, "_pretrained_")
+        if reference is None and base_dir is not None and _has_tokenizer(base_dir):
+            reference = _auto_tokenizer(base_dir)
+        if reference is None:
+            return
+        vocab = reference.get_vocab()
+        for name in source_names:
+            directory = pool_model_path(modelpool, name)
+            if directory is None or not _has_tokenizer(directory):
+                continue
+            other = _auto_tokenizer(directory).get_vocab()
+            if other != vocab:
+                diff = sorted(set(other.items()) ^ set(vocab.items()))[:1]
+                raise SourceError(
+                    f"Source '{name}' has a tokenizer whose vocabulary differs from the base "
+                    f"({len(other)} vs {len(vocab)} entries, e.g. {diff}); experts must share "
+                    "the base tokenizer."
+                )
+
+    def _output_dtype(self, modelpool: Any, base: TensorSource) -> torch.dtype:
+        requested = self.dtype
+        if requested in (None, "auto"):
+            kwargs = getattr(modelpool, "model_kwargs", None) or {}
+            requested = kwargs.get("torch_dtype") or kwargs.get("dtype")
+        if requested in (None, "auto"):
+            stored = getattr(base.config, "dtype", None) or getattr(
+                base.config, "torch_dtype", None
+            )
+            if stored is None:
+                stored = base.dtype(next(k for k in base.keys() if "embed_tokens" in k))
+            requested = stored
+        if isinstance(requested, torch.dtype):
+            return requested
+        name = str(requested).replace("torch.", "")
+        if name not in _DTYPES:
+            raise ValueError(f"Unknown dtype {requested!r}; valid: {', '.join(_DTYPES)}.")
+        return _DTYPES[name]
+
+    def _router_rows(
+        self, plan: MoEPlan, modelpool: Any, base: TensorSource, tokenizer: Any
+    ) -> list[torch.Tensor]:
+        cfg = base.config
+        num_groups = len(plan.groups)
+        if plan.gate_mode not in PROMPT_GATE_MODES:
+            return [
+                random_rows(
+                    plan.gate_mode,
+                    num_groups,
+                    cfg.hidden_size,
+                    seeded_generator(plan.seed, STREAM_ROUTER, layer),
+                )
+                for layer in range(cfg.num_hidden_layers)
+            ]
+        from .prompt_gates import parse_prompts, prompt_router_rows
+
+        prompts = parse_prompts(_plain(self.prompts), [g.name for g in plan.groups], plan.gate_mode)
+        if tokenizer is None:
+            raise ValueError(
+                f"gate_mode '{plan.gate_mode}' needs a tokenizer: set `tokenizer:` in the model "
+                "pool (e.g. the base model's path)."
+            )
+        dense = modelpool.load_model("_pretrained_")
+        try:
+            return prompt_router_rows(dense, tokenizer, prompts, plan.gate_mode)
+        finally:
+            del dense
+
+    def _log_plan(self, plan: MoEPlan, arch: Any, dtype: torch.dtype) -> None:
+        anchors = [plan.expert_names[i] for i in plan.anchor_indices]
+        log.info(
+            "MoE-CT: output %s, %d experts (%d groups x granularity %d), top-%d, dtype %s, "
+            "gate_mode %s",
+            arch.name,
+            plan.num_experts,
+            len(plan.groups),
+            plan.granularity,
+            plan.experts_per_token,
+            str(dtype).replace("torch.", ""),
+            plan.gate_mode,
+        )
+        log.info("Experts: %s", ", ".join(plan.expert_names))
+        log.info("Alpha per layer: %s", ", ".join(f"{a:.3f}" for a in plan.alphas))
+        log.info(
+            "Anchor experts: %s (router rows x %s)",
+            ", ".join(anchors) if anchors else "none",
+            plan.router_aux_scale if anchors else 1.0,
+        )
+
+
+def _router_condition(model: Any, arch: Any, layer: int, plan: MoEPlan) -> float:
+    router = arch.moe_block(model.model.layers[layer]).gate.weight
+    return condition_number(router[:: plan.granularity].detach())
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer.json").is_file() or (
+        directory / "tokenizer_config.json"
+    ).is_file()
+
+
+def _auto_tokenizer(directory: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers to plain Python, other values unchanged."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value

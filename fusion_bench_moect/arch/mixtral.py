@@ -1,0 +1,35 @@
+"""Mixtral output: top-k weights always renormalised; no attention biases, no q/k norms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import OutputArchitecture
+
+
+class MixtralArchitecture(OutputArchitecture):
+    name = "mixtral"
+    expert_proj_names = ("w1", "w3", "w2")
+    block_attr_v4 = "block_sparse_moe"
+
+    def config_class(self) -> type:
+        from transformers import MixtralConfig
+
+        return MixtralConfig
+
+    def model_class(self) -> type:
+        from transformers import MixtralForCausalLM
+
+        return MixtralForCausalLM
+
+    def moe_config(
+        self, base_config: Any, num_experts: int, experts_per_token: int, expert_size: int
+    ) -> dict[str, Any]:
+        return {
+            "num_local_experts": num_experts,
+            "num_experts_per_tok": experts_per_token,
+            "intermediate_size": expert_size,
+            # Llama has no sliding window; Mistral's (if any) is kept.
+            "sliding_window": getattr(base_config, "sliding_window", None),
+            "router_jitter_noise": 0.0,
+        }

@@ -1,0 +1,34 @@
+"""Qwen3-MoE output: fine-grained experts (up to 128), q/k norms kept from a Qwen3 base."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import OutputArchitecture
+
+
+class Qwen3MoeArchitecture(OutputArchitecture):
+    name = "qwen3_moe"
+
+    def config_class(self) -> type:
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig
+
+    def model_class(self) -> type:
+        from transformers import Qwen3MoeForCausalLM
+
+        return Qwen3MoeForCausalLM
+
+    def moe_config(
+        self, base_config: Any, num_experts: int, experts_per_token: int, expert_size: int
+    ) -> dict[str, Any]:
+        return {
+            "num_experts": num_experts,
+            "num_experts_per_tok": experts_per_token,
+            "moe_intermediate_size": expert_size,
+            "intermediate_size": base_config.intermediate_size,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        }

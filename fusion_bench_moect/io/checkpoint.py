@@ -1,0 +1,66 @@
+"""Write MoE checkpoints atomically: a temp directory beside the target, then one rename."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def check_destination(directory: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail early (before any work) if ``directory`` cannot receive a checkpoint.
+
+    Raises:
+        FileExistsError: If it exists, is not empty, and ``overwrite`` is false.
+        PermissionError: If its parent cannot be written.
+    """
+    target = Path(directory).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"save_checkpoint={target} exists and is not a directory.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"save_checkpoint={target} is not empty; choose a new directory or set "
+            "overwrite: true to replace it."
+        )
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"save_checkpoint={target}: cannot write in {parent}; choose a writable directory."
+        )
+    return target
+
+
+def save_checkpoint(
+    model: Any, directory: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False
+) -> Path:
+    """Save ``model`` (and ``tokenizer``) as a Hugging Face directory, all or nothing.
+
+    The checkpoint is written to a hidden temporary directory next to the target and moved
+    into place by a rename, so an error or interruption never leaves a partial checkpoint.
+    """
+    target = check_destination(directory, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if target.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, trash / "old")
+            os.replace(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("Saved MoE checkpoint to %s", target)
+    return target

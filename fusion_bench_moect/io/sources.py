@@ -1,0 +1,212 @@
+"""Read dense models tensor by tensor: safetensors directories lazily, anything else via the pool."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+
+
+class SourceError(ValueError):
+    """A pool model that cannot be read or does not match the base model."""
+
+
+class TensorSource:
+    """Read-only access to one dense model's config and tensors.
+
+    Args:
+        name: The model's name in the pool (used in every error message).
+        config: The model's transformers config.
+    """
+
+    def __init__(self, name: str, config: Any) -> None:
+        self.name = name
+        self.config = config
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, key: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def _read(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor ``key``, checked to be finite.
+
+        Raises:
+            SourceError: If the tensor is missing, unreadable, or holds NaN/Inf.
+        """
+        try:
+            tensor = self._read(key)
+        except KeyError as err:
+            raise SourceError(f"Model '{self.name}' has no tensor '{key}'.") from err
+        except Exception as err:  # safetensors raises several types for damaged files
+            raise SourceError(
+                f"Model '{self.name}': tensor '{key}' cannot be read ({err}). The file may be "
+                "truncated or corrupt; re-download or re-save this model."
+            ) from err
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SourceError(
+                f"Model '{self.name}': tensor '{key}' contains NaN or Inf values; fix or "
+                "replace this checkpoint before merging."
+            )
+        return tensor
+
+    def close(self) -> None:
+        """Release file handles and cached tensors."""
+
+
+class SafetensorsSource(TensorSource):
+    """A Hugging Face directory with ``model.safetensors`` or a sharded index; nothing is
+    loaded until a tensor is asked for."""
+
+    def __init__(self, name: str, config: Any, directory: Path) -> None:
+        super().__init__(name, config)
+        from safetensors import safe_open
+
+        self.directory = Path(directory)
+        index = self.directory / SAFETENSORS_INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as err:
+                raise SourceError(f"Model '{name}': {index} is not a valid index ({err}).") from err
+            files = sorted(set(weight_map.values()))
+        else:
+            files = [SAFETENSORS_SINGLE]
+            weight_map = None
+        self._handles: dict[str, Any] = {}
+        self._file_of: dict[str, str] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
+        self._dtype: dict[str, torch.dtype] = {}
+        for file in files:
+            path = self.directory / file
+            try:
+                handle = safe_open(str(path), framework="pt")
+                for key in handle.keys():
+                    self._file_of[key] = file
+                    sl = handle.get_slice(key)
+                    self._shape[key] = tuple(sl.get_shape())
+                    self._dtype[key] = _ST_DTYPES.get(sl.get_dtype(), torch.float32)
+            except Exception as err:
+                raise SourceError(
+                    f"Model '{name}': cannot open {path} ({err}). The safetensors file is "
+                    "missing, truncated or corrupt; re-download or re-save this model."
+                ) from err
+            self._handles[file] = handle
+        if weight_map is not None:
+            missing = set(weight_map) - set(self._file_of)
+            if missing:
+                raise SourceError(
+                    f"Model '{name}': the index lists {len(missing)} tensors absent from the "
+                    f"shards, e.g. '{sorted(missing)[0]}'; the checkpoint is incomplete."
+                )
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shape[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._dtype[key]
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._handles[self._file_of[key]].get_tensor(key)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class ModuleSource(TensorSource):
+    """A model already in memory (or loaded by the pool from a non-safetensors format)."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        super().__init__(name, module.config)
+        self._state = dict(module.state_dict())
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._state[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._state[key].dtype
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._state[key]
+
+    def close(self) -> None:
+        self._state.clear()
+
+
+def pool_model_path(modelpool: Any, name: str) -> Path | None:
+    """The local directory behind a pool entry, or None when the pool must load it."""
+    getter = getattr(modelpool, "get_model_path", None)
+    try:
+        path = getter(name) if getter is not None else modelpool.get_model_config(name)
+    except Exception:
+        return None
+    if isinstance(path, (str, os.PathLike)) and Path(path).is_dir():
+        return Path(path)
+    return None
+
+
+def open_source(modelpool: Any, name: str) -> TensorSource:
+    """Open pool entry ``name`` lazily when it is a safetensors directory, else load it.
+
+    Raises:
+        SourceError: If the entry cannot be read.
+    """
+    path = pool_model_path(modelpool, name)
+    if path is not None and (
+        (path / SAFETENSORS_INDEX).is_file() or (path / SAFETENSORS_SINGLE).is_file()
+    ):
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception as err:
+            raise SourceError(
+                f"Model '{name}': cannot read {path / 'config.json'} ({err})."
+            ) from err
+        return SafetensorsSource(name, config, path)
+    try:
+        module = modelpool.load_model(name)
+    except Exception as err:
+        raise SourceError(f"Model '{name}' could not be loaded by the model pool: {err}") from err
+    if not hasattr(module, "config") or not hasattr(module, "state_dict"):
+        raise SourceError(
+            f"Model '{name}' loaded as {type(module).__name__}, not a transformers causal LM."
+        )
+    return ModuleSource(name, module)

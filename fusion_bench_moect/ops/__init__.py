@@ -1,0 +1,1 @@
+"""Pure math of MoE upcycling: alpha schedules, router init, weight fusion. No I/O."""

@@ -1,0 +1,232 @@
+"""The expert plan: which FFN each expert comes from, anchors, alphas. Pure logic, no I/O."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .ops.schedules import alpha_schedule
+
+log = logging.getLogger(__name__)
+
+BASE_EXPERT = "_pretrained_"
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """One complete FFN, split into G fine-grained experts.
+
+    Attributes:
+        name: ``_pretrained_`` for the base expert, the pool name of a source, or
+            ``expert_{r}`` for the r-th copy in pure upcycling.
+        source: Pool name to fuse with the base FFN, or None for a copy of the base FFN.
+        noise_scale: Std of Gaussian noise added to this group's weights.
+        residual_scale: Factor on this group's down projection.
+    """
+
+    name: str
+    source: str | None
+    noise_scale: float = 0.0
+    residual_scale: float = 1.0
+
+
+@dataclass
+class MoEPlan:
+    """Everything the builder needs besides the tensors themselves."""
+
+    architecture: str
+    groups: list[ExpertGroup]
+    granularity: int
+    experts_per_token: int
+    alphas: list[float]
+    anchor_groups: list[int]
+    router_aux_scale: float
+    gate_mode: str
+    gate_scale: float
+    drop_ratio: float
+    shared_expert_share: float
+    permute_neurons: bool
+    seed: int
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.groups) * self.granularity
+
+    @property
+    def anchor_indices(self) -> list[int]:
+        """Expert indices (all G slices) of the anchor groups."""
+        g = self.granularity
+        return [r * g + j for r in self.anchor_groups for j in range(g)]
+
+    @property
+    def expert_names(self) -> list[str]:
+        if self.granularity == 1:
+            return [grp.name for grp in self.groups]
+        return [f"{grp.name}/{j}" for grp in self.groups for j in range(self.granularity)]
+
+    @property
+    def function_preserving_topk(self) -> bool:
+        return self.experts_per_token % self.granularity == 0
+
+    def record(self, params: Mapping[str, Any], condition_numbers: Sequence[float]) -> dict:
+        """The JSON-able record stored as ``config.moe_ct`` in the output model."""
+        return {
+            "version": 1,
+            "architecture": self.architecture,
+            "experts": self.expert_names,
+            "expert_sources": [grp.source or BASE_EXPERT for grp in self.groups],
+            "anchor_experts": self.anchor_indices,
+            "granularity": self.granularity,
+            "alphas": [float(a) for a in self.alphas],
+            "router_condition_numbers": [float(c) for c in condition_numbers],
+            "params": dict(params),
+        }
+
+
+def per_expert_value(value: float | Mapping[str, float] | None, name: str, default: float) -> float:
+    """Resolve a scalar-or-mapping parameter for one expert group."""
+    if value is None:
+        return default
+    if isinstance(value, Mapping):
+        return float(value.get(name, default))
+    return float(value)
+
+
+def make_plan(
+    *,
+    architecture: str,
+    source_names: Sequence[str],
+    num_layers: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_experts: int | None,
+    experts_per_token: int,
+    granularity: int,
+    moe_ct_mode: bool,
+    base_alpha: float,
+    alpha_strategy: str | Sequence[float],
+    include_base_expert: bool,
+    anchor_experts: Sequence[str] | None,
+    router_aux_scale: float,
+    gate_mode: str,
+    gate_scale: float,
+    noise_scale: float | Mapping[str, float] | None,
+    residual_scale: float | Mapping[str, float] | None,
+    drop_ratio: float,
+    shared_expert_share: float,
+    permute_neurons: bool,
+    seed: int,
+) -> MoEPlan:
+    """Validate the parameters against the base model's shape and lay out the experts.
+
+    Raises:
+        ValueError: For every inconsistent parameter, naming it and the fix.
+    """
+    from .ops.routers import GATE_MODES
+
+    if gate_mode not in GATE_MODES:
+        raise ValueError(f"Unknown gate_mode {gate_mode!r}; valid: {', '.join(GATE_MODES)}.")
+    if not isinstance(granularity, int) or granularity < 1:
+        raise ValueError(f"granularity must be a positive integer, got {granularity!r}.")
+    if intermediate_size % granularity:
+        raise ValueError(
+            f"The base FFN intermediate size {intermediate_size} is not divisible by granularity "
+            f"{granularity}; choose a divisor of {intermediate_size}."
+        )
+    if not 0.0 <= drop_ratio < 1.0:
+        raise ValueError(f"drop_ratio must lie in [0, 1), got {drop_ratio}.")
+    if not 0.0 <= shared_expert_share <= 1.0:
+        raise ValueError(f"shared_expert_share must lie in [0, 1], got {shared_expert_share}.")
+    alphas = alpha_schedule(alpha_strategy, base_alpha, num_layers)
+    if not moe_ct_mode:
+        alphas = [1.0] * num_layers
+
+    if source_names:
+        names = ([BASE_EXPERT] if include_base_expert else []) + list(source_names)
+        groups_spec = [(n, None if n == BASE_EXPERT else n) for n in names]
+        derived = len(groups_spec) * granularity
+        if num_experts is not None and num_experts != derived:
+            raise ValueError(
+                f"num_experts={num_experts} but the pool gives {len(source_names)} source "
+                f"experts{' + the base expert' if include_base_expert else ''} x granularity "
+                f"{granularity} = {derived}; drop num_experts (it is derived when merging)."
+            )
+    else:
+        total = 8 if num_experts is None else num_experts
+        if total < 1:
+            raise ValueError(f"num_experts must be >= 1, got {total}.")
+        if total % granularity:
+            raise ValueError(
+                f"num_experts={total} is not a multiple of granularity {granularity}; each "
+                "group of G experts holds one complete FFN."
+            )
+        groups_spec = [(f"expert_{r}", None) for r in range(total // granularity)]
+
+    groups = [
+        ExpertGroup(
+            name=name,
+            source=source,
+            noise_scale=per_expert_value(noise_scale, name, 0.0),
+            residual_scale=per_expert_value(residual_scale, name, 1.0),
+        )
+        for name, source in groups_spec
+    ]
+    num = len(groups) * granularity
+    if not 1 <= experts_per_token <= num:
+        raise ValueError(
+            f"experts_per_token={experts_per_token} must lie in [1, num_experts={num}]."
+        )
+    if experts_per_token % granularity:
+        log.warning(
+            "experts_per_token=%d is not a multiple of granularity %d: the MoE no longer "
+            "reproduces the dense model exactly.",
+            experts_per_token,
+            granularity,
+        )
+    if gate_mode == "orthogonal" and len(groups) > hidden_size:
+        raise ValueError(
+            f"gate_mode 'orthogonal' needs at most hidden_size={hidden_size} distinct router rows "
+            f"but the plan has {len(groups)} expert groups (num_experts={num}, granularity="
+            f"{granularity}); use fewer experts, a larger granularity, or gate_mode 'random'."
+        )
+
+    group_names = [g.name for g in groups]
+    if anchor_experts:
+        unknown = [a for a in anchor_experts if a not in group_names]
+        if unknown:
+            raise ValueError(
+                f"anchor_experts names {unknown} that are not experts; experts: {group_names}."
+            )
+        anchor_groups = [group_names.index(a) for a in anchor_experts]
+    elif BASE_EXPERT in group_names:
+        anchor_groups = [group_names.index(BASE_EXPERT)]
+    else:
+        anchor_groups = []
+    if router_aux_scale <= 0 or not math.isfinite(router_aux_scale):
+        raise ValueError(f"router_aux_scale must be a positive number, got {router_aux_scale}.")
+    if router_aux_scale != 1.0 and not anchor_groups:
+        log.warning(
+            "router_aux_scale=%s has no effect: there is no anchor expert (set "
+            "include_base_expert with source experts, or name anchor_experts). Routers are "
+            "left unscaled.",
+            router_aux_scale,
+        )
+
+    return MoEPlan(
+        architecture=architecture,
+        groups=groups,
+        granularity=granularity,
+        experts_per_token=experts_per_token,
+        alphas=alphas,
+        anchor_groups=anchor_groups,
+        router_aux_scale=router_aux_scale,
+        gate_mode=gate_mode,
+        gate_scale=gate_scale,
+        drop_ratio=drop_ratio,
+        shared_expert_share=shared_expert_share,
+        permute_neurons=permute_neurons,
+        seed=seed,
+    )
