@@ -104,9 +104,13 @@ def build_moe_model(
             if tensor.is_floating_point() and not bool(tensor.any()):
                 log.info("Dropping all-zero base tensor %s (no slot in %s).", key, arch.name)
                 continue
+            from .arch import AUTO_ARCHITECTURE
+
             raise ValueError(
-                f"The {arch.name} output cannot represent base tensor '{key}' (the base is "
-                f"{cfg.model_type}); use architecture: auto or one that has it."
+                f"The {arch.name} output cannot represent base tensor '{key}' of the "
+                f"{cfg.model_type} base; use architecture: "
+                f"{AUTO_ARCHITECTURE.get(cfg.model_type, 'auto')} (what auto picks for "
+                f"{cfg.model_type})."
             )
         _install(model, key, base.get(key).to(dtype))
 
@@ -168,7 +172,8 @@ def build_layer(
         else:
             src = sources[group.source]
             full = [
-                lerp_fuse(w, src.get(ffn_key(layer, p)), alpha) for w, p in zip(base_ffn, FFN_PROJ)
+                lerp_fuse(w, src.get(ffn_key(layer, p)), alpha)
+                for w, p in zip(base_ffn, FFN_PROJ, strict=True)
             ]
         if group.noise_scale:
             noise_gen = seeded_generator(plan.seed, STREAM_NOISE, layer, r)

@@ -129,12 +129,11 @@ class OutputArchitecture(ABC):
                 set_parameter(getattr(expert, d_name), "weight", weights.down[j].clone())
         if self.has_shared_expert:
             assert weights.shared is not None and weights.shared_gate is not None
-            for proj, tensor in zip(("gate_proj", "up_proj", "down_proj"), weights.shared):
+            for proj, tensor in zip(
+                ("gate_proj", "up_proj", "down_proj"), weights.shared, strict=True
+            ):
                 set_parameter(getattr(block.shared_expert, proj), "weight", tensor)
             set_parameter(block.shared_expert_gate, "weight", weights.shared_gate)
-
-    def check_base(self, base_config: Any) -> None:
-        """Raise ValueError when this family cannot represent the base's config exactly."""
 
 
 def set_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

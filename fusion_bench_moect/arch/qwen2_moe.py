@@ -36,5 +36,5 @@ class Qwen2MoeArchitecture(OutputArchitecture):
             "decoder_sparse_step": 1,
             "mlp_only_layers": [],
             "qkv_bias": True,
-            "use_sliding_window": False,
+            "use_sliding_window": bool(getattr(base_config, "use_sliding_window", False)),
         }
