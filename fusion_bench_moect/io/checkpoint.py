@@ -17,6 +17,7 @@ def check_destination(directory: str | os.PathLike, overwrite: bool) -> Path:
 
     Raises:
         FileExistsError: If it exists, is not empty, and ``overwrite`` is false.
+        NotADirectoryError: If a path component is a file.
         PermissionError: If its parent cannot be written.
     """
     target = Path(directory).expanduser().absolute()
@@ -30,6 +31,11 @@ def check_destination(directory: str | os.PathLike, overwrite: bool) -> Path:
     parent = target.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(
+            f"save_checkpoint={target}: cannot write in {parent}: it is a file; choose a "
+            "directory path."
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(
             f"save_checkpoint={target}: cannot write in {parent}; choose a writable directory."
