@@ -109,7 +109,7 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
 
     def parameters_record(self) -> dict[str, Any]:
         """Every algorithm parameter as plain JSON-able values."""
-        names = list(self._config_mapping.values())
+        names = [n for n in self._config_mapping.values() if not n.startswith("_")]
         return {name: _plain(getattr(self, name, None)) for name in names}
 
     @torch.no_grad()

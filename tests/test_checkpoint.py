@@ -103,7 +103,8 @@ def test_saved_checkpoint_reloads_in_a_fresh_process(
     assert record["experts"] == ["_pretrained_/0", "_pretrained_/1", "ft/0", "ft/1"]
     assert record["alphas"] == pytest.approx([0.8, 0.8])
     assert record["anchor_experts"] == [0, 1]
-    assert set(algo._config_mapping.values()) <= set(record["params"])
+    assert record["params"] == algo.parameters_record()
+    assert {"gate_mode", "base_alpha", "alpha_strategy", "router_aux_scale", "granularity"} <= set(record["params"])
     assert record["params"]["save_checkpoint"] == str(out_dir)
     assert (out_dir / "tokenizer.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".moe.")]
