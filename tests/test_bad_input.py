@@ -82,7 +82,11 @@ def test_source_of_another_architecture(tmp_path, base_dir, saved):
 
 def test_source_with_other_layer_count(tmp_path, base_dir, saved):
     other = saved(make_model("llama", layers=3), "deep")
-    run_expecting(tmp_path, {"_pretrained_": base_dir, "deep": other}, "Source 'deep' has 3 layers, the base has 2")
+    run_expecting(
+        tmp_path,
+        {"_pretrained_": base_dir, "deep": other},
+        "Source 'deep' has 3 layers, the base has 2",
+    )
 
 
 def test_source_with_other_tensor_shape(tmp_path, base_dir, saved):
@@ -149,14 +153,26 @@ def test_more_orthogonal_rows_than_hidden_size(tmp_path, base_dir):
     "params, message",
     [
         ({"base_alpha": 1.2}, r"base_alpha must lie in \[0, 1\], got 1.2"),
-        ({"alpha_strategy": "cosine"}, "Unknown alpha_strategy 'cosine'; valid: constant, linear_increase"),
+        (
+            {"alpha_strategy": "cosine"},
+            "Unknown alpha_strategy 'cosine'; valid: constant, linear_increase",
+        ),
         ({"alpha_strategy": [0.1, 0.2, 0.3]}, "list of 3 values but the base model has 2 layers"),
         ({"alpha_strategy": [0.1, -0.2]}, "layer 1 has -0.2"),
-        ({"gate_mode": "learned"}, "Unknown gate_mode 'learned'; valid: orthogonal, random, uniform_random, hidden, cheap_embed"),
+        (
+            {"gate_mode": "learned"},
+            "Unknown gate_mode 'learned'; valid: orthogonal, random, uniform_random, hidden, cheap_embed",
+        ),
         ({"granularity": 5}, "intermediate size 64 is not divisible by granularity 5"),
-        ({"num_experts": 3}, "num_experts=3 but the pool gives 1 source experts \\+ the base expert"),
+        (
+            {"num_experts": 3},
+            "num_experts=3 but the pool gives 1 source experts \\+ the base expert",
+        ),
         ({"dtype": "float8"}, "Unknown dtype 'float8'"),
-        ({"anchor_experts": ["nobody"]}, "anchor_experts names \\['nobody'\\] that are not experts"),
+        (
+            {"anchor_experts": ["nobody"]},
+            "anchor_experts names \\['nobody'\\] that are not experts",
+        ),
     ],
 )
 def test_bad_parameters(tmp_path, saved, params, message):
@@ -177,7 +193,13 @@ def test_num_experts_not_a_multiple_of_granularity(tmp_path, base_dir):
 
 @pytest.mark.parametrize("mode", ["hidden", "cheap_embed"])
 def test_prompt_gates_without_prompts_or_tokenizer(tmp_path, base_dir, mode):
-    run_expecting(tmp_path, {"_pretrained_": base_dir}, f"gate_mode '{mode}' needs prompts", gate_mode=mode, num_experts=2)
+    run_expecting(
+        tmp_path,
+        {"_pretrained_": base_dir},
+        f"gate_mode '{mode}' needs prompts",
+        gate_mode=mode,
+        num_experts=2,
+    )
     prompts = {"expert_0": ["GNU"], "expert_1": ["software"]}
     run_expecting(
         tmp_path,
@@ -201,7 +223,9 @@ def test_prompt_gates_without_prompts_or_tokenizer(tmp_path, base_dir, mode):
 
 def test_unwritable_save_directory(tmp_path, base_dir):
     (tmp_path / "plain_file").write_text("x")
-    algo = OrthogonalMoECTMergingAlgorithm(num_experts=2, save_checkpoint=str(tmp_path / "plain_file" / "out"))
+    algo = OrthogonalMoECTMergingAlgorithm(
+        num_experts=2, save_checkpoint=str(tmp_path / "plain_file" / "out")
+    )
     with pytest.raises(NotADirectoryError, match="cannot write in .*plain_file: it is a file"):
         algo.run(pool({"_pretrained_": base_dir}))
     assert (tmp_path / "plain_file").read_text() == "x"

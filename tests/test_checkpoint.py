@@ -76,7 +76,10 @@ def hub_keys(directory: Path) -> set[str]:
             "qwen3",
             "qwen3_moe",
             "float32",
-            {"model.layers.0.mlp.experts.3.down_proj.weight", "model.layers.0.self_attn.q_norm.weight"},
+            {
+                "model.layers.0.mlp.experts.3.down_proj.weight",
+                "model.layers.0.self_attn.q_norm.weight",
+            },
         ),
     ],
 )
@@ -88,7 +91,11 @@ def test_saved_checkpoint_reloads_in_a_fresh_process(
     models = {"_pretrained_": saved(dense), "ft": saved(perturbed(dense, 1))}
     out_dir = tmp_path / "moe"
     algo = OrthogonalMoECTMergingAlgorithm(
-        architecture=arch, granularity=2, experts_per_token=2, dtype=dtype, save_checkpoint=str(out_dir)
+        architecture=arch,
+        granularity=2,
+        experts_per_token=2,
+        dtype=dtype,
+        save_checkpoint=str(out_dir),
     )
     moe = algo.run(pool(models, tokenizer=str(tmp_path / "tok")))
     with torch.no_grad():
@@ -104,7 +111,9 @@ def test_saved_checkpoint_reloads_in_a_fresh_process(
     assert record["alphas"] == pytest.approx([0.8, 0.8])
     assert record["anchor_experts"] == [0, 1]
     assert record["params"] == algo.parameters_record()
-    assert {"gate_mode", "base_alpha", "alpha_strategy", "router_aux_scale", "granularity"} <= set(record["params"])
+    assert {"gate_mode", "base_alpha", "alpha_strategy", "router_aux_scale", "granularity"} <= set(
+        record["params"]
+    )
     assert record["params"]["save_checkpoint"] == str(out_dir)
     assert (out_dir / "tokenizer.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".moe.")]
@@ -116,12 +125,14 @@ def test_existing_non_empty_directory_is_refused_then_overwritten(tmp_path, save
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("precious")
     algo = OrthogonalMoECTMergingAlgorithm(num_experts=2, save_checkpoint=str(out_dir))
-    with pytest.raises(FileExistsError, match="is not empty; choose a new directory or set overwrite"):
+    with pytest.raises(
+        FileExistsError, match="is not empty; choose a new directory or set overwrite"
+    ):
         algo.run(pool({"_pretrained_": base}))
     assert (out_dir / "keep.txt").read_text() == "precious"
-    OrthogonalMoECTMergingAlgorithm(num_experts=2, save_checkpoint=str(out_dir), overwrite=True).run(
-        pool({"_pretrained_": base})
-    )
+    OrthogonalMoECTMergingAlgorithm(
+        num_experts=2, save_checkpoint=str(out_dir), overwrite=True
+    ).run(pool({"_pretrained_": base}))
     assert (out_dir / "config.json").is_file() and not (out_dir / "keep.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", Path(base).name])
 

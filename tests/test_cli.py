@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def fusion_bench(cwd: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def fusion_bench(
+    cwd: Path, *overrides: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
     out = subprocess.run(
         [str(BIN / "fusion_bench"), *overrides],
         cwd=cwd,
@@ -62,9 +64,14 @@ def test_cli_from_the_repository_root(tiny_pool, tmp_path):
         f"hydra.run.dir={log_dir}",
         f"path.log_dir={log_dir}",
     )
-    models = {n: str(tiny_pool / p) for n, p in [("_pretrained_", "base"), ("expert_de", "de"), ("expert_fr", "fr")]}
+    models = {
+        n: str(tiny_pool / p)
+        for n, p in [("_pretrained_", "base"), ("expert_de", "de"), ("expert_fr", "fr")]
+    }
     expected = OrthogonalMoECTMergingAlgorithm().run(pool(models))
-    assert report(log_dir)["model_info"]["all_params"] == sum(p.numel() for p in expected.parameters())
+    assert report(log_dir)["model_info"]["all_params"] == sum(
+        p.numel() for p in expected.parameters()
+    )
 
 
 @pytest.mark.slow

@@ -38,18 +38,30 @@ def test_bfloat16_routers_keep_condition_number_below_1_05(saved):
 
 def test_seed_makes_builds_reproducible(saved):
     path = saved(make_model("llama"))
-    a = routers(OrthogonalMoECTMergingAlgorithm(num_experts=4, seed=1).run(pool({"_pretrained_": path})))
-    b = routers(OrthogonalMoECTMergingAlgorithm(num_experts=4, seed=1).run(pool({"_pretrained_": path})))
-    c = routers(OrthogonalMoECTMergingAlgorithm(num_experts=4, seed=2).run(pool({"_pretrained_": path})))
+    a = routers(
+        OrthogonalMoECTMergingAlgorithm(num_experts=4, seed=1).run(pool({"_pretrained_": path}))
+    )
+    b = routers(
+        OrthogonalMoECTMergingAlgorithm(num_experts=4, seed=1).run(pool({"_pretrained_": path}))
+    )
+    c = routers(
+        OrthogonalMoECTMergingAlgorithm(num_experts=4, seed=2).run(pool({"_pretrained_": path}))
+    )
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])
 
 
 def test_router_aux_scale_multiplies_only_the_anchor_rows(saved):
     dense = make_model("llama")
-    models = {"_pretrained_": saved(dense), "de": saved(perturbed(dense, 1)), "fr": saved(perturbed(dense, 2))}
+    models = {
+        "_pretrained_": saved(dense),
+        "de": saved(perturbed(dense, 1)),
+        "fr": saved(perturbed(dense, 2)),
+    }
     plain = OrthogonalMoECTMergingAlgorithm(router_aux_scale=1.0, dtype="float32").run(pool(models))
-    scaled = OrthogonalMoECTMergingAlgorithm(router_aux_scale=1.1, dtype="float32").run(pool(models))
+    scaled = OrthogonalMoECTMergingAlgorithm(router_aux_scale=1.1, dtype="float32").run(
+        pool(models)
+    )
     assert scaled.config.moe_ct["anchor_experts"] == [0]
     for p, s in zip(routers(plain), routers(scaled), strict=True):
         assert torch.allclose(s[0], p[0] * 1.1)
@@ -64,17 +76,21 @@ def test_router_aux_scale_multiplies_only_the_anchor_rows(saved):
 
 def test_router_aux_scale_without_anchor_warns_and_leaves_routers(saved, caplog):
     path = saved(make_model("llama"))
-    plain = OrthogonalMoECTMergingAlgorithm(num_experts=4, router_aux_scale=1.0).run(pool({"_pretrained_": path}))
+    plain = OrthogonalMoECTMergingAlgorithm(num_experts=4, router_aux_scale=1.0).run(
+        pool({"_pretrained_": path})
+    )
     with caplog.at_level("WARNING"):
-        scaled = OrthogonalMoECTMergingAlgorithm(num_experts=4, router_aux_scale=1.1).run(pool({"_pretrained_": path}))
+        scaled = OrthogonalMoECTMergingAlgorithm(num_experts=4, router_aux_scale=1.1).run(
+            pool({"_pretrained_": path})
+        )
     assert caplog.text.count("router_aux_scale=1.1 has no effect") == 1
     assert all(torch.equal(x, y) for x, y in zip(routers(plain), routers(scaled), strict=True))
 
 
 def test_gate_scale_and_fine_grained_groups_share_rows(saved):
-    moe = OrthogonalMoECTMergingAlgorithm(num_experts=8, granularity=4, experts_per_token=4, gate_scale=2.0, dtype="float32").run(
-        pool({"_pretrained_": saved(make_model("llama"))})
-    )
+    moe = OrthogonalMoECTMergingAlgorithm(
+        num_experts=8, granularity=4, experts_per_token=4, gate_scale=2.0, dtype="float32"
+    ).run(pool({"_pretrained_": saved(make_model("llama"))}))
     r = routers(moe)[0]
     assert torch.equal(r[0], r[3]) and torch.equal(r[4], r[7])
     groups = r[::4]
@@ -91,9 +107,9 @@ def test_hidden_gates_read_the_post_attention_norm_output(tmp_path, saved):
             "negative": ["Everyone is permitted to copy and distribute."],
         },
     }
-    moe = OrthogonalMoECTMergingAlgorithm(num_experts=2, gate_mode="hidden", prompts=prompts, dtype="float32").run(
-        pool({"_pretrained_": saved(dense)}, tokenizer=str(tmp_path / "tok"))
-    )
+    moe = OrthogonalMoECTMergingAlgorithm(
+        num_experts=2, gate_mode="hidden", prompts=prompts, dtype="float32"
+    ).run(pool({"_pretrained_": saved(dense)}, tokenizer=str(tmp_path / "tok")))
     # Independent reference: capture what each MoE block of the built model receives.
     captured = {}
     hooks = [
@@ -127,9 +143,9 @@ def test_cheap_embed_gates_are_normalised_mean_embeddings(tmp_path, saved):
     dense = make_model("llama", layers=2)
     tok = train_tokenizer(tmp_path / "tok")
     prompts = {"expert_0": ["free software"], "expert_1": ["copyleft license"]}
-    moe = OrthogonalMoECTMergingAlgorithm(num_experts=2, gate_mode="cheap_embed", prompts=prompts, dtype="float32").run(
-        pool({"_pretrained_": saved(dense)}, tokenizer=str(tmp_path / "tok"))
-    )
+    moe = OrthogonalMoECTMergingAlgorithm(
+        num_experts=2, gate_mode="cheap_embed", prompts=prompts, dtype="float32"
+    ).run(pool({"_pretrained_": saved(dense)}, tokenizer=str(tmp_path / "tok")))
     emb = dense.model.embed_tokens.weight.detach().double()
     for j, name in enumerate(["expert_0", "expert_1"]):
         mean = emb[tok(prompts[name][0], return_tensors="pt").input_ids[0]].mean(0)

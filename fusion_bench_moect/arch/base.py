@@ -136,6 +136,26 @@ class OutputArchitecture(ABC):
             set_parameter(block.shared_expert_gate, "weight", weights.shared_gate)
 
 
+def legacy_config_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json keys that transformers 4.x needs and 5.x writes differently.
+
+    4.x ignores ``rope_parameters`` (falling back to its own default theta, 1e6 for Mixtral,
+    which silently changes every position but the first) and reads Qwen-MoE's expert count
+    from ``num_experts`` (default 128), where 5.x writes ``num_local_experts``.
+    """
+    extra: dict[str, Any] = {}
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
+        extra["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+            extra["rope_scaling"] = scaling
+    if "num_local_experts" in config and "num_experts" not in config:
+        if config.get("model_type") in ("qwen2_moe", "qwen3_moe"):
+            extra["num_experts"] = config["num_local_experts"]
+    return extra
+
+
 def set_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Replace a (meta) parameter by ``tensor`` after checking its shape."""
     current = getattr(module, name)

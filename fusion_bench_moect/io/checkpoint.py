@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -43,6 +44,16 @@ def check_destination(directory: str | os.PathLike, overwrite: bool) -> Path:
     return target
 
 
+def add_legacy_config_fields(config_json: Path) -> None:
+    """Make a config.json written by transformers 5 loadable by transformers 4 as well."""
+    from ..arch.base import legacy_config_fields
+
+    config = json.loads(config_json.read_text())
+    extra = legacy_config_fields(config)
+    if extra:
+        config_json.write_text(json.dumps({**config, **extra}, indent=2, sort_keys=True) + "\n")
+
+
 def save_checkpoint(
     model: Any, directory: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False
 ) -> Path:
@@ -56,6 +67,7 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        add_legacy_config_fields(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if target.exists():
