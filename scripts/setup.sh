@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Idempotent set-up: virtualenvs (transformers 5 in .venv, 4.57 in .venv-tf4), the package
+# installed editable, Debian's parallel text, and the SmolLM2 model in the cache.
+# Usage: scripts/setup.sh [--tf4] [--no-model] [--no-text]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+want_tf4=0 want_model=1 want_text=1
+for arg in "$@"; do
+  case "$arg" in
+    --tf4) want_tf4=1 ;;
+    --no-model) want_model=0 ;;
+    --no-text) want_text=0 ;;
+    *) echo "unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+make_venv() {  # make_venv DIR CONSTRAINTS
+  local dir=$1 constraints=$2 stamp="$1/.moect-setup"
+  local want; want=$(cat pyproject.toml "$constraints" constraints.txt | sha256sum | cut -c1-16)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
+  echo "== setting up $dir ($constraints)"
+  [ -x "$dir/bin/python" ] || "$PY" -m venv "$dir"
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" torch
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" -e ".[dev]"
+  echo "$want" > "$stamp"
+}
+
+make_venv .venv constraints.txt
+[ "$want_tf4" = 1 ] && make_venv .venv-tf4 constraints-tf4.txt
+
+if [ "$want_text" = 1 ]; then
+  missing=()
+  for lang in en de fr es it; do
+    [ -d "/usr/share/doc/debian-reference-$lang" ] || missing+=("debian-reference-$lang")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing Debian's parallel text: ${missing[*]}"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+if [ "$want_model" = 1 ]; then
+  .venv/bin/python -m fusion_bench_moect.assets.smollm2
+fi
