@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "OrthogonalMoECTMergingAlgorithm": "fusion_bench_moect.algorithm",
+    "MoECTTrainingAlgorithm": "fusion_bench_moect.training",
 }
 
 __all__ = ["__version__", *_LAZY]

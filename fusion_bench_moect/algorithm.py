@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 from fusion_bench import BaseModelPool, auto_register_config
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ._compat import ensure_fusion_bench_mixtral_importable
+from ._config import to_plain
 
 ensure_fusion_bench_mixtral_importable()
 from fusion_bench.method import MixtralForCausalLMMergingAlgorithm  # noqa: E402
@@ -110,7 +110,7 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
     def parameters_record(self) -> dict[str, Any]:
         """Every algorithm parameter as plain JSON-able values."""
         names = [n for n in self._config_mapping.values() if not n.startswith("_")]
-        return {name: _plain(getattr(self, name, None)) for name in names}
+        return {name: to_plain(getattr(self, name, None)) for name in names}
 
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | torch.nn.Module) -> torch.nn.Module:
@@ -154,14 +154,14 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
                 granularity=int(self.granularity),
                 moe_ct_mode=bool(self.moe_ct_mode),
                 base_alpha=float(self.base_alpha),
-                alpha_strategy=_plain(self.alpha_strategy),
+                alpha_strategy=to_plain(self.alpha_strategy),
                 include_base_expert=bool(self.include_base_expert),
-                anchor_experts=_plain(self.anchor_experts),
+                anchor_experts=to_plain(self.anchor_experts),
                 router_aux_scale=float(self.router_aux_scale),
                 gate_mode=self.gate_mode,
                 gate_scale=float(self.gate_scale),
-                noise_scale=_plain(self.noise_scale),
-                residual_scale=_plain(self.residual_scale),
+                noise_scale=to_plain(self.noise_scale),
+                residual_scale=to_plain(self.residual_scale),
                 drop_ratio=float(self.drop_ratio),
                 shared_expert_share=float(self.shared_expert_share),
                 permute_neurons=bool(self.permute_neurons),
@@ -254,7 +254,9 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
             ]
         from .prompt_gates import parse_prompts, prompt_router_rows
 
-        prompts = parse_prompts(_plain(self.prompts), [g.name for g in plan.groups], plan.gate_mode)
+        prompts = parse_prompts(
+            to_plain(self.prompts), [g.name for g in plan.groups], plan.gate_mode
+        )
         if tokenizer is None:
             raise ValueError(
                 f"gate_mode '{plan.gate_mode}' needs a tokenizer: set `tokenizer:` in the model "
@@ -303,10 +305,3 @@ def _auto_tokenizer(directory: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(directory)
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers to plain Python, other values unchanged."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value

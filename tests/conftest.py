@@ -90,6 +90,7 @@ def saved(tmp_path):
     def _save(model, name: str | None = None) -> str:
         return save(model, tmp_path / (name or f"model_{next(counter)}"))
 
+    _save.root = tmp_path
     return _save
 
 

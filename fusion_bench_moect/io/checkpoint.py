@@ -55,9 +55,14 @@ def add_legacy_config_fields(config_json: Path) -> None:
 
 
 def save_checkpoint(
-    model: Any, directory: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False
+    model: Any,
+    directory: str | os.PathLike,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Save ``model`` (and ``tokenizer``) as a Hugging Face directory, all or nothing.
+    """Save ``model`` (and ``tokenizer``, and ``extra_files`` name -> text) as a Hugging Face
+    directory, all or nothing.
 
     The checkpoint is written to a hidden temporary directory next to the target and moved
     into place by a rename, so an error or interruption never leaves a partial checkpoint.
@@ -70,6 +75,8 @@ def save_checkpoint(
         add_legacy_config_fields(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if target.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, trash / "old")
