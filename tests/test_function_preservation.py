@@ -154,3 +154,17 @@ def test_bfloat16_output_stays_close_to_the_bfloat16_base(saved, real_ids):
     moe = OrthogonalMoECTMergingAlgorithm(num_experts=8).run(pool({"_pretrained_": saved(dense)}))
     assert moe.dtype == torch.bfloat16
     assert max_diff(moe, dense, real_ids) < 0.05
+
+
+def test_in_memory_models_work_like_directories(real_ids):
+    """A dense model object (or a pool of model objects) is read through the pool."""
+    from fusion_bench.modelpool import BaseModelPool
+
+    dense = make_model("mistral", tie_word_embeddings=False)
+    moe = OrthogonalMoECTMergingAlgorithm(num_experts=3, dtype="float32").run(dense)
+    assert max_diff(moe, dense, real_ids) < TOL
+    merged = OrthogonalMoECTMergingAlgorithm(alpha_strategy=[0.0, 0.0], dtype="float32").run(
+        BaseModelPool({"_pretrained_": dense, "ft": perturbed(dense, 3)})
+    )
+    assert merged.config.moe_ct["experts"] == ["_pretrained_", "ft"]
+    assert max_diff(merged, dense, real_ids) < TOL
