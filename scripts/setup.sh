@@ -15,14 +15,19 @@ for arg in "$@"; do
   esac
 done
 
+pip_in() {  # pip_in VENV ARGS...: pip without this machine's noise about absent local indexes
+  local venv=$1; shift
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location '" >&2)
+}
+
 make_venv() {  # make_venv DIR CONSTRAINTS
   local dir=$1 constraints=$2 stamp="$1/.moect-setup"
   local want; want=$(cat pyproject.toml "$constraints" constraints.txt | sha256sum | cut -c1-16)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
   echo "== setting up $dir ($constraints)"
   [ -x "$dir/bin/python" ] || "$PY" -m venv "$dir"
-  "$dir/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" torch
-  "$dir/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" -e ".[dev]"
+  pip_in "$dir" -c "$constraints" torch
+  pip_in "$dir" -c "$constraints" -e ".[dev]"
   echo "$want" > "$stamp"
 }
 
