@@ -59,29 +59,33 @@ class MoELayerWeights:
 class OutputArchitecture(ABC):
     """How one MoE family is configured and where its weights live.
 
-    Subclasses set the class attributes and implement ``config_class``, ``model_class`` and
-    ``moe_config``; installing weights works the same for all families and both transformers
+    Subclasses set the class attributes and implement ``moe_config``; installing weights works the same for all families and both transformers
     layouts (fused 3-D experts in 5.x, per-expert modules in 4.x).
     """
 
     name: ClassVar[str]
+    #: transformers class names (imported on use, so this module stays light).
+    config_class_name: ClassVar[str]
+    model_class_name: ClassVar[str]
     #: Per-expert projection names of the hub / transformers-4 layout (gate, up, down).
     expert_proj_names: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
     #: Attribute of the decoder layer holding the MoE block in transformers 4.
     block_attr_v4: ClassVar[str] = "mlp"
     has_shared_expert: ClassVar[bool] = False
-    #: Whether top-k weights are renormalised (required for function preservation).
-    renormalises_topk: ClassVar[bool] = True
-    #: Extra per-layer attention tensors (name suffixes) this family can hold for its bases.
+    #: Parameters the base may lack that are filled with zeros (name suffixes).
     zero_fill_suffixes: ClassVar[tuple[str, ...]] = ()
 
-    @abstractmethod
     def config_class(self) -> type:
         """The transformers config class."""
+        import transformers
 
-    @abstractmethod
+        return getattr(transformers, self.config_class_name)
+
     def model_class(self) -> type:
         """The transformers causal-LM class."""
+        import transformers
+
+        return getattr(transformers, self.model_class_name)
 
     @abstractmethod
     def moe_config(

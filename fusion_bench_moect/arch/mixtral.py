@@ -9,18 +9,10 @@ from .base import OutputArchitecture
 
 class MixtralArchitecture(OutputArchitecture):
     name = "mixtral"
+    config_class_name = "MixtralConfig"
+    model_class_name = "MixtralForCausalLM"
     expert_proj_names = ("w1", "w3", "w2")
     block_attr_v4 = "block_sparse_moe"
-
-    def config_class(self) -> type:
-        from transformers import MixtralConfig
-
-        return MixtralConfig
-
-    def model_class(self) -> type:
-        from transformers import MixtralForCausalLM
-
-        return MixtralForCausalLM
 
     def moe_config(
         self, base_config: Any, num_experts: int, experts_per_token: int, expert_size: int

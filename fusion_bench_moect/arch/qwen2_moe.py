@@ -4,37 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import OutputArchitecture
+from .qwen3_moe import Qwen3MoeArchitecture
 
 
-class Qwen2MoeArchitecture(OutputArchitecture):
+class Qwen2MoeArchitecture(Qwen3MoeArchitecture):
     name = "qwen2_moe"
+    config_class_name = "Qwen2MoeConfig"
+    model_class_name = "Qwen2MoeForCausalLM"
     has_shared_expert = True
     # Qwen2-MoE always has q/k/v biases; Llama and Mistral bases get zeros there.
     zero_fill_suffixes = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
-
-    def config_class(self) -> type:
-        from transformers import Qwen2MoeConfig
-
-        return Qwen2MoeConfig
-
-    def model_class(self) -> type:
-        from transformers import Qwen2MoeForCausalLM
-
-        return Qwen2MoeForCausalLM
 
     def moe_config(
         self, base_config: Any, num_experts: int, experts_per_token: int, expert_size: int
     ) -> dict[str, Any]:
         return {
-            "num_experts": num_experts,
-            "num_experts_per_tok": experts_per_token,
-            "moe_intermediate_size": expert_size,
+            **super().moe_config(base_config, num_experts, experts_per_token, expert_size),
             "shared_expert_intermediate_size": base_config.intermediate_size,
-            "intermediate_size": base_config.intermediate_size,
-            "norm_topk_prob": True,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
             "qkv_bias": True,
             "use_sliding_window": bool(getattr(base_config, "use_sliding_window", False)),
         }

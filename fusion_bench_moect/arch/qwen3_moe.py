@@ -9,20 +9,13 @@ from .base import OutputArchitecture
 
 class Qwen3MoeArchitecture(OutputArchitecture):
     name = "qwen3_moe"
-
-    def config_class(self) -> type:
-        from transformers import Qwen3MoeConfig
-
-        return Qwen3MoeConfig
-
-    def model_class(self) -> type:
-        from transformers import Qwen3MoeForCausalLM
-
-        return Qwen3MoeForCausalLM
+    config_class_name = "Qwen3MoeConfig"
+    model_class_name = "Qwen3MoeForCausalLM"
 
     def moe_config(
         self, base_config: Any, num_experts: int, experts_per_token: int, expert_size: int
     ) -> dict[str, Any]:
+        # Every layer sparse, top-k renormalised (Qwen-MoE's default is not to).
         return {
             "num_experts": num_experts,
             "num_experts_per_tok": experts_per_token,
