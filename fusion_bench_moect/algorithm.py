@@ -21,10 +21,17 @@ ensure_fusion_bench_mixtral_importable()
 from fusion_bench.method import MixtralForCausalLMMergingAlgorithm  # noqa: E402
 
 from . import arch as arch_registry  # noqa: E402
-from .build import STREAM_ROUTER, build_moe_model, check_compatible  # noqa: E402
-from .io.checkpoint import check_destination, save_checkpoint  # noqa: E402
+from .build import (  # noqa: E402
+    build_moe_model,
+    check_compatible,
+    engine_threads,
+    prompt_free_router_rows,
+    stream_moe_checkpoint,
+)
+from .io.checkpoint import check_destination  # noqa: E402
 from .io.sources import SourceError, TensorSource, open_source, pool_model_path  # noqa: E402
-from .ops.routers import PROMPT_GATE_MODES, condition_number, random_rows, seeded_generator  # noqa: E402
+from .io.streaming import save_model_checkpoint  # noqa: E402
+from .ops.routers import PROMPT_GATE_MODES, condition_number  # noqa: E402
 from .plan import MoEPlan, make_plan  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -72,6 +79,9 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
         seed: Seed of every random choice (routers, noise, drop, permutation).
         save_checkpoint: Directory to write the Hugging Face checkpoint to (atomically).
         overwrite: Replace a non-empty ``save_checkpoint`` directory.
+        streaming: Write ``save_checkpoint`` shard by shard without building the model in
+            memory (for outputs larger than RAM; peak memory does not grow with the number of
+            experts). ``run`` then returns None: evaluate the saved directory afterwards.
     """
 
     def __init__(
@@ -98,6 +108,7 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
         seed: int = 42,
         save_checkpoint: str | None = None,
         overwrite: bool = False,
+        streaming: bool = False,
         **kwargs: Any,
     ):
         super().__init__(
@@ -113,7 +124,7 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
         return {name: to_plain(getattr(self, name, None)) for name in names}
 
     @torch.no_grad()
-    def run(self, modelpool: BaseModelPool | torch.nn.Module) -> torch.nn.Module:
+    def run(self, modelpool: BaseModelPool | torch.nn.Module) -> torch.nn.Module | None:
         """Build the MoE model from the pool (and save it when ``save_checkpoint`` is set).
 
         Args:
@@ -121,7 +132,8 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
                 experts of the same architecture; or a dense base model.
 
         Returns:
-            The MoE causal LM (Mixtral, Qwen2-MoE or Qwen3-MoE), in eval mode.
+            The MoE causal LM (Mixtral, Qwen2-MoE or Qwen3-MoE), in eval mode; None with
+            ``streaming: true`` (the model exists only on disk, at ``save_checkpoint``).
         """
         if isinstance(modelpool, torch.nn.Module):
             modelpool = BaseModelPool({"_pretrained_": modelpool})
@@ -129,6 +141,12 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
             raise ValueError(
                 "The model pool has no '_pretrained_' entry: add `_pretrained_: <path to the "
                 "dense base model>` to its `models`."
+            )
+        streaming = bool(getattr(self, "streaming", False))
+        if streaming and not self.save_checkpoint:
+            raise ValueError(
+                "streaming: true writes the model straight to disk and needs save_checkpoint: "
+                "<directory>; set it, or set streaming: false to get the model in memory."
             )
         if self.save_checkpoint:
             check_destination(self.save_checkpoint, self.overwrite)
@@ -170,20 +188,50 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
             dtype = self._output_dtype(modelpool, base)
             self._log_plan(plan, arch, dtype)
             rows = self._router_rows(plan, modelpool, base, tokenizer)
-            model = build_moe_model(plan, arch, base, sources, rows, dtype)
+            if streaming:
+                conds = stream_moe_checkpoint(
+                    plan,
+                    arch,
+                    base,
+                    sources,
+                    rows,
+                    dtype,
+                    self.save_checkpoint,
+                    params=self.parameters_record(),
+                    tokenizer=tokenizer,
+                    base_dir=pool_model_path(modelpool, "_pretrained_"),
+                    overwrite=self.overwrite,
+                )
+            else:
+                model = build_moe_model(plan, arch, base, sources, rows, dtype)
         finally:
             for src in (base, *sources.values()):
                 src.close()
 
-        conds = [_router_condition(model, arch, layer, plan) for layer in range(len(rows))]
-        model.config.moe_ct = plan.record(self.parameters_record(), conds)
+        if not streaming:
+            with engine_threads():
+                conds = [_router_condition(model, arch, layer, plan) for layer in range(len(rows))]
+            model.config.moe_ct = plan.record(self.parameters_record(), conds)
         log.info(
             "Router condition numbers per layer: min %.4f, max %.4f",
             min(conds),
             max(conds),
         )
+        if streaming:
+            log.info(
+                "streaming: the MoE model was written to %s and is not kept in memory; run() "
+                "returns None, so FusionBench skips its evaluation. Evaluate the checkpoint "
+                "with e.g. `fusion_bench method=dummy modelpool=CausalLMPool/moe_ct_upcycle "
+                "modelpool.models._pretrained_=%s taskpool=...`.",
+                self.save_checkpoint,
+                self.save_checkpoint,
+            )
+            return None
         if self.save_checkpoint:
-            save_checkpoint(model, self.save_checkpoint, tokenizer, overwrite=self.overwrite)
+            with engine_threads():
+                save_model_checkpoint(
+                    model, arch, self.save_checkpoint, tokenizer, overwrite=self.overwrite
+                )
         return model
 
     # -- helpers -------------------------------------------------------------------------
@@ -241,17 +289,8 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
         self, plan: MoEPlan, modelpool: Any, base: TensorSource, tokenizer: Any
     ) -> list[torch.Tensor]:
         cfg = base.config
-        num_groups = len(plan.groups)
         if plan.gate_mode not in PROMPT_GATE_MODES:
-            return [
-                random_rows(
-                    plan.gate_mode,
-                    num_groups,
-                    cfg.hidden_size,
-                    seeded_generator(plan.seed, STREAM_ROUTER, layer),
-                )
-                for layer in range(cfg.num_hidden_layers)
-            ]
+            return prompt_free_router_rows(plan, cfg.num_hidden_layers, cfg.hidden_size)
         from .prompt_gates import parse_prompts, prompt_router_rows
 
         prompts = parse_prompts(

@@ -1,13 +1,27 @@
-"""The engine: build the MoE model from dense sources one tensor at a time.
+"""The engine: compute the MoE model from dense sources one tensor at a time.
 
-Nothing here holds a second copy of the output model: the MoE is created on the meta
-device and every parameter is computed, cast once, and installed in place.
+``iter_moe_output`` yields the output tensors in order: every non-FFN tensor, then one
+``MoELayerOutput`` per layer whose expert groups are computed lazily, one FFN at a time.
+Two sinks consume it:
+
+- ``build_moe_model``: the model in memory. It is created on the meta device and every
+  parameter is computed, cast once, and installed in place (no second copy).
+- ``stream_moe_checkpoint``: a Hugging Face checkpoint written shard by shard
+  (``io/streaming.py``) without ever holding the model; its peak memory does not grow with
+  the number of experts.
+
+Pure copies of the base FFN (upcycling) are computed once per layer and shared by every
+expert that is such a copy, with no float32 round trip when nothing is scaled.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -16,7 +30,7 @@ from .arch import MoELayerWeights, OutputArchitecture
 from .arch.base import set_parameter
 from .io.sources import SourceError, TensorSource
 from .ops.fusion import add_noise, drop_neurons, lerp_fuse
-from .ops.routers import expand_groups, scale_anchor_rows, seeded_generator
+from .ops.routers import expand_groups, random_rows, scale_anchor_rows, seeded_generator
 from .plan import MoEPlan
 
 log = logging.getLogger(__name__)
@@ -26,12 +40,32 @@ FFN_PROJ = ("gate_proj", "up_proj", "down_proj")
 STREAM_ROUTER, STREAM_NOISE, STREAM_DROP, STREAM_PERMUTE = 1, 2, 3, 4
 
 
+#: Dtypes whose values float32 holds exactly (a copy through float32 changes nothing).
+_EXACT_IN_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
+#: Environment variable overriding the engine's torch threads (default 1).
+THREADS_ENV = "FUSION_BENCH_MOECT_THREADS"
+
+
 def ffn_key(layer: int, proj: str) -> str:
     return f"model.layers.{layer}.mlp.{proj}.weight"
 
 
 def is_ffn_key(key: str) -> bool:
     return ".mlp." in key
+
+
+def prompt_free_router_rows(plan: MoEPlan, num_layers: int, hidden_size: int) -> list[torch.Tensor]:
+    """Per layer, the float32 (num_groups, H) router rows of a prompt-free ``gate_mode``
+    (``orthogonal``, ``random``, ``uniform_random``), each layer from its own seeded stream."""
+    return [
+        random_rows(
+            plan.gate_mode,
+            len(plan.groups),
+            hidden_size,
+            seeded_generator(plan.seed, STREAM_ROUTER, layer),
+        )
+        for layer in range(num_layers)
+    ]
 
 
 def check_compatible(base: TensorSource, source: TensorSource) -> None:
@@ -59,6 +93,194 @@ def check_compatible(base: TensorSource, source: TensorSource) -> None:
             )
 
 
+@contextmanager
+def engine_threads(num_threads: int | None = None) -> Iterator[None]:
+    """Run torch with ``num_threads`` intra-op threads (default: ``$FUSION_BENCH_MOECT_THREADS``
+    or 1), restoring the previous setting afterwards.
+
+    The engine only copies, casts and adds tensors: memory-bound work that more threads do not
+    speed up, while their synchronisation costs up to 50x per operation on a machine whose
+    cores are busy with other processes (measured: a 1536 x 576 bf16 sum takes 0.06 ms on one
+    thread, 8 ms on two threads of a shared 2-core machine).
+    """
+    wanted = num_threads if num_threads is not None else int(os.environ.get(THREADS_ENV, "1"))
+    previous = torch.get_num_threads()
+    if wanted == previous:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass
+class ExpertGroupWeights:
+    """One expert group (one complete FFN split into G experts), in the output dtype.
+
+    Attributes:
+        gate: (G, I_e, H) gate projections.
+        up: (G, I_e, H) up projections.
+        down: (G, H, I_e) down projections (contiguous per expert).
+    """
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+@dataclass
+class MoELayerOutput:
+    """One MoE layer as the engine yields it: router and shared expert computed, the routed
+    experts computed lazily, one group at a time, by iterating ``groups`` (once).
+
+    Attributes:
+        index: Decoder layer index.
+        router: (E, H) router matrix in the output dtype.
+        groups: The expert groups in expert order; a one-pass iterator.
+        num_experts: E.
+        expert_size: I_e, the intermediate size of one expert.
+        shared: Qwen2-MoE: the shared expert's (gate, up, down).
+        shared_gate: Qwen2-MoE: (1, H) weight of the shared expert's gate.
+    """
+
+    index: int
+    router: torch.Tensor
+    groups: Iterator[ExpertGroupWeights]
+    num_experts: int
+    expert_size: int
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    shared_gate: torch.Tensor | None = None
+
+    def experts(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per expert, in order: (gate (I_e, H), up (I_e, H), down (H, I_e))."""
+        for group in self.groups:
+            for j in range(group.gate.shape[0]):
+                yield group.gate[j], group.up[j], group.down[j]
+
+    def stack(self) -> MoELayerWeights:
+        """All experts stacked (the in-memory layout): consumes ``groups``."""
+        hidden, size = self.router.shape[1], self.expert_size
+        dtype = self.router.dtype
+        gate_up = torch.empty(self.num_experts, 2 * size, hidden, dtype=dtype)
+        down = torch.empty(self.num_experts, hidden, size, dtype=dtype)
+        lo = 0
+        for group in self.groups:
+            hi = lo + group.gate.shape[0]
+            gate_up[lo:hi, :size] = group.gate
+            gate_up[lo:hi, size:] = group.up
+            down[lo:hi] = group.down
+            lo = hi
+        if lo != self.num_experts:
+            raise RuntimeError(
+                f"Layer {self.index}: built {lo} experts, planned {self.num_experts}."
+            )
+        return MoELayerWeights(
+            router=self.router,
+            gate_up=gate_up,
+            down=down,
+            shared=self.shared,
+            shared_gate=self.shared_gate,
+        )
+
+
+@dataclass(frozen=True)
+class NonFFNTensor:
+    """One non-FFN output tensor: copied from the base (``source`` = its base key) or zeros."""
+
+    name: str
+    shape: tuple[int, ...]
+    source: str | None
+
+
+def plan_non_ffn(
+    arch: OutputArchitecture, base: TensorSource, output_names: Sequence[str]
+) -> list[NonFFNTensor]:
+    """Which non-FFN tensors the output gets and where each comes from, checked up front.
+
+    Args:
+        arch: The output architecture.
+        base: The dense base model.
+        output_names: The output's non-FFN tensor names (a tied ``lm_head`` excluded).
+
+    Raises:
+        ValueError: If the output cannot represent a base tensor, or the base provides no
+            value for an output tensor.
+    """
+    cfg = base.config
+    wanted = set(output_names)
+    tie = bool(getattr(cfg, "tie_word_embeddings", False))
+    planned: list[NonFFNTensor] = []
+    for key in base.keys():
+        if is_ffn_key(key):
+            continue
+        if key not in wanted:
+            if key == "lm_head.weight" and tie:
+                continue
+            tensor = base.get(key)
+            if tensor.is_floating_point() and not bool(tensor.any()):
+                log.info("Dropping all-zero base tensor %s (no slot in %s).", key, arch.name)
+                continue
+            from .arch import AUTO_ARCHITECTURE
+
+            raise ValueError(
+                f"The {arch.name} output cannot represent base tensor '{key}' of the "
+                f"{cfg.model_type} base; use architecture: "
+                f"{AUTO_ARCHITECTURE.get(cfg.model_type, 'auto')} (what auto picks for "
+                f"{cfg.model_type})."
+            )
+        planned.append(NonFFNTensor(key, tuple(base.shape(key)), key))
+    provided = {t.name for t in planned}
+    missing = []
+    for name in output_names:
+        if name in provided:
+            continue
+        weight = name[: -len("bias")] + "weight"
+        if name.endswith(arch.zero_fill_suffixes) and weight in provided:
+            planned.append(NonFFNTensor(name, (base.shape(weight)[0],), None))
+        else:
+            missing.append(name)
+    if missing:
+        raise ValueError(
+            f"The base model provides no value for {len(missing)} parameter(s) of the "
+            f"{arch.name} output, e.g. '{missing[0]}'."
+        )
+    return planned
+
+
+def iter_moe_output(
+    plan: MoEPlan,
+    arch: OutputArchitecture,
+    base: TensorSource,
+    sources: Mapping[str, TensorSource],
+    group_router_rows: Sequence[torch.Tensor],
+    dtype: torch.dtype,
+    non_ffn: Sequence[NonFFNTensor],
+) -> Iterator[tuple[str, torch.Tensor] | MoELayerOutput]:
+    """The engine: every output tensor, in order, computed on demand.
+
+    Yields ``(name, tensor)`` for each entry of ``non_ffn`` (see ``plan_non_ffn``), then one
+    ``MoELayerOutput`` per decoder layer. Consume each layer's ``groups`` before asking for
+    the next item.
+    """
+    for item in tqdm(non_ffn, desc="Copying attention/embeddings", leave=False):
+        if item.source is None:
+            yield item.name, torch.zeros(item.shape, dtype=dtype)
+        else:
+            yield item.name, base.get(item.source).to(dtype)
+    cfg = base.config
+    permutation = None
+    if plan.permute_neurons:
+        permutation = torch.randperm(
+            cfg.intermediate_size, generator=seeded_generator(plan.seed, STREAM_PERMUTE)
+        )
+    for layer in tqdm(range(cfg.num_hidden_layers), desc=f"Building {arch.name} MoE layers"):
+        yield moe_layer(
+            plan, arch, base, sources, layer, group_router_rows[layer], dtype, permutation
+        )
+
+
 def build_moe_model(
     plan: MoEPlan,
     arch: OutputArchitecture,
@@ -67,7 +289,7 @@ def build_moe_model(
     group_router_rows: Sequence[torch.Tensor],
     dtype: torch.dtype,
 ) -> torch.nn.Module:
-    """Create the MoE causal LM.
+    """Create the MoE causal LM in memory (the in-memory sink of the engine).
 
     Args:
         plan: The validated expert plan.
@@ -84,52 +306,23 @@ def build_moe_model(
     from accelerate import init_empty_weights
 
     cfg = base.config
-    num_layers, intermediate = cfg.num_hidden_layers, cfg.intermediate_size
-    expert_size = intermediate // plan.granularity
+    expert_size = cfg.intermediate_size // plan.granularity
     config = arch.build_config(cfg, plan.num_experts, plan.experts_per_token, expert_size, dtype)
     with init_empty_weights(include_buffers=False):
         model = arch.model_class()(config)
-    params = dict(model.named_parameters())
     tie = bool(getattr(config, "tie_word_embeddings", False))
-
-    for key in tqdm(
-        [k for k in base.keys() if not is_ffn_key(k)],
-        desc="Copying attention/embeddings",
-        leave=False,
-    ):
-        if key not in params:
-            if key == "lm_head.weight" and tie:
-                continue
-            tensor = base.get(key)
-            if tensor.is_floating_point() and not bool(tensor.any()):
-                log.info("Dropping all-zero base tensor %s (no slot in %s).", key, arch.name)
-                continue
-            from .arch import AUTO_ARCHITECTURE
-
-            raise ValueError(
-                f"The {arch.name} output cannot represent base tensor '{key}' of the "
-                f"{cfg.model_type} base; use architecture: "
-                f"{AUTO_ARCHITECTURE.get(cfg.model_type, 'auto')} (what auto picks for "
-                f"{cfg.model_type})."
-            )
-        _install(model, key, base.get(key).to(dtype))
-
-    permutation = None
-    if plan.permute_neurons:
-        permutation = torch.randperm(
-            intermediate, generator=seeded_generator(plan.seed, STREAM_PERMUTE)
-        )
-    for layer in tqdm(range(num_layers), desc=f"Building {arch.name} MoE layers"):
-        weights = build_layer(
-            plan, arch, base, sources, layer, group_router_rows[layer], dtype, permutation
-        )
-        arch.install(model.model.layers[layer], weights)
-
-    for name, param in model.named_parameters():
-        if param.device.type != "meta":
-            continue
-        if name.endswith(arch.zero_fill_suffixes):
-            _install(model, name, torch.zeros(param.shape, dtype=dtype))
+    output_names = [
+        name
+        for name, _ in model.named_parameters()
+        if not _is_moe_param(name) and not (tie and name == "lm_head.weight")
+    ]
+    non_ffn = plan_non_ffn(arch, base, output_names)
+    with engine_threads():
+        for item in iter_moe_output(plan, arch, base, sources, group_router_rows, dtype, non_ffn):
+            if isinstance(item, MoELayerOutput):
+                arch.install(model.model.layers[item.index], item.stack())
+            else:
+                _install(model, *item)
     if tie:
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -142,6 +335,198 @@ def build_moe_model(
     return model
 
 
+def output_config(
+    plan: MoEPlan, arch: OutputArchitecture, base: TensorSource, dtype: torch.dtype
+) -> Any:
+    """The transformers config of the MoE model (no model is built)."""
+    cfg = base.config
+    expert_size = cfg.intermediate_size // plan.granularity
+    return arch.build_config(cfg, plan.num_experts, plan.experts_per_token, expert_size, dtype)
+
+
+def _structure(plan: MoEPlan, arch: OutputArchitecture, base_config: Any) -> Any:
+    """What the tensor names of the output depend on (layers, tying, attention biases),
+    from the base config alone: a stand-in for the output config that needs no transformers
+    config class."""
+    from types import SimpleNamespace
+
+    expert_size = base_config.intermediate_size // plan.granularity
+    return SimpleNamespace(
+        **{
+            **base_config.to_dict(),
+            **arch.moe_config(base_config, plan.num_experts, plan.experts_per_token, expert_size),
+        }
+    )
+
+
+def hub_tensors(
+    arch: OutputArchitecture, items: Iterator[tuple[str, torch.Tensor] | MoELayerOutput]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The engine's output as (hub name, tensor) pairs: experts one by one, per-expert names."""
+    for item in items:
+        if isinstance(item, MoELayerOutput):
+            yield from arch.hub_layer_tensors(
+                item.index, item.router, item.experts(), item.shared, item.shared_gate
+            )
+        else:
+            yield item
+
+
+def hub_specs(
+    plan: MoEPlan,
+    arch: OutputArchitecture,
+    base: TensorSource,
+    dtype: torch.dtype,
+    non_ffn: Sequence[NonFFNTensor],
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every tensor ``hub_tensors`` will yield, in the same order.
+
+    The MoE part is produced by the same ``arch.hub_layer_tensors`` on meta tensors, so the
+    names and order cannot drift from what is written.
+    """
+    cfg = base.config
+    hidden, intermediate = cfg.hidden_size, cfg.intermediate_size
+    size = intermediate // plan.granularity
+
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    specs = [(t.name, t.shape, dtype) for t in non_ffn]
+    expert = (meta(size, hidden), meta(size, hidden), meta(hidden, size))
+    shared = shared_gate = None
+    if arch.has_shared_expert:
+        shared = (
+            meta(intermediate, hidden),
+            meta(intermediate, hidden),
+            meta(hidden, intermediate),
+        )
+        shared_gate = meta(1, hidden)
+    for layer in range(cfg.num_hidden_layers):
+        layer_tensors = arch.hub_layer_tensors(
+            layer, meta(plan.num_experts, hidden), [expert] * plan.num_experts, shared, shared_gate
+        )
+        specs += [(name, tuple(t.shape), t.dtype) for name, t in layer_tensors]
+    return specs
+
+
+def stream_moe_checkpoint(
+    plan: MoEPlan,
+    arch: OutputArchitecture,
+    base: TensorSource,
+    sources: Mapping[str, TensorSource],
+    group_router_rows: Sequence[torch.Tensor],
+    dtype: torch.dtype,
+    directory: str | os.PathLike,
+    *,
+    params: Mapping[str, Any],
+    tokenizer: Any = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    base_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int | None = None,
+    config: Any = None,
+) -> list[float]:
+    """Write the MoE model as a Hugging Face checkpoint without building it in memory (the
+    streaming sink of the engine).
+
+    Tensors go to disk as they are computed, shard by shard; peak memory is about one FFN
+    of the base per layer plus the base's non-FFN tensors, whatever the number of experts.
+
+    Args:
+        plan, arch, base, sources, group_router_rows, dtype: As for ``build_moe_model``.
+        directory: The checkpoint directory (written atomically).
+        params: The algorithm parameters, recorded in ``config.json`` under ``moe_ct``.
+        tokenizer: A tokenizer to save with the model.
+        tokenizer_dir: Or a directory whose tokenizer files are copied.
+        base_dir: The base's directory; its ``generation_config.json`` is copied if present.
+        overwrite: Replace a non-empty ``directory``.
+        max_shard_bytes: Largest shard (default as ``save_checkpoint``: 2 GB).
+        config: The output's transformers config, or a function returning it, called after
+            the tensors are written (so that loading transformers' config classes can overlap
+            with the work); default ``output_config``. ``base.config`` may then be a plain
+            ``JsonConfig``: the tensor names derived from it are checked against this config
+            before anything is moved into place.
+
+    Returns:
+        The router condition number of every layer (also in the record).
+    """
+    from .io.streaming import DEFAULT_MAX_SHARD_BYTES, write_hub_checkpoint
+    from .ops.routers import condition_number
+
+    names = arch.non_ffn_names(_structure(plan, arch, base.config))
+    non_ffn = plan_non_ffn(arch, base, names)
+    specs = hub_specs(plan, arch, base, dtype, non_ffn)
+    conds: list[float] = []
+
+    def items() -> Iterator[tuple[str, torch.Tensor] | MoELayerOutput]:
+        for item in iter_moe_output(plan, arch, base, sources, group_router_rows, dtype, non_ffn):
+            if isinstance(item, MoELayerOutput):
+                conds.append(condition_number(item.router[:: plan.granularity]))
+            yield item
+
+    def finish_config() -> Any:
+        final = config() if callable(config) else config
+        if final is None:
+            final = output_config(plan, arch, base, dtype)
+        if arch.non_ffn_names(final) != names:
+            raise RuntimeError(
+                "Internal error: the config's tensor names differ from those written "
+                f"({sorted(set(arch.non_ffn_names(final)) ^ set(names))[:3]})."
+            )
+        final.moe_ct = plan.record(params, conds)
+        return final
+
+    with engine_threads():
+        write_hub_checkpoint(
+            directory,
+            specs,
+            hub_tensors(arch, items()),
+            finish_config,
+            tokenizer=tokenizer,
+            tokenizer_dir=tokenizer_dir,
+            generation_config_from=base_dir,
+            overwrite=overwrite,
+            max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+        )
+    return conds
+
+
+def moe_layer(
+    plan: MoEPlan,
+    arch: OutputArchitecture,
+    base: TensorSource,
+    sources: Mapping[str, TensorSource],
+    layer: int,
+    group_rows: torch.Tensor,
+    dtype: torch.dtype,
+    permutation: torch.Tensor | None,
+) -> MoELayerOutput:
+    """One MoE layer: routers and (for Qwen2-MoE) the shared expert now, experts lazily."""
+    g = plan.granularity
+    base_ffn = [base.get(ffn_key(layer, p)) for p in FFN_PROJ]
+    intermediate, hidden = base_ffn[0].shape
+    router = expand_groups(group_rows * plan.gate_scale, g)
+    router = scale_anchor_rows(router, plan.anchor_indices, plan.router_aux_scale).to(dtype)
+    shared = shared_gate = None
+    if arch.has_shared_expert:
+        share = 2.0 * plan.shared_expert_share  # sigmoid(0) = 1/2 at a zero shared gate
+        shared = (
+            base_ffn[0].to(dtype),
+            base_ffn[1].to(dtype),
+            (base_ffn[2].to(torch.float32) * share).to(dtype),
+        )
+        shared_gate = torch.zeros(1, hidden, dtype=dtype)
+    return MoELayerOutput(
+        index=layer,
+        router=router,
+        groups=_expert_groups(plan, arch, sources, layer, base_ffn, dtype, permutation),
+        num_experts=plan.num_experts,
+        expert_size=intermediate // g,
+        shared=shared,
+        shared_gate=shared_gate,
+    )
+
+
 def build_layer(
     plan: MoEPlan,
     arch: OutputArchitecture,
@@ -152,21 +537,39 @@ def build_layer(
     dtype: torch.dtype,
     permutation: torch.Tensor | None,
 ) -> MoELayerWeights:
-    """One MoE layer: fused experts, routers and (for Qwen2-MoE) the shared expert."""
+    """One MoE layer, stacked: fused experts, routers and (for Qwen2-MoE) the shared expert."""
+    return moe_layer(plan, arch, base, sources, layer, group_rows, dtype, permutation).stack()
+
+
+def _expert_groups(
+    plan: MoEPlan,
+    arch: OutputArchitecture,
+    sources: Mapping[str, TensorSource],
+    layer: int,
+    base_ffn: list[torch.Tensor],
+    dtype: torch.dtype,
+    permutation: torch.Tensor | None,
+) -> Iterator[ExpertGroupWeights]:
     g = plan.granularity
-    base_ffn = [base.get(ffn_key(layer, p)) for p in FFN_PROJ]
     intermediate, hidden = base_ffn[0].shape
     size = intermediate // g
-    num = plan.num_experts
-    gate_up = torch.empty(num, 2 * size, hidden, dtype=dtype)
-    down = torch.empty(num, hidden, size, dtype=dtype)
     # Each slice of a G-way split gets 1/G of the routing weight, so its output is scaled by G.
     routed_scale = float(g)
     if arch.has_shared_expert:
         routed_scale *= 1.0 - plan.shared_expert_share
     alpha = plan.alphas[layer]
+    exact = all(w.dtype in _EXACT_IN_FLOAT32 for w in base_ffn)
+    copies: dict[float, ExpertGroupWeights] = {}
 
     for r, group in enumerate(plan.groups):
+        scale = routed_scale * group.residual_scale
+        dropped = plan.drop_ratio > 0 and r not in plan.anchor_groups  # anchors keep the base
+        if group.source is None and not group.noise_scale and not dropped and exact:
+            # A plain copy of the base FFN: the same for every such group of this layer.
+            if scale not in copies:
+                copies[scale] = _copied_group(base_ffn, g, scale, dtype, permutation)
+            yield copies[scale]
+            continue
         if group.source is None:
             full = [w.to(torch.float32, copy=True) for w in base_ffn]
         else:
@@ -186,31 +589,44 @@ def build_layer(
         s_gate = f_gate.reshape(g, size, hidden)
         s_up = f_up.reshape(g, size, hidden)
         s_down = f_down.reshape(hidden, g, size).permute(1, 0, 2)
-        s_down = s_down * (routed_scale * group.residual_scale)
-        if plan.drop_ratio > 0 and r not in plan.anchor_groups:  # anchors keep the base function
+        s_down = s_down * scale
+        if dropped:
             for j in range(g):
                 drop_gen = seeded_generator(plan.seed, STREAM_DROP, layer, r * g + j)
                 drop_neurons(s_gate[j], s_up[j], s_down[j], plan.drop_ratio, drop_gen)
-        lo, hi = r * g, (r + 1) * g
-        gate_up[lo:hi, :size] = s_gate
-        gate_up[lo:hi, size:] = s_up
-        down[lo:hi] = s_down
+        yield ExpertGroupWeights(
+            gate=s_gate.to(dtype), up=s_up.to(dtype), down=s_down.to(dtype).contiguous()
+        )
         del full, f_gate, f_up, f_down, s_gate, s_up, s_down
 
-    router = expand_groups(group_rows * plan.gate_scale, g)
-    router = scale_anchor_rows(router, plan.anchor_indices, plan.router_aux_scale).to(dtype)
-    shared = shared_gate = None
-    if arch.has_shared_expert:
-        share = 2.0 * plan.shared_expert_share  # sigmoid(0) = 1/2 at a zero shared gate
-        shared = (
-            base_ffn[0].to(dtype),
-            base_ffn[1].to(dtype),
-            (base_ffn[2].to(torch.float32) * share).to(dtype),
-        )
-        shared_gate = torch.zeros(1, hidden, dtype=dtype)
-    return MoELayerWeights(
-        router=router, gate_up=gate_up, down=down, shared=shared, shared_gate=shared_gate
+
+def _copied_group(
+    base_ffn: list[torch.Tensor],
+    g: int,
+    scale: float,
+    dtype: torch.dtype,
+    permutation: torch.Tensor | None,
+) -> ExpertGroupWeights:
+    """The base FFN as G expert slices, cast once; bit-identical to the float32 path (values
+    of these dtypes pass through float32 unchanged), without a float32 copy when unscaled."""
+    f_gate, f_up, f_down = base_ffn
+    intermediate, hidden = f_gate.shape
+    size = intermediate // g
+    if permutation is not None:
+        f_gate, f_up, f_down = f_gate[permutation], f_up[permutation], f_down[:, permutation]
+    s_down = f_down.reshape(hidden, g, size).permute(1, 0, 2)
+    if scale != 1.0:
+        s_down = s_down.to(torch.float32) * scale
+    return ExpertGroupWeights(
+        gate=f_gate.reshape(g, size, hidden).to(dtype),
+        up=f_up.reshape(g, size, hidden).to(dtype),
+        down=s_down.to(dtype).contiguous(),
     )
+
+
+def _is_moe_param(name: str) -> bool:
+    """Whether a model parameter lives in a decoder layer's MoE block."""
+    return is_ffn_key(name) or ".block_sparse_moe." in name
 
 
 def _install(model: torch.nn.Module, dotted: str, tensor: torch.Tensor) -> None:

@@ -120,10 +120,11 @@ def test_wheel_ships_the_configs_and_the_plugin(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     wheel = next(tmp_path.glob("fusion_bench_moect-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "fusion_bench_moect/_config/method/moe_ct_upcycling.yaml" in names
-    assert "fusion_bench_moect/_config/modelpool/CausalLMPool/moe_ct_merge.yaml" in names
+    assert "fusion_bench_moect/yaml_config/method/moe_ct_upcycling.yaml" in names
+    assert "fusion_bench_moect/yaml_config/modelpool/CausalLMPool/moe_ct_merge.yaml" in names
     assert "hydra_plugins/fusion_bench_moect_searchpath/__init__.py" in names
     assert "hydra_plugins/__init__.py" not in names  # must stay a namespace package
+    assert "fusion_bench_moect/_config.py" in names  # not shadowed by the YAML folder
     # the installed wheel's plugin resolves its own bundled configs
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
@@ -138,4 +139,4 @@ def test_wheel_ships_the_configs_and_the_plugin(tmp_path):
         text=True,
         env={**os.environ, "PYTHONPATH": str(target)},
     )
-    assert probe.stdout.strip() == str(target / "fusion_bench_moect" / "_config"), probe.stderr
+    assert probe.stdout.strip() == str(target / "fusion_bench_moect" / "yaml_config"), probe.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .base import COMMON_LAYER_TENSORS
 from .qwen3_moe import Qwen3MoeArchitecture
 
 
@@ -14,6 +15,11 @@ class Qwen2MoeArchitecture(Qwen3MoeArchitecture):
     has_shared_expert = True
     # Qwen2-MoE always has q/k/v biases; Llama and Mistral bases get zeros there.
     zero_fill_suffixes = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+
+    def layer_tensor_names(self, config: Any) -> tuple[str, ...]:
+        if not getattr(config, "qkv_bias", True):
+            return COMMON_LAYER_TENSORS
+        return COMMON_LAYER_TENSORS + tuple(f"self_attn.{p}_proj.bias" for p in "qkv")
 
     def moe_config(
         self, base_config: Any, num_experts: int, experts_per_token: int, expert_size: int

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import OutputArchitecture
+from .base import COMMON_LAYER_TENSORS, OutputArchitecture
 
 
 class Qwen3MoeArchitecture(OutputArchitecture):
     name = "qwen3_moe"
     config_class_name = "Qwen3MoeConfig"
     model_class_name = "Qwen3MoeForCausalLM"
+
+    def layer_tensor_names(self, config: Any) -> tuple[str, ...]:
+        names = COMMON_LAYER_TENSORS + ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+        if getattr(config, "attention_bias", False):
+            names += tuple(f"self_attn.{p}_proj.bias" for p in "qkvo")
+        return names
 
     def moe_config(
         self, base_config: Any, num_experts: int, experts_per_token: int, expert_size: int

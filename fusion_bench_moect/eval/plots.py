@@ -133,29 +133,34 @@ def plot_leaderboard(
     plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.35 * len(labels)))
+    fig, ax = plt.subplots(figsize=(9, 1.4 + 0.35 * len(labels)))
     try:
         ys = list(range(len(labels)))[::-1]
+        spread = [v for v in (*values, *(reference or {}).values()) if v is not None]
+        log_scale = bool(spread) and min(spread) > 0 and max(spread) / min(spread) > 50
         drawn = [v if v is not None else 0.0 for v in values]
-        ax.barh(ys, drawn, color="tab:blue")
-        finite = [v for v in values if v is not None]
-        if finite:
-            low, high = min(finite), max(finite)
-            for ref_value in (reference or {}).values():
-                low, high = min(low, ref_value), max(high, ref_value)
-            pad = (high - low) * 0.15 or abs(high) * 0.01 or 1.0
-            ax.set_xlim(max(0.0, low - pad) if low >= 0 else low - pad, high + pad)
-        for y, v in zip(ys, values):
+        if log_scale:
+            ax.set_xscale("log")
+            left = min(spread) / 1.5
+            ax.barh(ys, [v - left if v else 0.0 for v in drawn], left=left, color="tab:blue")
+            ax.set_xlim(left, max(spread) * 3)
+        else:
+            ax.barh(ys, drawn, color="tab:blue")
+            if spread:
+                low, high = min(spread), max(spread)
+                pad = (high - low) * 0.15 or abs(high) * 0.01 or 1.0
+                ax.set_xlim(max(0.0, low - pad) if low >= 0 else low - pad, high + pad)
+        for y, v in zip(ys, values, strict=True):
             if v is not None:
                 ax.text(v, y, f" {v:.4g}", va="center", fontsize=8)
         for name, ref_value in (reference or {}).items():
             ax.axvline(ref_value, linestyle="--", color="tab:red", label=f"{name}: {ref_value:.4g}")
         if reference:
-            ax.legend(loc="lower right", fontsize=8)
+            ax.legend(loc="best", fontsize=8)
         ax.set_yticks(ys)
         ax.set_yticklabels(labels, fontsize=8)
-        ax.set_xlabel(metric)
-        ax.set_title(title or f"Leaderboard by {metric}")
+        ax.set_xlabel(metric + (" (log scale)" if log_scale else ""))
+        ax.set_title(title or f"Leaderboard by {metric}", fontsize=10)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
     finally:

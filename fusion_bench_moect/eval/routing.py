@@ -16,7 +16,8 @@ sum_e c_e = k N), and the **load share** of expert e is s_e = c_e / sum_j c_j
   balanced share);
 - anchor share: sum of s_e over the anchor experts;
 - router condition number: sigma_max / sigma_min of the router weight matrix (E x H),
-  computed on its distinct rows (fine-grained experts share rows by design).
+  computed on its distinct rows (fine-grained experts share rows by design) with
+  ``fusion_bench_moect.ops.routers.condition_number``.
 
 Selection mirrors the transformers MoE blocks: softmax in float32, then top-k.
 """
@@ -28,6 +29,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+
+from fusion_bench_moect.ops.routers import condition_number as router_condition_number
 
 __all__ = [
     "RoutingAccumulator",
@@ -172,11 +175,10 @@ def dead_experts(counts: Sequence[float] | torch.Tensor, threshold: float = 0.1)
     total = float(c.sum())
     if total <= 0:
         return []
-    limit = threshold / c.numel()
-    shares = c / total
     if threshold <= 0:
         return [i for i, v in enumerate(c.tolist()) if v == 0]
-    return [i for i, s in enumerate(shares.tolist()) if s < limit]
+    limit = threshold / c.numel()
+    return [i for i, s in enumerate((c / total).tolist()) if s < limit]
 
 
 def anchor_share(counts: Sequence[float] | torch.Tensor, anchors: Iterable[int]) -> float | None:
@@ -196,21 +198,19 @@ def anchor_share(counts: Sequence[float] | torch.Tensor, anchors: Iterable[int])
 def condition_number(weight: torch.Tensor) -> tuple[float | None, int]:
     """Condition number of a router weight matrix over its distinct rows.
 
+    Fine-grained experts share router rows by design, which would make the full matrix
+    singular; only distinct rows count.
+
     Args:
         weight: Router weight, shape ``(E, H)``.
 
     Returns:
-        ``(sigma_max / sigma_min, number of distinct rows)``, computed in float64 on the
-        distinct rows; the condition number is ``None`` when the distinct rows are linearly
-        dependent (sigma_min = 0) or the matrix is all zeros.
+        ``(sigma_max / sigma_min, number of distinct rows)``; the condition number is
+        ``None`` when sigma_min is zero (linearly dependent rows).
     """
-    w = weight.detach().to(device="cpu", dtype=torch.float64)
-    rows = torch.unique(w, dim=0)
-    singular = torch.linalg.svdvals(rows)
-    smax, smin = float(singular.max()), float(singular.min())
-    if smax == 0 or smin <= smax * torch.finfo(torch.float64).eps * max(rows.shape):
-        return None, rows.shape[0]
-    return smax / smin, rows.shape[0]
+    rows = torch.unique(weight.detach().to(device="cpu", dtype=torch.float32), dim=0)
+    value = router_condition_number(rows)
+    return (value if math.isfinite(value) else None), rows.shape[0]
 
 
 def layer_balance(
@@ -339,7 +339,9 @@ class RoutingAccumulator:
     def merge(self, other: RoutingAccumulator) -> None:
         """Add another accumulator's statistics (same shape) to this one."""
         self.counts += other.counts
-        self.entropy_sums = [a + b for a, b in zip(self.entropy_sums, other.entropy_sums)]
+        self.entropy_sums = [
+            a + b for a, b in zip(self.entropy_sums, other.entropy_sums, strict=True)
+        ]
         self.num_tokens += other.num_tokens
 
     def layer_reports(

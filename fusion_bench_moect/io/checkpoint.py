@@ -7,6 +7,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,32 @@ def add_legacy_config_fields(config_json: Path) -> None:
         config_json.write_text(json.dumps({**config, **extra}, indent=2, sort_keys=True) + "\n")
 
 
+@contextmanager
+def atomic_directory(directory: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary directory next to ``directory`` and move it into place by a
+    rename when the block ends without error; on any error (or interruption) remove it, so
+    ``directory`` is either untouched or complete.
+
+    Raises:
+        FileExistsError, NotADirectoryError, PermissionError: As ``check_destination``.
+    """
+    target = check_destination(directory, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, trash / "old")
+            os.replace(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_checkpoint(
     model: Any,
     directory: str | os.PathLike,
@@ -67,25 +95,13 @@ def save_checkpoint(
     The checkpoint is written to a hidden temporary directory next to the target and moved
     into place by a rename, so an error or interruption never leaves a partial checkpoint.
     """
-    target = check_destination(directory, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(directory, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
         add_legacy_config_fields(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, trash / "old")
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    target = Path(directory).expanduser().absolute()
     log.info("Saved MoE checkpoint to %s", target)
     return target

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -60,7 +61,7 @@ class TensorSource:
                 f"Model '{self.name}': tensor '{key}' cannot be read ({err}). The file may be "
                 "truncated or corrupt; re-download or re-save this model."
             ) from err
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise SourceError(
                 f"Model '{self.name}': tensor '{key}' contains NaN or Inf values; fix or "
                 "replace this checkpoint before merging."
@@ -69,6 +70,21 @@ class TensorSource:
 
     def close(self) -> None:
         """Release file handles and cached tensors."""
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN or Inf.
+
+    A float32 sum is NaN or Inf when any element is, and costs a fraction of an elementwise
+    ``isfinite`` (about 8x less for bf16); only when the sum is not finite (a NaN/Inf, or an
+    overflow of huge but finite values) is the exact elementwise check run.
+    """
+    if tensor.numel() == 0:
+        return True
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    if bool(torch.isfinite(total)):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 class SafetensorsSource(TensorSource):
@@ -182,16 +198,50 @@ def pool_model_path(modelpool: Any, name: str) -> Path | None:
     return None
 
 
-def open_source(modelpool: Any, name: str) -> TensorSource:
-    """Open pool entry ``name`` lazily when it is a safetensors directory, else load it.
+def is_safetensors_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory with ``model.safetensors`` or a sharded index."""
+    path = Path(path)
+    return (path / SAFETENSORS_INDEX).is_file() or (path / SAFETENSORS_SINGLE).is_file()
+
+
+class JsonConfig(SimpleNamespace):
+    """A model's ``config.json`` as attributes, read without transformers (no class defaults:
+    a key absent from the file is absent here)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def read_config_json(name: str, path: str | os.PathLike) -> JsonConfig:
+    """The raw ``config.json`` of a Hugging Face directory.
 
     Raises:
-        SourceError: If the entry cannot be read.
+        SourceError: If it is missing or not a JSON object.
     """
-    path = pool_model_path(modelpool, name)
-    if path is not None and (
-        (path / SAFETENSORS_INDEX).is_file() or (path / SAFETENSORS_SINGLE).is_file()
-    ):
+    file = Path(path) / "config.json"
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise SourceError(f"Model '{name}': cannot read {file} ({err}).") from err
+    if not isinstance(data, dict):
+        raise SourceError(f"Model '{name}': {file} is not a JSON object.")
+    return JsonConfig(**data)
+
+
+def open_directory(name: str, path: str | os.PathLike, config: Any = None) -> SafetensorsSource:
+    """Open a Hugging Face safetensors directory lazily (config now, tensors on demand).
+
+    Args:
+        name: The model's name in the pool.
+        path: The directory.
+        config: Its config when already read (e.g. a ``JsonConfig``); by default the
+            transformers config (``AutoConfig``).
+
+    Raises:
+        SourceError: If its config or safetensors files cannot be read.
+    """
+    path = Path(path)
+    if config is None:
         from transformers import AutoConfig
 
         try:
@@ -200,7 +250,18 @@ def open_source(modelpool: Any, name: str) -> TensorSource:
             raise SourceError(
                 f"Model '{name}': cannot read {path / 'config.json'} ({err})."
             ) from err
-        return SafetensorsSource(name, config, path)
+    return SafetensorsSource(name, config, path)
+
+
+def open_source(modelpool: Any, name: str) -> TensorSource:
+    """Open pool entry ``name`` lazily when it is a safetensors directory, else load it.
+
+    Raises:
+        SourceError: If the entry cannot be read.
+    """
+    path = pool_model_path(modelpool, name)
+    if path is not None and is_safetensors_dir(path):
+        return open_directory(name, path)
     try:
         module = modelpool.load_model(name)
     except Exception as err:

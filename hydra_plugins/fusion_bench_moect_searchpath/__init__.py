@@ -18,7 +18,7 @@ def config_dir() -> Path | None:
     if spec is None or spec.origin is None:
         return None
     package = Path(spec.origin).parent
-    for candidate in (package / "_config", package.parent / "config"):
+    for candidate in (package / "yaml_config", package.parent / "config"):
         if (candidate / "method" / "moe_ct_upcycling.yaml").is_file():
             return candidate
     return None

@@ -1,0 +1,156 @@
+"""The measured jobs and the checks, one per sub-command; run by ``benchmarks/run.py`` inside
+the right virtual environment (each in its own process, so its peak RSS is its own).
+
+    python benchmarks/jobs.py ours-api BASE OUT EXPERTS [--streaming] [--granularity G] [--topk K]
+    python benchmarks/jobs.py fusionbench BASE OUT EXPERTS      # in .venv-tf4
+    python benchmarks/jobs.py make-qwen3 DIR
+    python benchmarks/jobs.py check DENSE OUT [OUT ...]         # max |logit difference|
+
+The job commands print one JSON line on stdout (``{"baseline_rss": ...}``): the peak RSS of
+the interpreter once its imports are done, just before the work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from pathlib import Path
+
+GPL = Path("/usr/share/common-licenses/GPL-3")
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def ours_api(args: argparse.Namespace) -> None:
+    """The plugin through its Python API: a CausalLMPool and ``run()``."""
+    from fusion_bench.modelpool import CausalLMPool
+
+    from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
+
+    pool = CausalLMPool(
+        models={"_pretrained_": args.base},
+        tokenizer=args.base,
+        model_kwargs={"torch_dtype": "bfloat16"},
+    )
+    algo = OrthogonalMoECTMergingAlgorithm(
+        num_experts=args.experts,
+        experts_per_token=args.topk,
+        granularity=args.granularity,
+        gate_mode=args.gate_mode,
+        dtype="bfloat16",
+        save_checkpoint=args.out,
+        streaming=args.streaming,
+    )
+    baseline = _peak_rss()
+    algo.run(pool)
+    print(json.dumps({"baseline_rss": baseline}))
+
+
+def fusionbench(args: argparse.Namespace) -> None:
+    """FusionBench 0.2.33's own ``MixtralForCausalLMUpscalingAlgorithm`` (transformers 4.57)."""
+    from fusion_bench.method import MixtralForCausalLMUpscalingAlgorithm
+    from fusion_bench.modelpool import CausalLMPool
+
+    pool = CausalLMPool(
+        models={"_pretrained_": args.base},
+        tokenizer=args.base,
+        model_kwargs={"torch_dtype": "bfloat16"},
+    )
+    algo = MixtralForCausalLMUpscalingAlgorithm(
+        num_experts=args.experts, experts_per_token=args.topk, save_checkpoint=args.out
+    )
+    baseline = _peak_rss()
+    algo.run(pool)
+    print(json.dumps({"baseline_rss": baseline}))
+
+
+def make_qwen3(args: argparse.Namespace) -> None:
+    """A random Qwen3 base for the 128-expert fine-grained build (bf16, saved once)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    out = Path(args.dir)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Max |logit difference| of each MoE output to the dense model, float32 compute, on real
+    text (Debian's GPL-3) or, without a tokenizer, on fixed random token ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    dense_dir = Path(args.dense)
+    if (dense_dir / "tokenizer.json").is_file() and GPL.is_file():
+        tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+        ids = tokenizer(GPL.read_text()[:2000], return_tensors="pt").input_ids[:, : args.tokens]
+    else:
+        config = json.loads((dense_dir / "config.json").read_text())
+        ids = torch.randint(0, config["vocab_size"], (1, args.tokens))
+
+    def logits(directory: str) -> torch.Tensor:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        with torch.no_grad():
+            out = model(ids).logits
+        del model
+        return out
+
+    reference = logits(args.dense)
+    results = {}
+    for directory in args.outputs:
+        try:
+            diff = (logits(directory) - reference).abs().max().item()
+            results[directory] = diff
+        except Exception as err:  # report, do not stop the other checks
+            results[directory] = f"error: {type(err).__name__}: {str(err)[:200]}"
+    print(json.dumps(results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("ours-api", "fusionbench"):
+        p = sub.add_parser(name)
+        p.add_argument("base")
+        p.add_argument("out")
+        p.add_argument("experts", type=int)
+        p.add_argument("--topk", type=int, default=2)
+        p.add_argument("--granularity", type=int, default=1)
+        p.add_argument("--gate-mode", default="random")
+        p.add_argument("--streaming", action="store_true")
+    p = sub.add_parser("make-qwen3")
+    p.add_argument("dir")
+    p = sub.add_parser("check")
+    p.add_argument("dense")
+    p.add_argument("outputs", nargs="+")
+    p.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    {
+        "ours-api": ours_api,
+        "fusionbench": fusionbench,
+        "make-qwen3": make_qwen3,
+        "check": check,
+    }[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,494 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: this plugin vs mergekit-moe vs FusionBench's own Mixtral upcycling.
+
+    python3 benchmarks/run.py                 # set up (idempotent), compare, scale: ~10-15 min
+    python3 benchmarks/run.py --only compare  # the side-by-side table only
+    python3 benchmarks/run.py --only scaling  # the scaling table only
+
+The same job for every tool: SmolLM2-135M-Instruct (bf16) upcycled into 8 experts, top-2,
+random gates, bf16, saved to disk. Each run is a whole process, timed from spawn to exit
+(wall) with its peak RSS from ``wait4`` (that process alone). Tools are interleaved (ours,
+theirs, ours, ...) for ``--rounds`` rounds and medians are reported, with the ratios
+ours/theirs from this one run. Before every run the previous output is deleted and the page
+cache flushed to disk (``sync``), so no run pays for another's writes.
+
+Also printed: the I/O floor (bytes written + read over the throughput of a plain file copy of
+the same size, measured here), each output's max |logit difference| to the dense model, and
+the memory model of ``run()``.
+
+The baselines get their own virtual environments, created on first use:
+``.venv-bench-mergekit`` (``pip install mergekit``) and ``.venv-tf4`` (transformers 4.57,
+where FusionBench's Mixtral code imports). Results go to ``benchmarks/results/``.
+This script uses only the standard library; it is not part of the CI test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = REPO / "benchmarks" / "jobs.py"
+RESULTS = REPO / "benchmarks" / "results"
+VENV = REPO / ".venv"
+VENV_TF4 = REPO / ".venv-tf4"
+VENV_MERGEKIT = REPO / ".venv-bench-mergekit"
+MERGEKIT_VERSION = "0.1.5"
+MERGEKIT = "mergekit-moe 0.1.5"
+MERGEKIT_1T = "mergekit-moe 0.1.5, OMP_NUM_THREADS=1"
+FUSIONBENCH = "FusionBench MixtralForCausalLMUpscalingAlgorithm (tf 4.57)"
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def py(venv: Path) -> str:
+    return str(venv / "bin" / "python")
+
+
+# -- set-up ------------------------------------------------------------------------------
+
+
+def pip_install(venv: Path, *args: str) -> None:
+    subprocess.run(
+        [py(venv), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
+        check=True,
+        cwd=REPO,
+    )
+
+
+def setup() -> None:
+    """Create what is missing: the project's venvs, mergekit's venv, the SmolLM2 model."""
+    if not (VENV / "bin" / "python").exists() or not (VENV_TF4 / "bin" / "python").exists():
+        log("== setting up .venv and .venv-tf4 (scripts/setup.sh --tf4 --no-text)")
+        subprocess.run(["bash", "scripts/setup.sh", "--tf4", "--no-text"], check=True, cwd=REPO)
+    stamp = VENV_MERGEKIT / ".bench-setup"
+    if not stamp.is_file() or stamp.read_text().strip() != MERGEKIT_VERSION:
+        log(f"== setting up {VENV_MERGEKIT.name} (mergekit {MERGEKIT_VERSION})")
+        if not (VENV_MERGEKIT / "bin" / "python").exists():
+            subprocess.run([sys.executable, "-m", "venv", str(VENV_MERGEKIT)], check=True)
+        constraints = ["-c", "constraints.txt"] if (REPO / "constraints.txt").is_file() else []
+        pip_install(VENV_MERGEKIT, *constraints, f"mergekit=={MERGEKIT_VERSION}")
+        stamp.write_text(MERGEKIT_VERSION + "\n")
+    smollm2 = smollm2_dir()
+    if not (smollm2 / "model.safetensors").is_file():
+        log("== preparing SmolLM2-135M-Instruct")
+        subprocess.run(
+            [py(VENV), "-m", "fusion_bench_moect.assets.smollm2"], check=True, cwd=REPO, env=ENV
+        )
+
+
+def smollm2_dir() -> Path:
+    root = os.environ.get("FUSION_BENCH_MOECT_CACHE")
+    cache = Path(root).expanduser() if root else Path.home() / ".cache" / "fusion_bench_moect"
+    return cache / "SmolLM2-135M-Instruct"
+
+
+# -- measuring ---------------------------------------------------------------------------
+
+
+def measure(cmd: list[str], out: Path | None, cwd: Path = REPO, env: dict | None = None) -> dict:
+    """Run ``cmd`` as its own process: wall seconds, peak RSS bytes, its JSON line if any."""
+    if out is not None:
+        shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env={**ENV, **(env or {})}, stdout=stdout, stderr=stderr
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0)
+        stderr.seek(0)
+        text, err = stdout.read().decode(errors="replace"), stderr.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
+    result = {"wall_s": wall, "peak_rss": usage.ru_maxrss * 1024}
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            result.update(json.loads(line))
+            break
+    if out is not None:
+        result["output_bytes"] = dir_bytes(out)
+    return result
+
+
+def dir_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def weights_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def copy_throughput(size: int, work: Path, rounds: int) -> float:
+    """Bytes per second moved (read + written) by a plain copy of a ``size``-byte file."""
+    src, dst = work / "io-src.bin", work / "io-dst.bin"
+    chunk = os.urandom(1 << 20)
+    with open(src, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(chunk)
+    times = []
+    for _ in range(rounds):
+        dst.unlink(missing_ok=True)
+        os.sync()
+        start = time.perf_counter()
+        shutil.copyfile(src, dst)
+        times.append(time.perf_counter() - start)
+    src.unlink()
+    dst.unlink()
+    return 2 * (size >> 20 << 20) / statistics.median(times)
+
+
+# -- the jobs ----------------------------------------------------------------------------
+
+
+def mergekit_config(base: Path, experts: int, path: Path) -> Path:
+    lines = [f"base_model: {base}", "gate_mode: random", "dtype: bfloat16", "experts_per_token: 2"]
+    lines += ["experts:"] + [f"  - source_model: {base}"] * experts
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def compare_jobs(base: Path, work: Path, experts: int) -> dict[str, tuple[list[str], Path, dict]]:
+    """name -> (command, output directory, extra environment). Ours and theirs alternate."""
+    names = ("lean", "api", "mergekit", "mergekit1", "cli", "stream", "fb")
+    out = {name: work / name for name in names}
+    mergekit_yml = str(mergekit_config(base, experts, work / "mergekit.yml"))
+    fusion_bench = str(VENV / "bin" / "fusion_bench")
+    return {
+        "ours: python -m fusion_bench_moect.upcycle (streaming)": (
+            [py(VENV), "-m", "fusion_bench_moect.upcycle", str(base), str(out["lean"])]
+            + ["--num-experts", str(experts), "--gate-mode", "random", "--dtype", "bfloat16"],
+            out["lean"],
+            {},
+        ),
+        MERGEKIT: (
+            [str(VENV_MERGEKIT / "bin" / "mergekit-moe"), mergekit_yml, str(out["mergekit"])],
+            out["mergekit"],
+            {},
+        ),
+        "ours: Python API run() (in memory + save)": (
+            [py(VENV), str(JOBS), "ours-api", str(base), str(out["api"]), str(experts)],
+            out["api"],
+            {},
+        ),
+        MERGEKIT_1T: (
+            [str(VENV_MERGEKIT / "bin" / "mergekit-moe"), mergekit_yml, str(out["mergekit1"])],
+            out["mergekit1"],
+            {"OMP_NUM_THREADS": "1"},
+        ),
+        FUSIONBENCH: (
+            [py(VENV_TF4), str(JOBS), "fusionbench", str(base), str(out["fb"]), str(experts)],
+            out["fb"],
+            {},
+        ),
+        "ours: fusion_bench CLI (in memory + save)": (
+            [
+                fusion_bench,
+                "method=moe_ct_upcycling",
+                f"method.num_experts={experts}",
+                "method.gate_mode=random",
+                "method.dtype=bfloat16",
+                f"method.save_checkpoint={out['cli']}",
+                "modelpool=CausalLMPool/moe_ct_upcycle",
+                f"modelpool.models._pretrained_={base}",
+                "taskpool=dummy",
+                f"hydra.run.dir={work / 'hydra'}",
+                f"path.log_dir={work / 'hydra'}",
+            ],
+            out["cli"],
+            {},
+        ),
+        "ours: Python API run(), streaming": (
+            [py(VENV), str(JOBS), "ours-api", str(base), str(out["stream"]), str(experts)]
+            + ["--streaming"],
+            out["stream"],
+            {},
+        ),
+    }
+
+
+def compare(args: argparse.Namespace, work: Path) -> dict:
+    base = smollm2_dir()
+    jobs = compare_jobs(base, work, args.experts)
+    runs: dict[str, list[dict]] = {name: [] for name in jobs}
+    log(f"== side by side: SmolLM2-135M bf16 -> {args.experts} experts, {args.rounds} rounds")
+    for r in range(args.rounds):
+        for name, (cmd, out, env) in jobs.items():
+            result = measure(cmd, out, env=env)
+            runs[name].append(result)
+            log(
+                f"  round {r + 1}: {name:62s} {result['wall_s']:6.2f} s "
+                f"{result['peak_rss'] / 1e9:5.2f} GB"
+            )
+    summary = {}
+    for name, results in runs.items():
+        summary[name] = {
+            "wall_s": statistics.median(r["wall_s"] for r in results),
+            "wall_all": [round(r["wall_s"], 2) for r in results],
+            "peak_rss": statistics.median(r["peak_rss"] for r in results),
+            "baseline_rss": statistics.median(r.get("baseline_rss", 0) for r in results),
+            "output_bytes": results[-1]["output_bytes"],
+        }
+    base_bytes = weights_bytes(base)
+    written = summary[MERGEKIT]["output_bytes"]
+    throughput = copy_throughput(written, work, args.rounds)
+    floor = (written + base_bytes) / throughput
+    log("== correctness: max |logit difference| to the dense model (float32 compute)")
+    check = measure(
+        [py(VENV), str(JOBS), "check", str(base)] + [str(job[1]) for job in jobs.values()], None
+    )
+    for name, (_, out, _) in jobs.items():
+        summary[name]["max_logit_diff"] = check.get(str(out))
+    for _, out, _ in jobs.values():
+        shutil.rmtree(out, ignore_errors=True)
+    return {
+        "job": f"SmolLM2-135M-Instruct bf16 -> {args.experts} experts, top-2, random gates, "
+        "bf16, saved",
+        "rounds": args.rounds,
+        "base_bytes": base_bytes,
+        "copy_throughput": throughput,
+        "io_floor_s": floor,
+        "tools": summary,
+    }
+
+
+def scaling(args: argparse.Namespace, work: Path) -> list[dict]:
+    base = smollm2_dir()
+    rows = []
+    log("== scaling (ours): streaming (lean CLI) and in memory (Python API run() + save)")
+    qwen3 = work / "qwen3-base"
+    measure([py(VENV), str(JOBS), "make-qwen3", str(qwen3)], None)
+    cases = [(base, "SmolLM2-135M", e, 1, 2) for e in args.scaling_experts]
+    cases.append((qwen3, "Qwen3 random (H 512, 8 layers, I 2048)", 128, 8, 8))
+    for model, label, experts, granularity, topk in cases:
+        out = work / "scale"
+        flags = ["--num-experts", str(experts), "--granularity", str(granularity)]
+        flags += ["--experts-per-token", str(topk), "--dtype", "bfloat16", "-q"]
+        gate = "random" if granularity == 1 else "orthogonal"
+        lean = [py(VENV), "-m", "fusion_bench_moect.upcycle", str(model), str(out)]
+        lean += flags + ["--gate-mode", gate]
+        api = [py(VENV), str(JOBS), "ours-api", str(model), str(out), str(experts)]
+        api += ["--granularity", str(granularity), "--topk", str(topk), "--gate-mode", gate]
+        row = {
+            "model": label,
+            "experts": experts,
+            "granularity": granularity,
+            "top_k": topk,
+            "base_bytes": weights_bytes(model),
+            "commands": {
+                "streaming": portable(lean, model, out),
+                "in_memory": portable(api, model, out),
+            },
+        }
+        for mode, cmd in (("streaming", lean), ("in_memory", api)):
+            results = [measure(cmd, out) for _ in range(args.scaling_rounds)]
+            row[mode] = {
+                "wall_s": statistics.median(r["wall_s"] for r in results),
+                "peak_rss": statistics.median(r["peak_rss"] for r in results),
+                "baseline_rss": statistics.median(r.get("baseline_rss", 0) for r in results),
+            }
+            row["output_bytes"] = results[-1]["output_bytes"]
+            if mode == "streaming" and experts in (8, 128):
+                check = measure([py(VENV), str(JOBS), "check", str(model), str(out)], None)
+                row["max_logit_diff"] = check.get(str(out))
+            log(
+                f"  {label} E={experts:3d} {mode:9s} {row[mode]['wall_s']:6.2f} s "
+                f"{row[mode]['peak_rss'] / 1e9:5.2f} GB peak, {row['output_bytes'] / 1e9:5.2f} GB"
+            )
+        shutil.rmtree(out, ignore_errors=True)
+        rows.append(row)
+    return rows
+
+
+# -- reporting ---------------------------------------------------------------------------
+
+
+def compare_table(result: dict) -> str:
+    tools = result["tools"]
+    theirs = {
+        "mergekit": tools[MERGEKIT],
+        "mergekit 1 thread": tools[MERGEKIT_1T],
+        "FusionBench": tools[FUSIONBENCH],
+    }
+    header = "| tool | wall s (runs) | peak RSS GB | output GB | max logit diff |"
+    for ref in theirs:
+        header += f" wall / {ref} | RSS / {ref} |"
+    lines = [
+        f"Job: {result['job']}; {result['rounds']} interleaved rounds, medians.",
+        "",
+        header,
+        "|" + " --- |" * (5 + 2 * len(theirs)),
+    ]
+    for name, t in tools.items():
+        ours = name.startswith("ours")
+        diff = t.get("max_logit_diff")
+        diff_text = f"{diff:.2e}" if isinstance(diff, float) else str(diff)
+        cells = [
+            name,
+            f"{t['wall_s']:.2f} ({', '.join(f'{w:.1f}' for w in t['wall_all'])})",
+            f"{t['peak_rss'] / 1e9:.2f}",
+            f"{t['output_bytes'] / 1e9:.2f}",
+            diff_text,
+        ]
+        for ref in theirs.values():
+            if ours:
+                cells += [
+                    f"**{t['wall_s'] / ref['wall_s']:.2f}x**",
+                    f"**{t['peak_rss'] / ref['peak_rss']:.2f}x**",
+                ]
+            else:
+                cells += ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"I/O floor: {tools[MERGEKIT]['output_bytes'] / 1e9:.2f} GB written + "
+        f"{result['base_bytes'] / 1e9:.2f} GB read at {result['copy_throughput'] / 1e9:.2f} GB/s "
+        f"(plain copy of the same size, read + write) = {result['io_floor_s']:.2f} s.",
+    ]
+    api = tools["ours: Python API run() (in memory + save)"]
+    out_b, base_b = api["output_bytes"], result["base_bytes"]
+    above = api["peak_rss"] - api["baseline_rss"]
+    lines.append(
+        f"Memory model of run() (in memory + save): peak {above / 1e9:.2f} GB above the "
+        f"interpreter's baseline ({api['baseline_rss'] / 1e9:.2f} GB) vs the bound output + 1.5 x "
+        f"base = {(out_b + 1.5 * base_b) / 1e9:.2f} GB."
+    )
+    return "\n".join(lines)
+
+
+def portable(cmd: list[str], model: Path, out: Path) -> str:
+    """A command as a reader can type it from the repository root."""
+    names = {str(model): "$BASE", str(smollm2_dir()): "$SMOLLM2", str(out): "OUT"}
+    words = []
+    for word in cmd:
+        word = names.get(word, word)
+        if word.startswith(str(REPO) + "/"):
+            word = word[len(str(REPO)) + 1 :]
+        words.append(word)
+    return " ".join(words).replace(".venv/bin/python", "python")
+
+
+def scaling_table(rows: list[dict]) -> str:
+    modes = ("streaming", "in_memory")
+    lines = [
+        "| model | E (G, top-k) | output GB | streaming s | streaming peak RSS GB "
+        "| in-memory s | in-memory peak RSS GB | s per output GB (stream / mem) "
+        "| marginal s per GB vs previous row (stream / mem) | max logit diff |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    previous = None
+    for row in rows:
+        out_gb = row["output_bytes"] / 1e9
+        diff = row.get("max_logit_diff")
+        whole = " / ".join(f"{row[m]['wall_s'] / out_gb:.2f}" for m in modes)
+        marginal = ""
+        if previous is not None and previous["model"] == row["model"]:
+            step = out_gb - previous["output_bytes"] / 1e9
+            marginal = " / ".join(
+                f"{(row[m]['wall_s'] - previous[m]['wall_s']) / step:.2f}" for m in modes
+            )
+        s, m = row["streaming"], row["in_memory"]
+        lines.append(
+            f"| {row['model']} | {row['experts']} ({row['granularity']}, {row['top_k']}) "
+            f"| {out_gb:.2f} | {s['wall_s']:.2f} | {s['peak_rss'] / 1e9:.2f} "
+            f"| {m['wall_s']:.2f} | {m['peak_rss'] / 1e9:.2f} | {whole} | {marginal} "
+            f"| {f'{diff:.1e}' if isinstance(diff, float) else (diff or '')} |"
+        )
+        previous = row
+    lines += [
+        "",
+        "Commands, from the repository root (`SMOLLM2=~/.cache/fusion_bench_moect/"
+        "SmolLM2-135M-Instruct`; the Qwen3 base: `python benchmarks/jobs.py make-qwen3 $BASE`; "
+        "OUT a new directory):",
+    ]
+    for row in rows:
+        for mode in modes:
+            label = mode.replace("_", " ")
+            lines.append(f"- E={row['experts']} {label}: `{row['commands'][mode]}`")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("compare", "scaling"), default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (compare)")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument(
+        "--scaling-experts",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[4, 8, 16, 32, 64],
+    )
+    parser.add_argument("--scaling-rounds", type=int, default=1)
+    parser.add_argument("--skip-setup", action="store_true")
+    parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    if not args.skip_setup:
+        setup()
+    work = Path(args.work or tempfile.mkdtemp(prefix="moect-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    report: dict = {"date": stamp, "machine": machine()}
+    try:
+        if args.only in (None, "compare"):
+            report["compare"] = compare(args, work)
+            table = compare_table(report["compare"])
+            log("\n" + table + "\n")
+        if args.only in (None, "scaling"):
+            report["scaling"] = scaling(args, work)
+            table = scaling_table(report["scaling"])
+            log("\n" + table + "\n")
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    report["total_s"] = time.perf_counter() - start
+    path = RESULTS / f"bench-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    markdown = []
+    if "compare" in report:
+        markdown.append(compare_table(report["compare"]))
+    if "scaling" in report:
+        markdown.append(scaling_table(report["scaling"]))
+    (RESULTS / f"bench-{stamp}.md").write_text("\n\n".join(markdown) + "\n")
+    log(f"== done in {report['total_s']:.0f} s; results in {path} and {path.with_suffix('.md')}")
+    return 0
+
+
+def machine() -> dict:
+    info = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    try:
+        info["load_avg"] = os.getloadavg()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem = Path("/proc/meminfo").read_text().split("\n", 1)[0]
+        info["memory"] = mem.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return info
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Offline assets: real models prepared from PyPI packages (no model hub at run time)."""

@@ -1,0 +1,22 @@
+"""Offline evaluation: perplexity and routing diagnostics through a FusionBench task pool.
+
+``MoETextTaskPool`` (the task pool) is imported lazily so that the pure helpers
+(``routing``, ``text``) do not pull in FusionBench.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fusion_bench_moect.eval.taskpool import MoETextTaskPool
+
+__all__ = ["MoETextTaskPool"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MoETextTaskPool":
+        from fusion_bench_moect.eval.taskpool import MoETextTaskPool
+
+        return MoETextTaskPool
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

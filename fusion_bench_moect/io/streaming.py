@@ -1,0 +1,313 @@
+"""Write Hugging Face checkpoints tensor by tensor, without holding the model in memory.
+
+The safetensors format is an 8-byte header length, a JSON header giving every tensor's
+dtype, shape and byte range, then the raw bytes. When the names, shapes and dtypes of all
+tensors are known before any is computed (they are: the expert plan fixes them), every
+shard's header can be written first and each tensor appended as soon as it exists, straight
+from its memory (no serialisation copy). Peak memory is then the tensors in flight, not the
+shard and not the model.
+
+The result is the standard hub layout: ``model.safetensors``, or
+``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``, then
+``config.json`` (with the keys transformers 4 needs), the tokenizer and, when there is one,
+``generation_config.json`` — all written atomically (``io.checkpoint.atomic_directory``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import add_legacy_config_fields, atomic_directory
+
+log = logging.getLogger(__name__)
+
+#: Largest shard, as ``save_checkpoint`` (``max_shard_size="2GB"``).
+DEFAULT_MAX_SHARD_BYTES = 2_000_000_000
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+#: Files a tokenizer directory may hold (copied as they are when no tokenizer object is given).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+)
+
+_DTYPE_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+#: (name, shape, dtype) of one tensor to write.
+TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
+
+
+def spec_nbytes(spec: TensorSpec) -> int:
+    """Bytes of one tensor on disk."""
+    _, shape, dtype = spec
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    return count * dtype.itemsize
+
+
+def shard_layout(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split ``specs``, in order, into shards of at most ``max_shard_bytes`` (a single larger
+    tensor gets a shard of its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = spec_nbytes(spec)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards if shards[-1] else []
+
+
+def _header(specs: Sequence[TensorSpec]) -> bytes:
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in specs:
+        if dtype not in _DTYPE_CODES:
+            raise ValueError(f"Tensor '{name}': dtype {dtype} cannot be stored in safetensors.")
+        end = offset + spec_nbytes((name, shape, dtype))
+        entries[name] = {
+            "dtype": _DTYPE_CODES[dtype],
+            "shape": [int(d) for d in shape],
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(text)) + text
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+class ShardedSafetensorsWriter:
+    """Write tensors, arriving in the order of ``specs``, straight into safetensors shards.
+
+    Args:
+        directory: An existing (temporary) directory.
+        specs: (name, shape, dtype) of every tensor, in the order ``write`` will get them.
+        max_shard_bytes: Largest shard.
+
+    Use as a context manager; ``close`` checks that every planned tensor was written and
+    writes the index when there is more than one shard.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        specs: Sequence[TensorSpec],
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    ) -> None:
+        names = [name for name, _, _ in specs]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"Tensor '{dup}' is planned twice.")
+        self.directory = Path(directory)
+        self.shards = shard_layout(specs, max_shard_bytes)
+        count = len(self.shards)
+        self.files = (
+            [SINGLE_FILE]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        self._expected: Iterator[tuple[int, TensorSpec]] = iter(
+            [(i, spec) for i, shard in enumerate(self.shards) for spec in shard]
+        )
+        self._current = -1
+        self._handle: Any = None
+        self.bytes_written = 0
+
+    def __enter__(self) -> ShardedSafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._handle is not None:
+            self._handle.close()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; its name, shape and dtype must be the next planned ones."""
+        try:
+            index, (want_name, want_shape, want_dtype) = next(self._expected)
+        except StopIteration:
+            raise RuntimeError(
+                f"Internal error: tensor '{name}' was not planned (all planned tensors written)."
+            ) from None
+        got = (name, tuple(tensor.shape), tensor.dtype)
+        if got != (want_name, tuple(want_shape), want_dtype):
+            raise RuntimeError(
+                f"Internal error: the writer expected {want_name} {list(want_shape)} "
+                f"{want_dtype}, got {name} {list(tensor.shape)} {tensor.dtype}."
+            )
+        if index != self._current:
+            self._open(index)
+        data = _tensor_bytes(tensor)
+        while data:  # raw writes may be partial
+            data = data[self._handle.write(data) :]
+        self.bytes_written += tensor.numel() * tensor.element_size()
+
+    def _open(self, index: int) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        self._current = index
+        self._handle = open(self.directory / self.files[index], "wb", buffering=0)  # noqa: SIM115
+        self._handle.write(_header(self.shards[index]))
+
+    def close(self) -> list[str]:
+        """Finish the last shard and write the index; returns the shard file names."""
+        left = next(self._expected, None)
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if left is not None:
+            raise RuntimeError(f"Internal error: planned tensor '{left[1][0]}' was never written.")
+        if len(self.files) > 1:
+            weight_map = {
+                name: self.files[i] for i, shard in enumerate(self.shards) for name, _, _ in shard
+            }
+            total = sum(spec_nbytes(s) for shard in self.shards for s in shard)
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return list(self.files)
+
+
+def write_hub_checkpoint(
+    directory: str | os.PathLike,
+    specs: Sequence[TensorSpec],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    config: Any | Callable[[], Any],
+    *,
+    tokenizer: Any = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    generation_config: Any = None,
+    generation_config_from: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a Hugging Face checkpoint from a stream of tensors, all or nothing.
+
+    Args:
+        directory: Target directory (refused if non-empty unless ``overwrite``).
+        specs: (name, shape, dtype) of every tensor ``tensors`` yields, in the same order.
+        tensors: (hub name, tensor) pairs, each written as soon as it arrives.
+        config: The transformers config, or a function returning it, called after the last
+            tensor (so it can record what was computed on the way).
+        tokenizer: A tokenizer object to save (``save_pretrained``).
+        tokenizer_dir: Or a directory whose tokenizer files are copied as they are.
+        generation_config: A ``GenerationConfig`` to save.
+        generation_config_from: Or a directory whose ``generation_config.json`` is copied.
+        overwrite: Replace a non-empty ``directory``.
+        max_shard_bytes: Largest shard.
+
+    Returns:
+        The checkpoint directory.
+    """
+    with atomic_directory(directory, overwrite) as tmp:
+        with ShardedSafetensorsWriter(tmp, specs, max_shard_bytes) as writer:
+            for name, tensor in tqdm(tensors, total=len(specs), desc="Writing", leave=False):
+                writer.write(name, tensor)
+        final_config = config() if callable(config) else config
+        final_config.save_pretrained(tmp)
+        add_legacy_config_fields(tmp / "config.json")
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        elif generation_config_from is not None:
+            source = Path(generation_config_from) / "generation_config.json"
+            if source.is_file():
+                shutil.copyfile(source, tmp / source.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        elif tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+    target = Path(directory).expanduser().absolute()
+    log.info(
+        "Saved MoE checkpoint to %s (%d tensors, %.2f GB in %d shard(s))",
+        target,
+        len(specs),
+        writer.bytes_written / 1e9,
+        len(writer.files),
+    )
+    return target
+
+
+def copy_tokenizer_files(source: str | os.PathLike, destination: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files of a Hugging Face directory; returns the names copied."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = Path(source) / name
+        if path.is_file():
+            shutil.copyfile(path, Path(destination) / name)
+            copied.append(name)
+    return copied
+
+
+def save_model_checkpoint(
+    model: torch.nn.Module,
+    arch: Any,
+    directory: str | os.PathLike,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Save an MoE model built in memory, in the hub layout, straight from its parameters.
+
+    Unlike ``save_pretrained`` under transformers 5 (which first splits every fused expert
+    tensor into per-expert copies) this writes views of the model's own memory: saving adds
+    no copy of the model to the peak.
+    """
+    tensors = list(arch.model_hub_tensors(model))
+    specs = [(name, tuple(t.shape), t.dtype) for name, t in tensors]
+    generation_config = None
+    can_generate = getattr(model, "can_generate", None)
+    if getattr(model, "generation_config", None) is not None and (
+        can_generate is None or can_generate()
+    ):
+        generation_config = model.generation_config
+    return write_hub_checkpoint(
+        directory,
+        specs,
+        iter(tensors),
+        model.config,
+        tokenizer=tokenizer,
+        generation_config=generation_config,
+        overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
+    )

@@ -1,0 +1,270 @@
+"""Streaming checkpoints (issue 5): the engine's second sink writes the hub layout shard by
+shard; it must give exactly the model the in-memory path gives."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model, perturbed, pool, tiny_config, train_tokenizer
+from safetensors import safe_open
+
+from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
+from fusion_bench_moect.io.sources import SourceError
+
+
+def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def reload(directory: Path):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    key = "torch_dtype" if transformers.__version__.startswith("4.") else "dtype"
+    return AutoModelForCausalLM.from_pretrained(directory, **{key: "auto"}).eval()
+
+
+def record_without_run_params(directory: Path) -> dict:
+    config = json.loads((directory / "config.json").read_text())
+    for name in ("save_checkpoint", "streaming"):
+        config["moe_ct"]["params"].pop(name)
+    config.pop("transformers_version", None)
+    return config
+
+
+CASES = [
+    # family, architecture, dtype, extra algorithm parameters
+    ("llama", "mixtral", "bfloat16", {}),
+    ("mistral", "mixtral", "float32", {"drop_ratio": 0.25, "noise_scale": 0.01}),
+    ("llama", "qwen2_moe", "bfloat16", {"residual_scale": {"ft": 0.5}}),
+    ("qwen2", "qwen2_moe", "float32", {"permute_neurons": True}),
+    ("qwen3", "qwen3_moe", "bfloat16", {"alpha_strategy": "linear_increase"}),
+]
+
+
+@pytest.mark.parametrize("family, arch, dtype, extra", CASES)
+def test_streamed_checkpoint_equals_in_memory_model(
+    tmp_path, saved, real_ids, family, arch, dtype, extra
+):
+    dense = make_model(family, layers=3)
+    train_tokenizer(tmp_path / "tok")
+    models = {"_pretrained_": saved(dense), "ft": saved(perturbed(dense, 1))}
+    common = dict(architecture=arch, granularity=2, experts_per_token=2, dtype=dtype, **extra)
+
+    mem_dir, stream_dir = tmp_path / "mem", tmp_path / "stream"
+    algo = OrthogonalMoECTMergingAlgorithm(save_checkpoint=str(mem_dir), **common)
+    moe = algo.run(pool(models, tokenizer=str(tmp_path / "tok")))
+    streamed = OrthogonalMoECTMergingAlgorithm(
+        save_checkpoint=str(stream_dir), streaming=True, **common
+    ).run(pool(models, tokenizer=str(tmp_path / "tok")))
+    assert streamed is None
+
+    # the same tensors under the same hub names, bit for bit
+    mem, stream = read_tensors(mem_dir), read_tensors(stream_dir)
+    assert sorted(mem) == sorted(stream)
+    for key in mem:
+        assert mem[key].dtype == stream[key].dtype, key
+        assert torch.equal(mem[key], stream[key]), key
+    # the same config and record (but for the run's own save/streaming parameters)
+    assert record_without_run_params(mem_dir) == record_without_run_params(stream_dir)
+    assert (stream_dir / "tokenizer.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".stream.")]
+
+    # and it reloads into the model run() returned
+    with torch.no_grad():
+        expected = moe(real_ids).logits
+        logits = reload(stream_dir)(real_ids).logits
+    assert torch.equal(logits, expected)
+
+
+def test_sharded_stream_reloads(tmp_path, saved, real_ids, monkeypatch):
+    from fusion_bench_moect.io import streaming
+
+    dense = make_model("llama", layers=3)
+    base = saved(dense)
+    out = tmp_path / "moe"
+    moe = OrthogonalMoECTMergingAlgorithm(num_experts=4, dtype="float32").run(
+        pool({"_pretrained_": base})
+    )
+    # tiny shards: several files plus the index
+    monkeypatch.setattr(streaming, "DEFAULT_MAX_SHARD_BYTES", 200_000)
+    OrthogonalMoECTMergingAlgorithm(
+        num_experts=4, dtype="float32", streaming=True, save_checkpoint=str(out)
+    ).run(pool({"_pretrained_": base}))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files == sorted(p.name for p in out.glob("*.safetensors"))
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in read_tensors(out).values()
+    )
+    with torch.no_grad():
+        assert torch.equal(reload(out)(real_ids).logits, moe(real_ids).logits)
+
+
+def test_streaming_needs_a_checkpoint_directory(saved, tmp_path):
+    base = saved(make_model("llama"))
+    with pytest.raises(ValueError, match="streaming: true .* needs save_checkpoint"):
+        OrthogonalMoECTMergingAlgorithm(num_experts=2, streaming=True).run(
+            pool({"_pretrained_": base})
+        )
+
+
+def test_a_failure_while_streaming_leaves_nothing(tmp_path, saved):
+    dense = make_model("llama", layers=3)
+    bad = perturbed(dense, 1)
+    with torch.no_grad():
+        bad.model.layers[2].mlp.down_proj.weight[0, 0] = float("nan")  # found in the last layer
+    models = {"_pretrained_": saved(dense, "base"), "bad": saved(bad, "bad")}
+    out = tmp_path / "out"
+    with pytest.raises(SourceError, match="'bad'.*layers.2.mlp.down_proj.*NaN"):
+        OrthogonalMoECTMergingAlgorithm(streaming=True, save_checkpoint=str(out)).run(pool(models))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "base"]
+
+
+@pytest.mark.parametrize(
+    "family, arch, overrides",
+    [
+        ("llama", "mixtral", {}),
+        ("llama", "mixtral", {"tie_word_embeddings": False}),
+        ("mistral", "mixtral", {}),
+        ("llama", "qwen2_moe", {}),
+        ("qwen2", "qwen2_moe", {}),
+        ("qwen3", "qwen3_moe", {}),
+        ("qwen3", "qwen3_moe", {"attention_bias": True}),
+    ],
+)
+def test_declared_hub_names_match_the_transformers_model(family, arch, overrides):
+    """The streaming writer names tensors from the arch classes, without a model: those names
+    must be exactly what the transformers model (either major) saves."""
+    from accelerate import init_empty_weights
+
+    from fusion_bench_moect import arch as arch_registry
+    from fusion_bench_moect.build import _is_moe_param
+
+    out = arch_registry.ARCHITECTURES[arch]()
+    base_config = tiny_config(family, layers=2, **overrides)
+    config = out.build_config(base_config, 4, 2, 32, torch.float32)
+    with init_empty_weights(include_buffers=False):
+        model = out.model_class()(config)
+    tie = bool(config.tie_word_embeddings)
+    params = {
+        n
+        for n, _ in model.named_parameters()
+        if not _is_moe_param(n) and not (tie and n == "lm_head.weight")
+    }
+    assert set(out.non_ffn_names(config)) == params
+    # and the MoE block's hub names are those save_pretrained writes
+    block_names = {
+        name
+        for layer in range(2)
+        for name, _ in out.module_hub_tensors(layer, model.model.layers[layer])
+    }
+    expected = set()
+    for layer in range(2):
+        prefix = out.hub_block_prefix(layer)
+        expected.add(f"{prefix}.gate.weight")
+        for j in range(4):
+            expected |= {f"{prefix}.experts.{j}.{p}.weight" for p in out.expert_proj_names}
+        if out.has_shared_expert:
+            expected |= {f"{prefix}.shared_expert.{p}.weight" for p in ("gate_proj", "up_proj")}
+            expected |= {f"{prefix}.shared_expert.down_proj.weight"}
+            expected |= {f"{prefix}.shared_expert_gate.weight"}
+    assert block_names == expected
+
+
+def test_writer_checks_the_plan_and_writes_valid_safetensors(tmp_path):
+    from fusion_bench_moect.io.streaming import ShardedSafetensorsWriter
+
+    tensors = {
+        "a": torch.randn(3, 5).to(torch.bfloat16),
+        "b": torch.arange(7, dtype=torch.int64),
+        "c": torch.randn(2, 2, 2),
+        "d": torch.tensor(1.5, dtype=torch.float16),
+        "e": torch.randn(4, 6)[:, ::2],  # non-contiguous
+    }
+    specs = [(k, tuple(t.shape), t.dtype) for k, t in tensors.items()]
+    with ShardedSafetensorsWriter(tmp_path, specs, max_shard_bytes=60) as writer:
+        for key, tensor in tensors.items():
+            writer.write(key, tensor)
+    loaded = read_tensors(tmp_path)
+    assert sorted(loaded) == sorted(tensors)
+    for key, tensor in tensors.items():
+        assert torch.equal(loaded[key], tensor), key
+    assert len(writer.files) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+
+    other = tmp_path / "other"
+    other.mkdir()
+    writer = ShardedSafetensorsWriter(other, specs)
+    with pytest.raises(RuntimeError, match="expected a \\[3, 5\\]"):
+        writer.write("a", torch.zeros(5, 3, dtype=torch.bfloat16))
+    writer = ShardedSafetensorsWriter(other, specs)
+    writer.write("a", tensors["a"])
+    with pytest.raises(RuntimeError, match="'b' was never written"):
+        writer.close()
+
+
+def test_lean_cli_writes_what_the_algorithm_streams(tmp_path, saved, real_ids):
+    from fusion_bench_moect.upcycle import main
+
+    dense = make_model("qwen3", layers=2)
+    tok = tmp_path / "tok"
+    train_tokenizer(tok)
+    base, ft = saved(dense, "base"), saved(perturbed(dense, 2), "ft")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (Path(base) / name).write_bytes((tok / name).read_bytes())
+    cli_dir, algo_dir = tmp_path / "cli", tmp_path / "algo"
+    assert (
+        main(
+            [base, str(cli_dir), "--source", f"ft={ft}", "--granularity", "2"]
+            + ["--dtype", "bfloat16", "--drop-ratio", "0.5", "-q"]
+        )
+        == 0
+    )
+    OrthogonalMoECTMergingAlgorithm(
+        granularity=2,
+        dtype="bfloat16",
+        drop_ratio=0.5,
+        streaming=True,
+        save_checkpoint=str(algo_dir),
+    ).run(pool({"_pretrained_": base, "ft": ft}, tokenizer=base))
+    cli, algo = read_tensors(cli_dir), read_tensors(algo_dir)
+    assert sorted(cli) == sorted(algo)
+    assert all(torch.equal(cli[k], algo[k]) for k in cli)
+    assert record_without_run_params(cli_dir) == record_without_run_params(algo_dir)
+    assert (cli_dir / "tokenizer.json").read_bytes() == (tok / "tokenizer.json").read_bytes()
+    assert main([base, str(cli_dir), "-q"]) == 2  # refuses a non-empty directory
+
+
+def test_lean_cli_defaults_are_the_algorithm_defaults():
+    from fusion_bench_moect.upcycle import build_parser, parameters_record
+
+    args = build_parser().parse_args(["base", "out"])
+    record = parameters_record(args)
+    signature = inspect.signature(OrthogonalMoECTMergingAlgorithm.__init__).parameters
+    for name, value in record.items():
+        if name in ("save_checkpoint", "streaming", "prompts", "dtype"):
+            continue
+        assert signature[name].default == value, name
+
+
+def test_lean_cli_imports_neither_fusion_bench_nor_modelling_code():
+    code = (
+        "import sys, fusion_bench_moect.upcycle as u; "
+        "u.build_parser(); import fusion_bench_moect.build; "
+        "print(sorted(m for m in sys.modules if m.startswith(('fusion_bench.', 'lightning')) "
+        "or m == 'fusion_bench' or '.modeling_' in m))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
