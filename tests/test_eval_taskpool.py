@@ -313,3 +313,18 @@ def test_through_fusion_bench_program(tokenizer_dir, text_file, tmp_path):
     assert len(saved["routing"]["layers"]) == 2
     assert saved["plots"]["expert_load"] == str(log_dir / "expert_load.png")
     assert (log_dir / "alpha_schedule.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_reports_print_with_fusionbench_printer(capsys):
+    """FusionBench's print_json indexes [0] of every list; empty lists are dropped."""
+    from fusion_bench.utils.json import print_json
+
+    from fusion_bench_moect.eval.taskpool import without_empty_lists
+
+    report = {"dead_experts": [], "layers": [{"dead_experts": [], "cv": 0.1}], "shares": [0.5, 0.5]}
+    clean = without_empty_lists(report)
+    assert clean == {"layers": [{"cv": 0.1}], "shares": [0.5, 0.5]}
+    print_json(clean, print_type=False)
+    assert "cv: 0.1" in capsys.readouterr().out
+    with pytest.raises(IndexError):
+        print_json(report, print_type=False)

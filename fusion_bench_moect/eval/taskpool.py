@@ -30,6 +30,20 @@ log = logging.getLogger(__name__)
 __all__ = ["MoETextTaskPool", "to_jsonable"]
 
 
+def without_empty_lists(value: Any) -> Any:
+    """Drop dict entries whose value is an empty list (e.g. no dead experts, no anchors).
+
+    FusionBench's report printer (``print_json``) indexes ``[0]`` of every list and crashes on
+    an empty one, then dumps the whole report to the log; counts such as ``num_dead_experts``
+    still say "none".
+    """
+    if isinstance(value, dict):
+        return {k: without_empty_lists(v) for k, v in value.items() if v != []}
+    if isinstance(value, list):
+        return [without_empty_lists(v) for v in value]
+    return value
+
+
 def to_jsonable(value: Any) -> Any:
     """Convert a report to plain JSON types (non-finite floats become ``None``)."""
     value = to_plain(value)
@@ -456,7 +470,7 @@ class MoETextTaskPool(BaseTaskPool):
             "dead_expert_threshold": self.dead_expert_threshold,
         }
         report["seconds"] = time.perf_counter() - started
-        report = to_jsonable(report)
+        report = without_empty_lists(to_jsonable(report))
         self._print_summary(report)
         return report
 
