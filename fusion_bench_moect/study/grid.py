@@ -1,0 +1,287 @@
+"""The merge grid: forgetting (English) vs plasticity (expert languages) of MoE-CT settings.
+
+Every row merges the base SmolLM2 and the language experts with the package's FusionBench
+method ``moe_ct_upcycling`` (``OrthogonalMoECTMergingAlgorithm.run(CausalLMPool)``, the
+call FusionBench's program makes) and evaluates the MoE with the package's task pool
+``MoETextTaskPool`` on the held-out Debian Reference chapters (identical tokens for every
+row). The dense base and every dense expert are evaluated on the same tokens first.
+
+Design (a full factorial is too expensive on a CPU):
+
+* **main**: ``alpha_strategy`` x ``base_alpha`` (plus MoE-CT off, alpha = 1), Mixtral,
+  with the base expert (anchor), ``router_aux_scale`` 1.1, orthogonal gates;
+* **ablations**: one factor at a time around ``u_shaped``/0.8 (the seed's recommended
+  setting) and ``constant``/0.8: no base expert, ``router_aux_scale`` 1.0, Qwen2-MoE;
+* the rows the claims hinge on are repeated with extra router seeds (``focus_seeds``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import ensure_dir, gain_retained, make_pool, make_taskpool, specialisation
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("constant", "u_shaped", "linear_increase", "linear_decrease")
+BASE_ALPHAS = (0.5, 0.8, 1.0)
+DEFAULTS: dict[str, Any] = {
+    "architecture": "mixtral",
+    "include_base_expert": True,
+    "router_aux_scale": 1.1,
+    "gate_mode": "orthogonal",
+    "experts_per_token": 2,
+    "moe_ct_mode": True,
+    "seed": 42,
+}
+
+
+def _row(name: str, group: str, **params: Any) -> dict[str, Any]:
+    return {"name": name, "group": group, "params": {**DEFAULTS, **params}}
+
+
+def grid_rows(quick: bool = False, focus_seeds: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """The rows of the grid (``quick``: a handful, for a smoke run)."""
+    rows = [_row("off", "main", moe_ct_mode=False, alpha_strategy="constant", base_alpha=1.0)]
+    strategies = ("constant", "u_shaped") if quick else STRATEGIES
+    alphas = (0.8,) if quick else BASE_ALPHAS
+    for strategy in strategies:
+        for alpha in alphas:
+            rows.append(
+                _row(f"{strategy}@{alpha}", "main", alpha_strategy=strategy, base_alpha=alpha)
+            )
+    centres = ("u_shaped",) if quick else ("u_shaped", "constant")
+    for strategy in centres:
+        centre = {"alpha_strategy": strategy, "base_alpha": 0.8}
+        rows.append(
+            _row(f"{strategy}@0.8 no-base", "ablation", include_base_expert=False, **centre)
+        )
+        rows.append(_row(f"{strategy}@0.8 aux1.0", "ablation", router_aux_scale=1.0, **centre))
+        rows.append(
+            _row(f"{strategy}@0.8 qwen2_moe", "ablation", architecture="qwen2_moe", **centre)
+        )
+    focus = {"off", "constant@0.8", "u_shaped@0.8", "constant@0.8 aux1.0", "u_shaped@0.8 aux1.0"}
+    extra = []
+    for seed in focus_seeds:
+        if seed == DEFAULTS["seed"]:
+            continue
+        for row in rows:
+            if row["name"] in focus:
+                extra.append(
+                    {
+                        **row,
+                        "group": row["group"] + "-seed",
+                        "params": {**row["params"], "seed": seed},
+                    }
+                )
+    rows = rows + extra
+    for i, row in enumerate(rows):
+        row["index"] = i
+    return rows
+
+
+OUT_OF_DOMAIN_EN = "/usr/share/common-licenses/GPL-3"
+"""Out-of-domain English (a licence, not the Debian Reference the experts were tuned on):
+forgetting of the base's general English, free of the in-domain gain."""
+
+PRIORITY = ("off", "u_shaped@0.8", "constant@0.8", "u_shaped@0.8 aux1.0", "constant@0.8 aux1.0")
+
+
+def priority_order(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Execution order: the rows the claims hinge on first (seed 42, then the other
+    seeds), then the rest of the main grid, then the ablations; a run cut short by a time
+    limit has the most important rows."""
+
+    def key(row: Mapping[str, Any]) -> tuple[int, int, int]:
+        name, seeded = row["name"], row["group"].endswith("-seed")
+        if name in PRIORITY and not seeded:
+            return (0, PRIORITY.index(name), 0)
+        if seeded:
+            return (1, PRIORITY.index(name) if name in PRIORITY else 9, row["index"])
+        return (2 if row["group"] == "main" else 3, 0, row["index"])
+
+    return sorted(rows, key=key)
+
+
+def _key(row: Mapping[str, Any]) -> str:
+    return f"{row['name']} seed{row['params']['seed']}"
+
+
+def reference_reports(
+    taskpool: Any, base_dir: str, experts: Mapping[str, str], dtype: str = "float32"
+) -> dict[str, dict[str, Any]]:
+    """Perplexity of the dense base and of every dense expert on the evaluation tokens."""
+    from transformers import AutoModelForCausalLM
+
+    reports = {}
+    for name, path in {"base": base_dir, **experts}.items():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        started = time.perf_counter()
+        report = taskpool.evaluate_model(model, label=name)
+        reports[name] = {
+            "perplexity": report["perplexity"],
+            "overall_perplexity": report["overall_perplexity"],
+            "seconds": time.perf_counter() - started,
+        }
+        log.info(
+            "reference %s: %s", name, {k: round(v, 3) for k, v in report["perplexity"].items()}
+        )
+        del model
+    return reports
+
+
+def row_metrics(
+    report: Mapping[str, Any], refs: Mapping[str, Mapping[str, Any]], expert_langs: Sequence[str]
+) -> dict[str, Any]:
+    """Forgetting / plasticity / routing numbers of one MoE report."""
+    ppl = report["perplexity"]
+    base = refs["base"]["perplexity"]
+    m: dict[str, Any] = {f"ppl_{k}": v for k, v in ppl.items()}
+    for src in ppl:
+        if src not in expert_langs and src in base:
+            m[f"forgetting_{src}"] = ppl[src] / base[src] - 1.0
+    gains = []
+    for lang in expert_langs:
+        if lang not in ppl or lang not in refs:
+            continue
+        own = refs[lang]["perplexity"][lang]
+        m[f"{lang}_vs_base"] = ppl[lang] / base[lang] - 1.0
+        m[f"{lang}_vs_expert"] = ppl[lang] / own - 1.0
+        g = gain_retained(ppl[lang], base[lang], own)
+        m[f"{lang}_gain_retained"] = g
+        if g is not None:
+            gains.append(g)
+    m["gain_retained"] = sum(gains) / len(gains) if gains else None
+    routing = report.get("routing") or {}
+    overall = routing.get("overall") or {}
+    for k in (
+        "mean_cv",
+        "mean_max_violation",
+        "mean_router_entropy",
+        "mean_load_entropy",
+        "dead_experts",
+        "mean_anchor_share",
+        "anchor_balanced_share",
+        "max_condition_number",
+    ):
+        m[k] = overall.get(k)
+    for src, summary in (routing.get("per_source") or {}).items():
+        m[f"anchor_share_{src}"] = summary.get("mean_anchor_share")
+    layers = routing.get("layers") or []
+    if layers and layers[0].get("shares") is not None:
+        m["expert_shares"] = [
+            sum(layer["shares"][j] for layer in layers) / len(layers)
+            for j in range(len(layers[0]["shares"]))
+        ]
+    record = (report.get("model") or {}).get("moe_ct") or {}
+    m.update(specialisation(routing.get("per_source_shares") or {}, record.get("experts")))
+    m["per_source_shares"] = routing.get("per_source_shares")
+    m["experts"] = record.get("experts")
+    m["alphas"] = record.get("alphas")
+    return m
+
+
+def run_grid(
+    base_dir: str,
+    experts: Mapping[str, str],
+    out_dir: str | Path,
+    rows: Sequence[Mapping[str, Any]],
+    eval_tokens: int = 2048,
+    window_length: int = 256,
+    dtype: str = "float32",
+    resume: bool = False,
+    sources: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run every row; write ``grid.json`` (settings, references, rows) in ``out_dir``.
+
+    ``sources`` replaces the held-out Debian Reference sources (``{lang: spec}``, keys
+    ``en`` + the expert languages), e.g. for tests."""
+    from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
+
+    out = ensure_dir(out_dir)
+    row_dir = ensure_dir(out / "rows")
+    langs = ["en", *[lang for lang in experts if lang != "en"]]
+    if sources is None:
+        sources = {lang: {"debian_reference": lang, "split": "heldout"} for lang in langs}
+        if Path(OUT_OF_DOMAIN_EN).exists():
+            sources["en_gpl3"] = OUT_OF_DOMAIN_EN
+    taskpool = make_taskpool(base_dir, langs, eval_tokens, window_length, sources)
+    settings = {
+        "eval_tokens_per_language": eval_tokens,
+        "window_length": window_length,
+        "dtype": dtype,
+        "languages": langs,
+        "sources": {k: str(v) for k, v in sources.items()},
+        "experts": dict(experts),
+    }
+    started = time.perf_counter()
+    refs_path = out / "references.json"
+    refs = None
+    if resume and refs_path.exists():
+        saved = json.loads(refs_path.read_text())
+        if saved.get("settings") == settings:
+            refs = saved["references"]
+    if refs is None:
+        refs = reference_reports(taskpool, base_dir, experts, dtype)
+        refs_path.write_text(json.dumps({"settings": settings, "references": refs}, indent=1))
+    results: list[dict[str, Any]] = []
+
+    def dump() -> dict[str, Any]:
+        data = {
+            "settings": settings,
+            "references": refs,
+            "rows": sorted(results, key=lambda r: r.get("index", 0)),
+            "complete": len(results) == len(rows),
+            "planned_rows": len(rows),
+            "seconds": time.perf_counter() - started,
+        }
+        (out / "grid.json").write_text(json.dumps(data, indent=1))
+        return data
+
+    for i, row in enumerate(priority_order(rows), 1):
+        path = row_dir / (_key(row).replace(" ", "_").replace("@", "-") + ".json")
+        if resume and path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("settings") == settings and saved.get("params") == row["params"]:
+                results.append({**saved, "index": row.get("index", 0)})
+                continue
+        t0 = time.perf_counter()
+        pool = make_pool(base_dir, experts, dtype)
+        algo = OrthogonalMoECTMergingAlgorithm(**row["params"])
+        model = algo.run(pool)
+        merge_s = time.perf_counter() - t0
+        report = taskpool.evaluate_model(model, label=row["name"])
+        result = {
+            "index": row.get("index", 0),
+            "name": row["name"],
+            "group": row["group"],
+            "params": dict(row["params"]),
+            "settings": settings,
+            "metrics": row_metrics(report, refs, list(experts)),
+            "merge_seconds": merge_s,
+            "seconds": time.perf_counter() - t0,
+        }
+        path.write_text(json.dumps(result, indent=1))
+        results.append(result)
+        m = result["metrics"]
+        log.info(
+            "[%d/%d] %s: en %+.2f%%, gain retained %.3f, anchor share %s, %.0f s",
+            i,
+            len(rows),
+            _key(row),
+            100 * m.get("forgetting_en", math.nan),
+            m["gain_retained"] if m["gain_retained"] is not None else math.nan,
+            m.get("mean_anchor_share"),
+            result["seconds"],
+        )
+        del model, algo, pool
+        dump()
+    return dump()

@@ -1,0 +1,123 @@
+"""Plumbing of the MoE-CT study (fusion_bench_moect.study) on tiny Llama models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusion_bench_moect.study.common import gain_retained, mean_std, specialisation
+
+SMOLLM2 = Path.home() / ".cache" / "fusion_bench_moect" / "SmolLM2-135M-Instruct"
+
+
+def test_gain_retained_and_mean_std():
+    assert gain_retained(10.0, 10.0, 5.0) == pytest.approx(0.0)
+    assert gain_retained(5.0, 10.0, 5.0) == pytest.approx(1.0)
+    assert gain_retained(20.0, 10.0, 5.0) == pytest.approx(-1.0)
+    assert gain_retained(3.0, 5.0, 5.0) is None
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
+    assert mean_std([1.0]) == (1.0, None)
+    spec = specialisation(
+        {"en": [0.5, 0.3, 0.2], "de": [0.2, 0.6, 0.2]}, ["_pretrained_", "de", "x"]
+    )
+    assert spec["own_share_de"] == 0.6
+    assert spec["specialisation"] == pytest.approx(0.3)
+
+
+def test_grid_rows_design():
+    from fusion_bench_moect.study.grid import grid_rows
+
+    rows = grid_rows(quick=False, focus_seeds=(42, 1))
+    names = [r["name"] for r in rows if r["group"] == "main"]
+    assert names[0] == "off" and len(names) == 13
+    ablations = [r["name"] for r in rows if r["group"] == "ablation"]
+    assert "u_shaped@0.8 aux1.0" in ablations and "constant@0.8 qwen2_moe" in ablations
+    seeded = [r for r in rows if r["group"].endswith("-seed")]
+    assert len(seeded) == 5 and all(r["params"]["seed"] == 1 for r in seeded)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    if not (SMOLLM2 / "tokenizer.json").exists():
+        pytest.skip("SmolLM2 tokenizer not prepared")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    dirs = {}
+    for name in ("base", "de"):
+        if name != "base":
+            with torch.no_grad():
+                for n, p in base.named_parameters():
+                    if ".mlp." in n:
+                        p.add_(0.01 * torch.randn_like(p))
+        base.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        dirs[name] = str(root / name)
+    return dirs
+
+
+def test_grid_and_collapse_and_report_on_tiny_models(tiny_models, tmp_path):
+    from fusion_bench_moect.study.collapse import run_collapse
+    from fusion_bench_moect.study.grid import _row, run_grid
+    from fusion_bench_moect.study.report import write_report
+
+    experts = {"de": tiny_models["de"]}
+    text = {
+        "en": "The package manager installs software and keeps the system up to date. " * 8,
+        "de": "Die Paketverwaltung installiert Software und hält das System aktuell. " * 8,
+    }
+    sources = {lang: {"text": t} for lang, t in text.items()}
+    prompts = {lang: [t[:80]] for lang, t in text.items()}
+    rows = [
+        _row("off", "main", moe_ct_mode=False, alpha_strategy="constant", base_alpha=1.0),
+        _row("u_shaped@0.8", "main", alpha_strategy="u_shaped", base_alpha=0.8),
+    ]
+    grid = run_grid(
+        tiny_models["base"], experts, tmp_path / "grid", rows, eval_tokens=40, window_length=20
+    )
+    assert len(grid["rows"]) == 2
+    m = grid["rows"][1]["metrics"]
+    assert m["ppl_en"] > 0 and m["mean_anchor_share"] is not None and "own_share_de" in m
+    assert set(grid["references"]) == {"base", "de"}
+
+    collapse = run_collapse(
+        tiny_models["base"],
+        experts,
+        tmp_path / "collapse",
+        gate_modes=("orthogonal", "hidden"),
+        seeds=(0,),
+        steps=2,
+        batch_size=1,
+        seq_len=16,
+        train_tokens_per_language=200,
+        eval_tokens=40,
+        window_length=20,
+        eval_sources=sources,
+        train_sources=sources,
+        prompts=prompts,
+    )
+    assert len(collapse["runs"]) == 2
+    assert len(collapse["runs"][0]["history"]) == 2
+    doc = tmp_path / "study.md"
+    write_report(grid, collapse, {}, doc, tmp_path / "img", timings={"grid": 1.0})
+    text = doc.read_text()
+    assert "<!-- BEGIN GENERATED -->" in text and "u_shaped@0.8" in text
+    assert (tmp_path / "img" / "forgetting_vs_plasticity.png").exists()
+    assert json.loads((tmp_path / "img" / "results.json").read_text())["grid"]
