@@ -116,6 +116,8 @@ class MoECTTrainingAlgorithm(BaseAlgorithm):
         overwrite: Replace a non-empty ``save_checkpoint``.
         accelerator: Lightning Fabric accelerator (``auto`` uses a GPU when there is one).
         precision: Fabric precision, e.g. ``32-true`` or ``bf16-mixed``.
+        tokenizer: Tokenizer directory, used when the pool has no tokenizer or ``run`` is
+            given a model object.
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class MoECTTrainingAlgorithm(BaseAlgorithm):
         overwrite: bool = False,
         accelerator: str = "auto",
         precision: str = "32-true",
+        tokenizer: str | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -152,9 +155,14 @@ class MoECTTrainingAlgorithm(BaseAlgorithm):
             tokenizer = (
                 modelpool.load_tokenizer() if getattr(modelpool, "tokenizer", None) else None
             )
+        if tokenizer is None and self.tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer)
         if tokenizer is None:
             raise ValueError(
-                "moe_ct_training needs a tokenizer: set `tokenizer:` in the model pool."
+                "moe_ct_training needs a tokenizer: set `tokenizer:` in the model pool or the "
+                "method's `tokenizer: <directory>`."
             )
         if self.stage not in STAGES:
             raise ValueError(f"Unknown stage {self.stage!r}; valid: {', '.join(STAGES)}.")

@@ -118,3 +118,25 @@ def test_dense_model_is_refused(saved, tok_dir):
     )
     with pytest.raises(ValueError, match="needs an MoE model"):
         algo.run(pool({"_pretrained_": saved(make_model("llama"))}, tokenizer=tok_dir))
+
+
+def test_a_model_object_trains_with_the_method_tokenizer(saved, tok_dir):
+    moe_dir, moe = build(saved, tok_dir)
+    algo = MoECTTrainingAlgorithm(
+        train_sources=[{"text": real_text()}],
+        max_steps=1,
+        batch_size=1,
+        seq_len=16,
+        accelerator="cpu",
+    )
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        algo.run(moe)
+    algo = MoECTTrainingAlgorithm(
+        train_sources=[{"text": real_text()}],
+        max_steps=1,
+        batch_size=1,
+        seq_len=16,
+        accelerator="cpu",
+        tokenizer=tok_dir,
+    )
+    assert algo.run(moe) is moe and len(algo.history) == 1
