@@ -29,21 +29,18 @@ from .build import (  # noqa: E402
     stream_moe_checkpoint,
 )
 from .io.checkpoint import check_destination  # noqa: E402
-from .io.sources import SourceError, TensorSource, open_source, pool_model_path  # noqa: E402
+from .io.sources import (  # noqa: E402
+    SourceError,
+    TensorSource,
+    open_source,
+    pool_model_path,
+    resolve_dtype,
+)
 from .io.streaming import save_model_checkpoint  # noqa: E402
 from .ops.routers import PROMPT_GATE_MODES, condition_number  # noqa: E402
 from .plan import MoEPlan, make_plan  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 
 @auto_register_config
@@ -271,19 +268,7 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
         if requested in (None, "auto"):
             kwargs = getattr(modelpool, "model_kwargs", None) or {}
             requested = kwargs.get("torch_dtype") or kwargs.get("dtype")
-        if requested in (None, "auto"):
-            stored = getattr(base.config, "dtype", None) or getattr(
-                base.config, "torch_dtype", None
-            )
-            if stored is None:
-                stored = base.dtype(next(k for k in base.keys() if "embed_tokens" in k))
-            requested = stored
-        if isinstance(requested, torch.dtype):
-            return requested
-        name = str(requested).replace("torch.", "")
-        if name not in _DTYPES:
-            raise ValueError(f"Unknown dtype {requested!r}; valid: {', '.join(_DTYPES)}.")
-        return _DTYPES[name]
+        return resolve_dtype(requested, base)
 
     def _router_rows(
         self, plan: MoEPlan, modelpool: Any, base: TensorSource, tokenizer: Any
@@ -309,17 +294,7 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
 
     def _log_plan(self, plan: MoEPlan, arch: Any, dtype: torch.dtype) -> None:
         anchors = [plan.expert_names[i] for i in plan.anchor_indices]
-        log.info(
-            "MoE-CT: output %s, %d experts (%d groups x granularity %d), top-%d, dtype %s, "
-            "gate_mode %s",
-            arch.name,
-            plan.num_experts,
-            len(plan.groups),
-            plan.granularity,
-            plan.experts_per_token,
-            str(dtype).replace("torch.", ""),
-            plan.gate_mode,
-        )
+        log.info("MoE-CT: %s", plan.describe(dtype))
         log.info("Experts: %s", ", ".join(plan.expert_names))
         log.info("Alpha per layer: %s", ", ".join(f"{a:.3f}" for a in plan.alphas))
         log.info(

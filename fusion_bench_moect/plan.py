@@ -71,6 +71,14 @@ class MoEPlan:
     def function_preserving_topk(self) -> bool:
         return self.experts_per_token % self.granularity == 0
 
+    def describe(self, dtype: Any) -> str:
+        """One log line: output family, experts, top-k, dtype, gate mode."""
+        return (
+            f"output {self.architecture}, {self.num_experts} experts ({len(self.groups)} groups x "
+            f"granularity {self.granularity}), top-{self.experts_per_token}, dtype "
+            f"{str(dtype).replace('torch.', '')}, gate_mode {self.gate_mode}"
+        )
+
     def record(self, params: Mapping[str, Any], condition_numbers: Sequence[float]) -> dict:
         """The JSON-able record stored as ``config.moe_ct`` in the output model."""
         return {

@@ -29,14 +29,6 @@ from typing import Any
 
 log = logging.getLogger("fusion_bench_moect.upcycle")
 
-_DTYPE_NAMES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
 #: Gate modes this entry point supports (no prompts, no dense forward pass).
 PROMPT_FREE_GATES = ("orthogonal", "random", "uniform_random")
 
@@ -162,21 +154,6 @@ def _vocab(directory: Path) -> Any:
     return data.get("model", {}).get("vocab"), data.get("added_tokens")
 
 
-def _output_dtype(requested: str | None, base: Any) -> Any:
-    import torch
-
-    if requested in (None, "auto"):
-        stored = getattr(base.config, "dtype", None) or getattr(base.config, "torch_dtype", None)
-        if stored is None:
-            stored = base.dtype(next(k for k in base.keys() if "embed_tokens" in k))
-        if isinstance(stored, torch.dtype):
-            return stored
-        requested = str(stored).replace("torch.", "")
-    if requested not in _DTYPE_NAMES:
-        raise ValueError(f"Unknown dtype {requested!r}; valid: {', '.join(_DTYPE_NAMES)}.")
-    return getattr(torch, _DTYPE_NAMES[requested])
-
-
 #: Base config fields the engine reads; the raw ``config.json`` values are used while the
 #: transformers config loads, then checked against it.
 STRUCTURE_FIELDS = (
@@ -246,7 +223,13 @@ def upcycle(args: argparse.Namespace) -> list[float]:
     from . import arch as arch_registry
     from .build import check_compatible, prompt_free_router_rows, stream_moe_checkpoint
     from .io.checkpoint import check_destination
-    from .io.sources import SourceError, is_safetensors_dir, open_directory, read_config_json
+    from .io.sources import (
+        SourceError,
+        is_safetensors_dir,
+        open_directory,
+        read_config_json,
+        resolve_dtype,
+    )
     from .io.streaming import write_hub_checkpoint  # noqa: F401
     from .ops.routers import condition_number  # noqa: F401
     from .plan import make_plan
@@ -306,17 +289,8 @@ def upcycle(args: argparse.Namespace) -> list[float]:
             permute_neurons=args.permute_neurons,
             seed=args.seed,
         )
-        dtype = _output_dtype(args.dtype, base)
-        log.info(
-            "%s: %d experts (%d groups x granularity %d), top-%d, %s, gate_mode %s",
-            arch.name,
-            plan.num_experts,
-            len(plan.groups),
-            plan.granularity,
-            plan.experts_per_token,
-            str(dtype).replace("torch.", ""),
-            plan.gate_mode,
-        )
+        dtype = resolve_dtype(args.dtype, base)
+        log.info("%s", plan.describe(dtype))
         rows = prompt_free_router_rows(plan, cfg.num_hidden_layers, cfg.hidden_size)
 
         def output_config() -> Any:

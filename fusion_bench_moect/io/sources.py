@@ -271,3 +271,32 @@ def open_source(modelpool: Any, name: str) -> TensorSource:
             f"Model '{name}' loaded as {type(module).__name__}, not a transformers causal LM."
         )
     return ModuleSource(name, module)
+
+
+#: Output dtype names accepted by ``dtype`` parameters.
+DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def resolve_dtype(requested: Any, base: TensorSource) -> torch.dtype:
+    """The output dtype: ``requested`` (a name or torch dtype), or the base's when None/auto.
+
+    Raises:
+        ValueError: For an unknown name.
+    """
+    if requested in (None, "auto"):
+        requested = getattr(base.config, "dtype", None) or getattr(base.config, "torch_dtype", None)
+        if requested is None:
+            requested = base.dtype(next(k for k in base.keys() if "embed_tokens" in k))
+    if isinstance(requested, torch.dtype):
+        return requested
+    name = str(requested).replace("torch.", "")
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"Unknown dtype {requested!r}; valid: {', '.join(DTYPE_NAMES)}.")
+    return getattr(torch, DTYPE_NAMES[name])
