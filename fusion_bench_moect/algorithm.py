@@ -7,7 +7,6 @@ and the tensor-by-tensor engine in ``build.py``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,8 @@ from .io.sources import (  # noqa: E402
     resolve_dtype,
 )
 from .io.streaming import save_model_checkpoint  # noqa: E402
-from .ops.routers import PROMPT_GATE_MODES, condition_number  # noqa: E402
+from .ops.routers import condition_number  # noqa: E402
+from .params import PROMPT_GATE_MODES, MoECTConfig, init_signature  # noqa: E402
 from .plan import MoEPlan, make_plan  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -52,73 +52,30 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
     ``lerp(W_base, W_source, alpha_l)`` under a layer-wise alpha schedule (MoE-CT), plus the
     base FFN itself as an anchor expert. Routers start orthogonal by default.
 
-    Args:
-        num_experts: Experts per layer for pure upcycling (default 8); derived when merging.
-        experts_per_token: Top-k experts per token.
-        gate_mode: ``orthogonal``, ``random``, ``uniform_random``, ``hidden`` or ``cheap_embed``.
-        gate_scale: Factor on every router row.
-        moe_ct_mode: Fuse sources with the base FFN; false means alpha = 1 (plain merging).
-        base_alpha: Peak alpha in [0, 1] of the schedule.
-        alpha_strategy: ``constant``, ``linear_increase``, ``linear_decrease``, ``u_shaped``
-            or a list of one alpha per layer.
-        include_base_expert: When merging, add the base FFN as a routed anchor expert.
-        router_aux_scale: Factor on the anchor experts' router rows (their logits).
-        anchor_experts: Expert names to use as anchors instead of the base expert.
-        noise_scale: Std of Gaussian noise on expert weights (a number or name -> number).
-        residual_scale: Factor on expert down projections (a number or name -> number).
-        drop_ratio: Drop-Upcycling fraction of neurons re-initialised in each non-anchor expert.
-        granularity: G, fine-grained experts per FFN (each a 1/G neuron slice).
-        permute_neurons: Slice a seeded permutation of the neurons instead of contiguous ranges.
-        shared_expert_share: Qwen2-MoE: share w of the output given to the shared base expert.
-        prompts: For ``hidden``/``cheap_embed``: expert name -> prompts.
-        architecture: ``auto``, ``mixtral``, ``qwen2_moe`` or ``qwen3_moe``.
-        dtype: Output dtype; default the pool's ``torch_dtype`` or else the base's.
-        seed: Seed of every random choice (routers, noise, drop, permutation).
-        save_checkpoint: Directory to write the Hugging Face checkpoint to (atomically).
-        overwrite: Replace a non-empty ``save_checkpoint`` directory.
-        streaming: Write ``save_checkpoint`` shard by shard without building the model in
-            memory (for outputs larger than RAM; peak memory does not grow with the number of
-            experts). ``run`` then returns None: evaluate the saved directory afterwards.
+    Every parameter, its default and its meaning: ``MoECTConfig`` in ``params.py`` (the
+    signature below is generated from it) and docs/algorithm.md.
     """
 
-    def __init__(
-        self,
-        num_experts: int | None = None,
-        experts_per_token: int = 2,
-        gate_mode: str = "orthogonal",
-        gate_scale: float = 1.0,
-        moe_ct_mode: bool = True,
-        base_alpha: float = 0.8,
-        alpha_strategy: str | Sequence[float] = "u_shaped",
-        include_base_expert: bool = True,
-        router_aux_scale: float = 1.1,
-        anchor_experts: Sequence[str] | None = None,
-        noise_scale: float | Mapping[str, float] = 0.0,
-        residual_scale: float | Mapping[str, float] = 1.0,
-        drop_ratio: float = 0.0,
-        granularity: int = 1,
-        permute_neurons: bool = False,
-        shared_expert_share: float = 0.5,
-        prompts: Mapping[str, Any] | None = None,
-        architecture: str = "auto",
-        dtype: str | None = None,
-        seed: int = 42,
-        save_checkpoint: str | None = None,
-        overwrite: bool = False,
-        streaming: bool = False,
-        **kwargs: Any,
-    ):
+    def __init__(self, **kwargs: Any):
+        # ``auto_register_config`` has set every parameter as an attribute (from the generated
+        # signature); FusionBench's base class still wants its three and warns on the rest.
         super().__init__(
-            num_experts=num_experts,
-            experts_per_token=experts_per_token,
-            save_checkpoint=save_checkpoint,
-            **kwargs,
+            num_experts=self.num_experts,
+            experts_per_token=self.experts_per_token,
+            save_checkpoint=self.save_checkpoint,
+            **{k: v for k, v in kwargs.items() if k not in MoECTConfig.names()},
         )
+
+    __init__.__signature__ = init_signature()
+
+    @property
+    def moect_config(self) -> MoECTConfig:
+        """The current parameter values, checked (raises ValueError naming a bad one)."""
+        return MoECTConfig(**{name: to_plain(getattr(self, name)) for name in MoECTConfig.names()})
 
     def parameters_record(self) -> dict[str, Any]:
         """Every algorithm parameter as plain JSON-able values."""
-        names = [n for n in self._config_mapping.values() if not n.startswith("_")]
-        return {name: to_plain(getattr(self, name, None)) for name in names}
+        return self.moect_config.record()
 
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | torch.nn.Module) -> torch.nn.Module | None:
@@ -132,6 +89,7 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
             The MoE causal LM (Mixtral, Qwen2-MoE or Qwen3-MoE), in eval mode; None with
             ``streaming: true`` (the model exists only on disk, at ``save_checkpoint``).
         """
+        config = self.moect_config
         if isinstance(modelpool, torch.nn.Module):
             modelpool = BaseModelPool({"_pretrained_": modelpool})
         if not modelpool.has_pretrained:
@@ -159,28 +117,12 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
             self._check_vocabularies(modelpool, tokenizer, source_names)
             cfg = base.config
             plan = make_plan(
+                config,
                 architecture=arch.name,
                 source_names=source_names,
                 num_layers=cfg.num_hidden_layers,
                 hidden_size=cfg.hidden_size,
                 intermediate_size=cfg.intermediate_size,
-                num_experts=self.num_experts,
-                experts_per_token=int(self.experts_per_token),
-                granularity=int(self.granularity),
-                moe_ct_mode=bool(self.moe_ct_mode),
-                base_alpha=float(self.base_alpha),
-                alpha_strategy=to_plain(self.alpha_strategy),
-                include_base_expert=bool(self.include_base_expert),
-                anchor_experts=to_plain(self.anchor_experts),
-                router_aux_scale=float(self.router_aux_scale),
-                gate_mode=self.gate_mode,
-                gate_scale=float(self.gate_scale),
-                noise_scale=to_plain(self.noise_scale),
-                residual_scale=to_plain(self.residual_scale),
-                drop_ratio=float(self.drop_ratio),
-                shared_expert_share=float(self.shared_expert_share),
-                permute_neurons=bool(self.permute_neurons),
-                seed=int(self.seed),
             )
             dtype = self._output_dtype(modelpool, base)
             self._log_plan(plan, arch, dtype)
@@ -194,7 +136,7 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
                     rows,
                     dtype,
                     self.save_checkpoint,
-                    params=self.parameters_record(),
+                    params=config.record(),
                     tokenizer=tokenizer,
                     base_dir=pool_model_path(modelpool, "_pretrained_"),
                     overwrite=self.overwrite,
@@ -208,7 +150,7 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
         if not streaming:
             with engine_threads():
                 conds = [_router_condition(model, arch, layer, plan) for layer in range(len(rows))]
-            model.config.moe_ct = plan.record(self.parameters_record(), conds)
+            model.config.moe_ct = plan.record(config.record(), conds)
         log.info(
             "Router condition numbers per layer: min %.4f, max %.4f",
             min(conds),

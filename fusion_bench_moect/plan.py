@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .ops.schedules import alpha_schedule
+from .params import MoECTConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,6 @@ class MoEPlan:
             return [grp.name for grp in self.groups]
         return [f"{grp.name}/{j}" for grp in self.groups for j in range(self.granularity)]
 
-    @property
-    def function_preserving_topk(self) -> bool:
-        return self.experts_per_token % self.granularity == 0
-
     def describe(self, dtype: Any) -> str:
         """One log line: output family, experts, top-k, dtype, gate mode."""
         return (
@@ -104,52 +100,35 @@ def per_expert_value(value: float | Mapping[str, float] | None, name: str, defau
 
 
 def make_plan(
+    config: MoECTConfig,
     *,
     architecture: str,
     source_names: Sequence[str],
     num_layers: int,
     hidden_size: int,
     intermediate_size: int,
-    num_experts: int | None,
-    experts_per_token: int,
-    granularity: int,
-    moe_ct_mode: bool,
-    base_alpha: float,
-    alpha_strategy: str | Sequence[float],
-    include_base_expert: bool,
-    anchor_experts: Sequence[str] | None,
-    router_aux_scale: float,
-    gate_mode: str,
-    gate_scale: float,
-    noise_scale: float | Mapping[str, float] | None,
-    residual_scale: float | Mapping[str, float] | None,
-    drop_ratio: float,
-    shared_expert_share: float,
-    permute_neurons: bool,
-    seed: int,
 ) -> MoEPlan:
-    """Validate the parameters against the base model's shape and lay out the experts.
+    """Check the parameters against the base model's shape and lay out the experts.
+
+    Args:
+        config: The build parameters (already checked field by field).
+        architecture: The output architecture's name.
+        source_names: The pool's source experts, in expert order.
+        num_layers, hidden_size, intermediate_size: The dense base's shape.
 
     Raises:
         ValueError: For every inconsistent parameter, naming it and the fix.
     """
-    from .ops.routers import GATE_MODES
-
-    if gate_mode not in GATE_MODES:
-        raise ValueError(f"Unknown gate_mode {gate_mode!r}; valid: {', '.join(GATE_MODES)}.")
-    if not isinstance(granularity, int) or granularity < 1:
-        raise ValueError(f"granularity must be a positive integer, got {granularity!r}.")
+    granularity = config.granularity
+    num_experts, experts_per_token = config.num_experts, config.experts_per_token
+    include_base_expert = config.include_base_expert
     if intermediate_size % granularity:
         raise ValueError(
             f"The base FFN intermediate size {intermediate_size} is not divisible by granularity "
             f"{granularity}; choose a divisor of {intermediate_size}."
         )
-    if not 0.0 <= drop_ratio < 1.0:
-        raise ValueError(f"drop_ratio must lie in [0, 1), got {drop_ratio}.")
-    if not 0.0 <= shared_expert_share <= 1.0:
-        raise ValueError(f"shared_expert_share must lie in [0, 1], got {shared_expert_share}.")
-    alphas = alpha_schedule(alpha_strategy, base_alpha, num_layers)
-    if not moe_ct_mode:
+    alphas = alpha_schedule(config.alpha_strategy, config.base_alpha, num_layers)
+    if not config.moe_ct_mode:
         alphas = [1.0] * num_layers
 
     if source_names:
@@ -164,8 +143,6 @@ def make_plan(
             )
     else:
         total = 8 if num_experts is None else num_experts
-        if total < 1:
-            raise ValueError(f"num_experts must be >= 1, got {total}.")
         if total % granularity:
             raise ValueError(
                 f"num_experts={total} is not a multiple of granularity {granularity}; each "
@@ -177,8 +154,8 @@ def make_plan(
         ExpertGroup(
             name=name,
             source=source,
-            noise_scale=per_expert_value(noise_scale, name, 0.0),
-            residual_scale=per_expert_value(residual_scale, name, 1.0),
+            noise_scale=per_expert_value(config.noise_scale, name, 0.0),
+            residual_scale=per_expert_value(config.residual_scale, name, 1.0),
         )
         for name, source in groups_spec
     ]
@@ -194,7 +171,7 @@ def make_plan(
             experts_per_token,
             granularity,
         )
-    if gate_mode == "orthogonal" and len(groups) > hidden_size:
+    if config.gate_mode == "orthogonal" and len(groups) > hidden_size:
         raise ValueError(
             f"gate_mode 'orthogonal' needs at most hidden_size={hidden_size} distinct router rows "
             f"but the plan has {len(groups)} expert groups (num_experts={num}, granularity="
@@ -202,6 +179,7 @@ def make_plan(
         )
 
     group_names = [g.name for g in groups]
+    anchor_experts = config.anchor_experts
     if anchor_experts:
         unknown = [a for a in anchor_experts if a not in group_names]
         if unknown:
@@ -213,14 +191,12 @@ def make_plan(
         anchor_groups = [group_names.index(BASE_EXPERT)]
     else:
         anchor_groups = []
-    if router_aux_scale <= 0 or not math.isfinite(router_aux_scale):
-        raise ValueError(f"router_aux_scale must be a positive number, got {router_aux_scale}.")
-    if router_aux_scale != 1.0 and not anchor_groups:
+    if config.router_aux_scale not in (None, 1.0) and not anchor_groups:
         log.warning(
             "router_aux_scale=%s has no effect: there is no anchor expert (set "
             "include_base_expert with source experts, or name anchor_experts). Routers are "
             "left unscaled.",
-            router_aux_scale,
+            config.router_aux_scale,
         )
 
     return MoEPlan(
@@ -230,11 +206,11 @@ def make_plan(
         experts_per_token=experts_per_token,
         alphas=alphas,
         anchor_groups=anchor_groups,
-        router_aux_scale=router_aux_scale,
-        gate_mode=gate_mode,
-        gate_scale=gate_scale,
-        drop_ratio=drop_ratio,
-        shared_expert_share=shared_expert_share,
-        permute_neurons=permute_neurons,
-        seed=seed,
+        router_aux_scale=config.anchor_router_scale(bool(anchor_groups)),
+        gate_mode=config.gate_mode,
+        gate_scale=config.gate_scale,
+        drop_ratio=config.drop_ratio,
+        shared_expert_share=config.shared_expert_share,
+        permute_neurons=config.permute_neurons,
+        seed=config.seed,
     )

@@ -29,27 +29,11 @@ from typing import Any
 
 log = logging.getLogger("fusion_bench_moect.upcycle")
 
-#: Gate modes this entry point supports (no prompts, no dense forward pass).
-PROMPT_FREE_GATES = ("orthogonal", "random", "uniform_random")
-
-
-def _number_or_mapping(text: str) -> float | dict[str, float]:
-    """``0.1`` or ``name=0.1,other=0.2``."""
-    if "=" not in text:
-        return float(text)
-    pairs = (item.split("=", 1) for item in text.split(",") if item)
-    return {name.strip(): float(value) for name, value in pairs}
-
-
-def _alpha_strategy(text: str) -> str | list[float]:
-    """A strategy name or a comma-separated list of per-layer alphas."""
-    if "," in text or text.replace(".", "", 1).isdigit():
-        return [float(v) for v in text.split(",") if v]
-    return text
-
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; defaults equal ``OrthogonalMoECTMergingAlgorithm``'s."""
+    """The argument parser: one option per parameter of ``MoECTConfig`` (its defaults)."""
+    from .params import add_cli_options
+
     p = argparse.ArgumentParser(
         prog="python -m fusion_bench_moect.upcycle",
         description="Upcycle a dense model (or merge its fine-tunes) into an MoE checkpoint, "
@@ -64,35 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=DIR",
         help="a fine-tune of the base as a source expert (repeat; the order is the expert order)",
     )
-    p.add_argument("--num-experts", type=int, default=None, help="pure upcycling (default 8)")
-    p.add_argument("--experts-per-token", type=int, default=2)
-    p.add_argument("--gate-mode", default="orthogonal", choices=PROMPT_FREE_GATES)
-    p.add_argument("--gate-scale", type=float, default=1.0)
-    p.add_argument(
-        "--no-moe-ct", dest="moe_ct_mode", action="store_false", help="alpha = 1 (plain merge)"
-    )
-    p.add_argument("--base-alpha", type=float, default=0.8)
-    p.add_argument("--alpha-strategy", type=_alpha_strategy, default="u_shaped")
-    p.add_argument(
-        "--no-base-expert",
-        dest="include_base_expert",
-        action="store_false",
-        help="when merging, do not add the base FFN as an anchor expert",
-    )
-    p.add_argument("--router-aux-scale", type=float, default=1.1)
-    p.add_argument("--anchor-experts", nargs="*", default=None)
-    p.add_argument("--noise-scale", type=_number_or_mapping, default=0.0)
-    p.add_argument("--residual-scale", type=_number_or_mapping, default=1.0)
-    p.add_argument("--drop-ratio", type=float, default=0.0)
-    p.add_argument("--granularity", type=int, default=1)
-    p.add_argument("--permute-neurons", action="store_true")
-    p.add_argument("--shared-expert-share", type=float, default=0.5)
-    p.add_argument(
-        "--architecture", default="auto", choices=("auto", "mixtral", "qwen2_moe", "qwen3_moe")
-    )
-    p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: base's)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
+    add_cli_options(p)
     p.add_argument(
         "--tokenizer",
         default=None,
@@ -103,35 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true")
     return p
-
-
-def parameters_record(args: argparse.Namespace) -> dict[str, Any]:
-    """The algorithm parameters, named and valued as the FusionBench algorithm records them."""
-    return {
-        "num_experts": args.num_experts,
-        "experts_per_token": args.experts_per_token,
-        "gate_mode": args.gate_mode,
-        "gate_scale": args.gate_scale,
-        "moe_ct_mode": args.moe_ct_mode,
-        "base_alpha": args.base_alpha,
-        "alpha_strategy": args.alpha_strategy,
-        "include_base_expert": args.include_base_expert,
-        "router_aux_scale": args.router_aux_scale,
-        "anchor_experts": args.anchor_experts,
-        "noise_scale": args.noise_scale,
-        "residual_scale": args.residual_scale,
-        "drop_ratio": args.drop_ratio,
-        "granularity": args.granularity,
-        "permute_neurons": args.permute_neurons,
-        "shared_expert_share": args.shared_expert_share,
-        "prompts": None,
-        "architecture": args.architecture,
-        "dtype": args.dtype,
-        "seed": args.seed,
-        "save_checkpoint": args.output,
-        "overwrite": args.overwrite,
-        "streaming": True,
-    }
 
 
 def _parse_sources(items: list[str]) -> dict[str, Path]:
@@ -232,8 +159,10 @@ def upcycle(args: argparse.Namespace) -> list[float]:
     )
     from .io.streaming import write_hub_checkpoint  # noqa: F401
     from .ops.routers import condition_number  # noqa: F401
+    from .params import config_from_args
     from .plan import make_plan
 
+    config = config_from_args(args, save_checkpoint=args.output, streaming=True)
     check_destination(args.output, args.overwrite)
     source_dirs = _parse_sources(args.source)
     for name, directory in {"_pretrained_": Path(args.base), **source_dirs}.items():
@@ -266,28 +195,12 @@ def upcycle(args: argparse.Namespace) -> list[float]:
                 )
         cfg = base.config
         plan = make_plan(
+            config,
             architecture=arch.name,
             source_names=list(source_dirs),
             num_layers=cfg.num_hidden_layers,
             hidden_size=cfg.hidden_size,
             intermediate_size=cfg.intermediate_size,
-            num_experts=args.num_experts,
-            experts_per_token=args.experts_per_token,
-            granularity=args.granularity,
-            moe_ct_mode=args.moe_ct_mode,
-            base_alpha=args.base_alpha,
-            alpha_strategy=args.alpha_strategy,
-            include_base_expert=args.include_base_expert,
-            anchor_experts=args.anchor_experts,
-            router_aux_scale=args.router_aux_scale,
-            gate_mode=args.gate_mode,
-            gate_scale=args.gate_scale,
-            noise_scale=args.noise_scale,
-            residual_scale=args.residual_scale,
-            drop_ratio=args.drop_ratio,
-            shared_expert_share=args.shared_expert_share,
-            permute_neurons=args.permute_neurons,
-            seed=args.seed,
         )
         dtype = resolve_dtype(args.dtype, base)
         log.info("%s", plan.describe(dtype))
@@ -306,7 +219,7 @@ def upcycle(args: argparse.Namespace) -> list[float]:
             rows,
             dtype,
             args.output,
-            params=parameters_record(args),
+            params=config.record(),
             tokenizer_dir=args.tokenizer or args.base,
             base_dir=args.base,
             overwrite=args.overwrite,

@@ -97,18 +97,6 @@ def test_cli_from_another_directory_saves_a_checkpoint(tiny_pool, tmp_path):
     assert "model_info" in report(log_dir)
 
 
-def test_method_yaml_lists_every_parameter_with_its_default():
-    from omegaconf import OmegaConf
-
-    yaml = OmegaConf.load(REPO / "config/method/moe_ct_upcycling.yaml")
-    assert yaml._target_ == "fusion_bench_moect.OrthogonalMoECTMergingAlgorithm"
-    algo = OrthogonalMoECTMergingAlgorithm()
-    params = set(algo.parameters_record())
-    assert params == set(yaml.keys()) - {"_target_"}
-    for name in params:
-        assert OmegaConf.to_container(yaml)[name] == getattr(algo, name), name
-
-
 @pytest.mark.slow
 def test_wheel_ships_the_configs_and_the_plugin(tmp_path):
     out = subprocess.run(

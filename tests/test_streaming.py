@@ -3,7 +3,6 @@ shard; it must give exactly the model the in-memory path gives."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import subprocess
 import sys
@@ -244,18 +243,6 @@ def test_lean_cli_writes_what_the_algorithm_streams(tmp_path, saved, real_ids):
     assert record_without_run_params(cli_dir) == record_without_run_params(algo_dir)
     assert (cli_dir / "tokenizer.json").read_bytes() == (tok / "tokenizer.json").read_bytes()
     assert main([base, str(cli_dir), "-q"]) == 2  # refuses a non-empty directory
-
-
-def test_lean_cli_defaults_are_the_algorithm_defaults():
-    from fusion_bench_moect.upcycle import build_parser, parameters_record
-
-    args = build_parser().parse_args(["base", "out"])
-    record = parameters_record(args)
-    signature = inspect.signature(OrthogonalMoECTMergingAlgorithm.__init__).parameters
-    for name, value in record.items():
-        if name in ("save_checkpoint", "streaming", "prompts", "dtype"):
-            continue
-        assert signature[name].default == value, name
 
 
 def test_lean_cli_imports_neither_fusion_bench_nor_modelling_code():

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import torch
 
-GATE_MODES = ("orthogonal", "random", "uniform_random", "hidden", "cheap_embed")
-PROMPT_GATE_MODES = ("hidden", "cheap_embed")
-
 
 def seeded_generator(seed: int, *stream: int) -> torch.Generator:
     """A CPU generator whose state depends only on ``seed`` and the stream ids.

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .common import ensure_dir, make_pool, make_taskpool, specialisation
+from .common import STUDY_MERGE, ensure_dir, make_pool, make_taskpool, specialisation
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +36,16 @@ HISTORY_KEYS = (
     "dead_experts",
     "mean_anchor_share",
 )
-MERGE_PARAMS: dict[str, Any] = {
-    "architecture": "mixtral",
-    "include_base_expert": True,
-    "router_aux_scale": 1.1,
-    "moe_ct_mode": True,
-    "alpha_strategy": "u_shaped",
-    "base_alpha": 0.8,
-    "experts_per_token": 2,
-}
+#: The fixed merge settings of every run.
+MERGE_PARAMS: dict[str, Any] = STUDY_MERGE.pick(
+    "architecture",
+    "include_base_expert",
+    "router_aux_scale",
+    "moe_ct_mode",
+    "alpha_strategy",
+    "base_alpha",
+    "experts_per_token",
+)
 
 
 def train_prompts(

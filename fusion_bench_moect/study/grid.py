@@ -27,21 +27,22 @@ from typing import Any
 
 import torch
 
-from .common import ensure_dir, gain_retained, make_pool, make_taskpool, specialisation
+from .common import STUDY_MERGE, ensure_dir, gain_retained, make_pool, make_taskpool, specialisation
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("constant", "u_shaped", "linear_increase", "linear_decrease")
 BASE_ALPHAS = (0.5, 0.8, 1.0)
-DEFAULTS: dict[str, Any] = {
-    "architecture": "mixtral",
-    "include_base_expert": True,
-    "router_aux_scale": 1.1,
-    "gate_mode": "orthogonal",
-    "experts_per_token": 2,
-    "moe_ct_mode": True,
-    "seed": 42,
-}
+#: The fixed merge settings of every row.
+DEFAULTS: dict[str, Any] = STUDY_MERGE.pick(
+    "architecture",
+    "include_base_expert",
+    "router_aux_scale",
+    "gate_mode",
+    "experts_per_token",
+    "moe_ct_mode",
+    "seed",
+)
 
 
 def _row(name: str, group: str, **params: Any) -> dict[str, Any]:

@@ -1,0 +1,333 @@
+"""The build parameters of MoE-CT upcycling: one schema, every other listing derived from it.
+
+``MoECTConfig`` holds each parameter with its default, a one-line description and its
+field-level checks. ``OrthogonalMoECTMergingAlgorithm.__init__``, the lean CLI's options
+(``fusion_bench_moect.upcycle``), ``config/method/moe_ct_upcycling.yaml`` (``method_yaml``),
+the parameter table of docs/algorithm.md (``parameter_table``), the ``moe_ct`` record saved in
+``config.json`` (``MoECTConfig.record``) and the study defaults are all generated from it:
+adding a parameter means adding one field here plus its use.
+
+Checks that need the base model (divisibility by the intermediate size, expert names, top-k
+against the expert count) live in ``plan.make_plan``. No torch import: the lean CLI parses its
+options before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .ops.schedules import ALPHA_STRATEGIES
+
+GATE_MODES = ("orthogonal", "random", "uniform_random", "hidden", "cheap_embed")
+#: Gate modes that need prompts, a tokenizer and a forward pass of the dense model.
+PROMPT_GATE_MODES = ("hidden", "cheap_embed")
+#: Router default factor on the anchor experts' rows when ``router_aux_scale`` is null.
+DEFAULT_ANCHOR_ROUTER_SCALE = 1.1
+
+
+def number_or_mapping(text: str) -> float | dict[str, float]:
+    """``0.1`` or ``name=0.1,other=0.2`` (command-line form of a per-expert number)."""
+    if "=" not in text:
+        return float(text)
+    pairs = (item.split("=", 1) for item in text.split(",") if item)
+    return {name.strip(): float(value) for name, value in pairs}
+
+
+def strategy_or_list(text: str) -> str | list[float]:
+    """A schedule name or a comma-separated list of per-layer alphas (command-line form)."""
+    if "," in text or text.replace(".", "", 1).isdigit():
+        return [float(v) for v in text.split(",") if v]
+    return text
+
+
+def _param(default: Any, doc: str, *, check: Callable[[str, Any], Any] | None = None, **cli):
+    """A schema field: default, one-line doc, check (returns the normalised value or raises
+    ValueError) and the lean CLI's option (``flag``, ``parse``, ``choices``, ``nargs``;
+    ``flag=None``: not an option there)."""
+    return field(default=default, metadata={"doc": doc, "check": check, "cli": cli})
+
+
+def _int(low: int | None = None, optional: bool = False) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            if not (isinstance(value, float) and value.is_integer()):
+                raise ValueError(f"{name} must be an integer, got {value!r}.")
+            value = int(value)
+        if low is not None and value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}.")
+        return value
+
+    return check
+
+
+def _float(low: float, high: float, high_open: bool = False) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}.")
+        value = float(value)
+        inside = low <= value < high if high_open else low <= value <= high
+        if not inside:
+            raise ValueError(
+                f"{name} must lie in [{low:g}, {high:g}{')' if high_open else ']'}, got {value}."
+            )
+        return value
+
+    return check
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}.")
+    return value
+
+
+def _choice(choices: Sequence[str]) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if value not in choices:
+            raise ValueError(f"Unknown {name} {value!r}; valid: {', '.join(choices)}.")
+        return value
+
+    return check
+
+
+def _positive_or_null(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a positive number or null, got {value!r}.")
+    if value <= 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a positive number, got {value}.")
+    return float(value)
+
+
+def _strategy(name: str, value: Any) -> str | list[float]:
+    if isinstance(value, str):
+        return _choice(ALPHA_STRATEGIES)(name, value)
+    return [float(v) for v in value]  # length and range are checked against the model
+
+
+def _names(name: str, value: Any) -> list[str] | None:
+    return None if value is None else [str(v) for v in value]
+
+
+@dataclass(frozen=True)
+class MoECTConfig:
+    """Every build parameter of MoE-CT upcycling, checked (see docs/algorithm.md)."""
+
+    num_experts: int | None = _param(
+        None,
+        "experts per layer for pure upcycling (null = 8); derived when merging (sources "
+        "(+ base) x G), where a different value is an error",
+        check=_int(1, optional=True),
+        parse=int,
+    )
+    experts_per_token: int = _param(
+        2,
+        "top-k experts per token, 1 <= k <= E (a multiple of granularity keeps the base function)",
+        check=_int(),  # its range depends on the expert count: make_plan checks it
+        parse=int,
+    )
+    gate_mode: str = _param(
+        "orthogonal",
+        "router initialisation: orthogonal | random | uniform_random | hidden | cheap_embed",
+        check=_choice(GATE_MODES),
+        choices=tuple(m for m in GATE_MODES if m not in PROMPT_GATE_MODES),
+    )
+    gate_scale: float = _param(1.0, "factor on every router row", check=None, parse=float)
+    moe_ct_mode: bool = _param(
+        True,
+        "fuse each source with the base FFN: lerp(W_base, W_source, alpha_l); false = alpha 1",
+        check=_bool,
+        flag="--no-moe-ct",
+    )
+    base_alpha: float = _param(
+        0.8, "peak alpha of the schedule, in [0, 1]", check=_float(0.0, 1.0), parse=float
+    )
+    alpha_strategy: str | list[float] = _param(
+        "u_shaped",
+        "constant | linear_increase | linear_decrease | u_shaped | [one alpha per layer]",
+        check=_strategy,
+        parse=strategy_or_list,
+    )
+    include_base_expert: bool = _param(
+        True,
+        "when merging, add the base FFN as a routed anchor expert",
+        check=_bool,
+        flag="--no-base-expert",
+    )
+    router_aux_scale: float | None = _param(
+        None,
+        f"factor on the anchor experts' router rows (null = {DEFAULT_ANCHOR_ROUTER_SCALE} "
+        "with an anchor expert, else 1)",
+        check=_positive_or_null,
+        parse=float,
+    )
+    anchor_experts: list[str] | None = _param(
+        None, "expert names to anchor instead of the base expert", check=_names, nargs="*"
+    )
+    noise_scale: float | dict[str, float] = _param(
+        0.0,
+        "std of Gaussian noise on expert weights (number or {expert: number})",
+        parse=number_or_mapping,
+    )
+    residual_scale: float | dict[str, float] = _param(
+        1.0,
+        "factor on expert down projections (number or {expert: number})",
+        parse=number_or_mapping,
+    )
+    drop_ratio: float = _param(
+        0.0,
+        "Drop-Upcycling: fraction of neurons re-initialised per non-anchor expert, in [0, 1)",
+        check=_float(0.0, 1.0, high_open=True),
+        parse=float,
+    )
+    granularity: int = _param(
+        1,
+        "G fine-grained experts per FFN (each a 1/G neuron slice; G divides the FFN size)",
+        check=_int(1),
+        parse=int,
+    )
+    permute_neurons: bool = _param(
+        False, "slice a seeded neuron permutation instead of contiguous ranges", check=_bool
+    )
+    shared_expert_share: float = _param(
+        0.5,
+        "qwen2_moe: share of the output given to the shared (base) expert, in [0, 1]",
+        check=_float(0.0, 1.0),
+        parse=float,
+    )
+    prompts: dict[str, Any] | None = _param(
+        None,
+        "hidden / cheap_embed: {expert name: [prompts] or {positive: [], negative: []}}",
+        flag=None,
+    )
+    architecture: str = _param("auto", "auto | mixtral | qwen2_moe | qwen3_moe")
+    dtype: str | None = _param(
+        None, "output dtype (null = the pool's torch_dtype, else the base's)"
+    )
+    seed: int = _param(
+        42,
+        "seed of routers, noise, drop and permutation (independent streams)",
+        check=_int(),
+        parse=int,
+    )
+    save_checkpoint: str | None = _param(
+        None, "directory for the Hugging Face checkpoint (written atomically)", flag=None
+    )
+    overwrite: bool = _param(False, "replace a non-empty save_checkpoint directory", check=_bool)
+    streaming: bool = _param(
+        False,
+        "write save_checkpoint shard by shard, never holding the model (run() returns null)",
+        check=_bool,
+        flag=None,
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check = f.metadata["check"]
+            if check is not None:
+                object.__setattr__(self, f.name, check(f.name, getattr(self, f.name)))
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The parameter names, in schema order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def record(self) -> dict[str, Any]:
+        """Every parameter as a plain JSON-able value (the ``params`` of ``moe_ct``)."""
+        return {name: _plain(getattr(self, name)) for name in self.names()}
+
+    def pick(self, *names: str) -> dict[str, Any]:
+        """Some parameters as a plain dict (e.g. the fixed settings of a study)."""
+        record = self.record()
+        return {name: record[name] for name in names}
+
+    def anchor_router_scale(self, has_anchor: bool) -> float:
+        """The factor on anchor router rows: the set value, or the default for null."""
+        if self.router_aux_scale is not None:
+            return self.router_aux_scale
+        return DEFAULT_ANCHOR_ROUTER_SCALE if has_anchor else 1.0
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def init_signature() -> inspect.Signature:
+    """``(self, <every parameter with its default>, **kwargs)``: the algorithm's signature."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for f in dataclasses.fields(MoECTConfig):
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default))
+    params.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
+    return inspect.Signature(params)
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def method_yaml() -> str:
+    """``config/method/moe_ct_upcycling.yaml``, FusionBench's banner included."""
+    rule = "# " + "=" * 77
+    lines = [
+        rule,
+        "# FusionBench Method Configuration: MoE-CT upcycling (fusion-bench-moect)",
+        rule,
+        "# Dense model (+ fine-tunes) -> Mixture-of-Experts. Generated from",
+        "# fusion_bench_moect/params.py (MoECTConfig); every parameter is documented in",
+        "# docs/algorithm.md.",
+        rule,
+        "_target_: fusion_bench_moect.OrthogonalMoECTMergingAlgorithm",
+    ]
+    for f in dataclasses.fields(MoECTConfig):
+        lines.append(f"{f.name}: {_yaml_value(f.default)}".ljust(27) + f"# {f.metadata['doc']}")
+    return "\n".join(lines) + "\n"
+
+
+def parameter_table() -> str:
+    """The Markdown parameter table of docs/algorithm.md."""
+    rows = ["| parameter | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(MoECTConfig):
+        default = _yaml_value(f.default)
+        if isinstance(f.default, str):
+            default = f"`{default}`"
+        rows.append(f"| `{f.name}` | {default} | {f.metadata['doc'].replace('|', chr(92) + '|')} |")
+    return "\n".join(rows) + "\n"
+
+
+def add_cli_options(parser: argparse.ArgumentParser) -> None:
+    """One ``--option`` per parameter with a command-line form (defaults: the schema's)."""
+    for f in dataclasses.fields(MoECTConfig):
+        cli = f.metadata["cli"]
+        flag = cli.get("flag", "--" + f.name.replace("_", "-"))
+        if flag is None:
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f.metadata["doc"]}
+        if isinstance(f.default, bool):
+            kwargs["action"] = "store_false" if f.default else "store_true"
+        else:
+            kwargs.update(type=cli.get("parse"), choices=cli.get("choices"), nargs=cli.get("nargs"))
+            kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "default"}
+        parser.add_argument(flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, **fixed: Any) -> MoECTConfig:
+    """The schema from parsed ``add_cli_options`` arguments plus ``fixed`` values."""
+    values = {n: getattr(args, n) for n in MoECTConfig.names() if hasattr(args, n)}
+    return MoECTConfig(**{**values, **fixed})

@@ -1,0 +1,129 @@
+"""The parameter schema: generated listings, field checks, the lean CLI's parsing, defaults."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model, perturbed, pool
+
+from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
+from fusion_bench_moect.params import MoECTConfig, method_yaml, parameter_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_committed_method_yaml_is_the_generated_one():
+    assert (REPO / "config/method/moe_ct_upcycling.yaml").read_text() == method_yaml(), (
+        'regenerate: python -c "from fusion_bench_moect.params import method_yaml; '
+        "print(method_yaml(), end='')\" > config/method/moe_ct_upcycling.yaml"
+    )
+
+
+def test_docs_parameter_table_is_the_generated_one():
+    assert parameter_table() in (REPO / "docs/algorithm.md").read_text()
+
+
+def test_hydra_instantiates_the_yaml_into_the_schema_defaults():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    algo = instantiate(OmegaConf.load(REPO / "config/method/moe_ct_upcycling.yaml"))
+    assert isinstance(algo, OrthogonalMoECTMergingAlgorithm)
+    assert algo.moect_config == MoECTConfig()
+    assert algo.config.granularity == 1 and algo.config.router_aux_scale is None
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"drop_ratio": 1.0}, r"drop_ratio must lie in \[0, 1\), got 1.0"),
+        ({"shared_expert_share": -0.5}, r"shared_expert_share must lie in \[0, 1\], got -0.5"),
+        ({"granularity": 0}, "granularity must be >= 1, got 0"),
+        ({"granularity": 2.5}, "granularity must be an integer, got 2.5"),
+        ({"num_experts": 0}, "num_experts must be >= 1, got 0"),
+        ({"router_aux_scale": 0.0}, "router_aux_scale must be a positive number, got 0.0"),
+        ({"router_aux_scale": float("inf")}, "router_aux_scale must be a positive number"),
+        ({"gate_mode": "learned"}, "Unknown gate_mode 'learned'; valid: orthogonal, random"),
+        ({"alpha_strategy": "cosine"}, "Unknown alpha_strategy 'cosine'"),
+        ({"moe_ct_mode": "no"}, "moe_ct_mode must be true or false, got 'no'"),
+    ],
+)
+def test_field_checks_name_the_parameter(values, message):
+    with pytest.raises(ValueError, match=message):
+        MoECTConfig(**values)
+
+
+def test_field_checks_normalise_numbers():
+    config = MoECTConfig(granularity=2.0, base_alpha=1, anchor_experts=("a", "b"))
+    assert config.granularity == 2 and isinstance(config.granularity, int)
+    assert config.base_alpha == 1.0 and isinstance(config.base_alpha, float)
+    assert config.record()["anchor_experts"] == ["a", "b"]
+
+
+def test_lean_cli_parses_every_form_into_the_schema():
+    from fusion_bench_moect.params import config_from_args
+    from fusion_bench_moect.upcycle import build_parser
+
+    args = build_parser().parse_args(["base", "out"])
+    assert config_from_args(args) == MoECTConfig()
+    args = build_parser().parse_args(
+        ["base", "out", "--no-moe-ct", "--no-base-expert", "--permute-neurons", "--overwrite"]
+        + ["--noise-scale", "a=0.1,b=0.2", "--residual-scale", "0.5"]
+        + ["--alpha-strategy", "0.1,0.2", "--anchor-experts", "a", "b", "--granularity", "2"]
+    )
+    config = config_from_args(args, save_checkpoint="out", streaming=True)
+    assert config == MoECTConfig(
+        moe_ct_mode=False,
+        include_base_expert=False,
+        permute_neurons=True,
+        overwrite=True,
+        noise_scale={"a": 0.1, "b": 0.2},
+        residual_scale=0.5,
+        alpha_strategy=[0.1, 0.2],
+        anchor_experts=["a", "b"],
+        granularity=2,
+        save_checkpoint="out",
+        streaming=True,
+    )
+
+
+def test_lean_cli_refuses_prompt_gates():
+    out = subprocess.run(
+        [sys.executable, "-m", "fusion_bench_moect.upcycle", "b", "o", "--gate-mode", "hidden"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "invalid choice: 'hidden'" in out.stderr
+
+
+def test_default_anchor_scale_is_quiet_and_scales_only_with_an_anchor(saved, caplog):
+    """router_aux_scale null: 1.1 on the base expert's rows when merging, nothing (and no
+    warning) in pure upcycling."""
+    dense = make_model("llama")
+    base = saved(dense, "b")
+    models = {"_pretrained_": base, "ft": saved(perturbed(dense, 1), "ft")}
+    with caplog.at_level(logging.WARNING):
+        default = OrthogonalMoECTMergingAlgorithm(dtype="float32").run(pool(models))
+        explicit = OrthogonalMoECTMergingAlgorithm(router_aux_scale=1.1, dtype="float32").run(
+            pool(models)
+        )
+        upcycled = OrthogonalMoECTMergingAlgorithm(num_experts=4).run(pool({"_pretrained_": base}))
+        plain = OrthogonalMoECTMergingAlgorithm(num_experts=4, router_aux_scale=1.0).run(
+            pool({"_pretrained_": base})
+        )
+    assert not [r for r in caplog.records if r.name.startswith("fusion_bench_moect")]
+
+    def router(model, layer):
+        block = model.model.layers[layer]
+        return (getattr(block, "block_sparse_moe", None) or block.mlp).gate.weight
+
+    for layer in range(2):
+        assert torch.equal(router(default, layer), router(explicit, layer))
+        assert torch.equal(router(upcycled, layer), router(plain, layer))
+    assert default.config.moe_ct["params"]["router_aux_scale"] is None
