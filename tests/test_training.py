@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,15 +38,15 @@ def build(saved, tok_dir, arch="mixtral"):
 
 def train(moe_dir, tok_dir, **params):
     """Step 2: continual training of the saved MoE through a FusionBench pool."""
-    algo = MoECTTrainingAlgorithm(
-        train_sources={"gpl": {"text": real_text()}},
-        max_steps=3,
-        batch_size=2,
-        seq_len=32,
-        learning_rate=1e-2,
-        accelerator="cpu",
-        **params,
-    )
+    settings = {
+        "train_sources": {"gpl": {"text": real_text()}},
+        "max_steps": 3,
+        "batch_size": 2,
+        "seq_len": 32,
+        "learning_rate": 1e-2,
+        "accelerator": "cpu",
+    }
+    algo = MoECTTrainingAlgorithm(**{**settings, **params})
     return algo, algo.run(
         pool({"_pretrained_": moe_dir}, tokenizer=tok_dir, model_kwargs={"torch_dtype": "float32"})
     )
@@ -106,7 +107,7 @@ def test_training_saves_checkpoint_with_history(saved, tok_dir, tmp_path):
     out = tmp_path / "trained"
     train(moe_dir, tok_dir, stage="router", save_checkpoint=str(out))
     history = json.loads((out / "training_history.json").read_text())
-    assert [h["step"] for h in history] == [1, 2, 3]
+    assert [h["step"] for h in history["train"]] == [1, 2, 3]
     config = json.loads((out / "config.json").read_text())
     assert config["moe_ct_training"]["params"]["stage"] == "router"
     assert config["moe_ct"]["anchor_experts"] == [0]
@@ -140,3 +141,80 @@ def test_a_model_object_trains_with_the_method_tokenizer(saved, tok_dir):
         tokenizer=tok_dir,
     )
     assert algo.run(moe) is moe and len(algo.history) == 1
+
+
+def test_method_yaml_lists_every_parameter_with_its_default():
+    from omegaconf import OmegaConf
+
+    from fusion_bench_moect._config import to_plain
+
+    yaml = OmegaConf.load(
+        Path(__file__).resolve().parents[1] / "config/method/moe_ct_training.yaml"
+    )
+    assert yaml._target_ == "fusion_bench_moect.MoECTTrainingAlgorithm"
+    algo = MoECTTrainingAlgorithm()
+    params = set(algo._config_mapping.values()) - {"_program"}
+    params = {p for p in params if not p.startswith("_")}
+    assert params == set(yaml.keys()) - {"_target_"}
+    for name in params - {"train_sources"}:
+        assert to_plain(yaml[name]) == to_plain(getattr(algo, name)), name
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"stage": "routers"}, "Unknown stage 'routers'"),
+        ({"stage": "experts", "anchor_experts": [0, 7]}, r"Anchor expert\(s\) \[7\] do not exist"),
+        ({"stage": "router_then_experts"}, "router_warmup_steps >= 1"),
+        ({"max_steps": -1}, "Set max_steps or max_epochs"),
+        ({"seq_len": 100_000}, "fewer than one window of seq_len=100000"),
+        ({"batch_size": 10_000, "seq_len": 8}, "fewer than one global batch"),
+        ({"ckpt_path": "/nonexistent/step-000002"}, "not a complete moe_ct_training step"),
+        ({"train_sources": {"x": "/nonexistent/corpus.txt"}}, "does not exist"),
+    ],
+)
+def test_bad_settings_fail_before_training(saved, tok_dir, params, match):
+    moe_dir, _ = build(saved, tok_dir)
+    algo = MoECTTrainingAlgorithm(
+        **{
+            "train_sources": [{"text": real_text()}],
+            "max_steps": 1,
+            "seq_len": 16,
+            "accelerator": "cpu",
+            **params,
+        }
+    )
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        algo.run(pool({"_pretrained_": moe_dir}, tokenizer=tok_dir))
+    assert algo.history == []
+
+
+def test_a_tokenizer_of_another_model_is_refused(saved, tok_dir, tmp_path):
+    moe_dir, _ = build(saved, tok_dir)
+    big = tmp_path / "big_tok"
+    train_tokenizer(big, vocab_size=600, extra=real_text()[::-1])
+    algo = MoECTTrainingAlgorithm(
+        train_sources=[{"text": real_text()}], max_steps=1, seq_len=16, accelerator="cpu"
+    )
+    with pytest.raises(ValueError, match="does not belong to this model"):
+        algo.run(pool({"_pretrained_": moe_dir}, tokenizer=str(big)))
+
+
+def test_evaluation_during_training_writes_curves(saved, tok_dir, tmp_path):
+    moe_dir, _ = build(saved, tok_dir, "qwen2_moe")
+    out = tmp_path / "trained"
+    algo, _ = train(
+        moe_dir,
+        tok_dir,
+        stage="experts",
+        max_steps=4,
+        eval_sources={"gpl": {"text": real_text()[::2]}},
+        eval_every=2,
+        eval_max_tokens_per_source=256,
+        save_checkpoint=str(out),
+    )
+    assert [e["step"] for e in algo.evaluations] == [0, 2, 4]
+    assert all(e["perplexity"]["gpl"] > 1 and e["mean_cv"] is not None for e in algo.evaluations)
+    history = json.loads((out / "training_history.json").read_text())
+    assert history["eval"] == algo.evaluations
+    assert (out / "training_history.png").stat().st_size > 10_000

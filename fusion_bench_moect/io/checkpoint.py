@@ -88,15 +88,19 @@ def save_checkpoint(
     tokenizer: Any = None,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
     """Save ``model`` (and ``tokenizer``, and ``extra_files`` name -> text) as a Hugging Face
-    directory, all or nothing.
+    directory, all or nothing. ``state_dict`` replaces the model's own (e.g. the full
+    weights gathered from FSDP shards).
 
     The checkpoint is written to a hidden temporary directory next to the target and moved
     into place by a rename, so an error or interruption never leaves a partial checkpoint.
     """
     with atomic_directory(directory, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        model.save_pretrained(
+            tmp, safe_serialization=True, max_shard_size="2GB", state_dict=state_dict
+        )
         add_legacy_config_fields(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -153,6 +153,7 @@ def run_collapse(
                 stage=stage,
                 max_steps=steps,
                 learning_rate=learning_rate,
+                lr_scheduler="constant",
                 batch_size=batch_size,
                 seq_len=seq_len,
                 max_tokens_per_source=train_tokens_per_language,

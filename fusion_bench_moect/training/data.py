@@ -1,0 +1,321 @@
+"""Training data: text sources streamed in chunks, tokenised, packed into fixed windows.
+
+A source is a file, a folder (its ``*.txt`` files), a glob, a ``.jsonl`` file (one document
+per line, the text under ``field``), the Debian Reference, or literal text (see
+``iter_documents``). Files are read and decoded in chunks of ``CHUNK_BYTES`` and tokenised
+chunk by chunk, so only the token ids (4 bytes per token) stay in memory, never the text.
+Documents are joined with EOS and every source is cut into ``seq_len`` windows on its own.
+
+``WindowBatchSampler`` hands out the windows: one permutation per epoch (seeded with
+``seed + epoch``), cut into consecutive blocks of ``batch_size``, block ``k * W + r`` to rank
+``r``'s ``k``-th micro-batch. So W processes with accumulation A see, in every optimiser step,
+exactly the windows that one process with accumulation W * A sees, in the same micro-batches.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import io
+import json
+import logging
+import os
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ..eval.text import expand_paths, html_paragraphs, load_debian_reference
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+"""Bytes read (and decoded, and tokenised) at a time from a file."""
+
+_HTML_SUFFIXES = (".html", ".htm", ".xhtml")
+
+
+class TrainingDataError(ValueError):
+    """A training source cannot be used (empty, not UTF-8, too small, malformed)."""
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+
+
+def iter_file_chunks(path: str | os.PathLike) -> Iterator[str]:
+    """Decode a UTF-8 file (``.gz`` too) in chunks that end at a line break.
+
+    Raises:
+        TrainingDataError: If the file is not valid UTF-8 (names the byte offset).
+    """
+    path = Path(path)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    offset, carry = 0, ""
+    with _open_binary(path) as handle:
+        while True:
+            raw = handle.read(CHUNK_BYTES)
+            try:
+                text = carry + decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as err:
+                raise TrainingDataError(
+                    f"Training file {path} is not UTF-8 text (bad byte near offset "
+                    f"{offset + err.start}); convert it (iconv -t UTF-8) or drop it from "
+                    "train_sources."
+                ) from None
+            offset += len(raw)
+            if not raw:
+                if text:
+                    yield text
+                return
+            cut = text.rfind("\n") + 1
+            if cut:
+                yield text[:cut]
+                carry = text[cut:]
+            else:
+                carry = text
+
+
+def _iter_jsonl(path: Path, field: str) -> Iterator[tuple[str, Iterator[str]]]:
+    carry = ""
+    line_no = 0
+    for chunk in iter_file_chunks(path):
+        lines = (carry + chunk).split("\n")
+        carry = lines.pop()
+        for line in lines:
+            line_no += 1
+            if line.strip():
+                yield f"{path}:{line_no}", iter([_jsonl_text(path, line_no, line, field)])
+    if carry.strip():
+        yield f"{path}:{line_no + 1}", iter([_jsonl_text(path, line_no + 1, carry, field)])
+
+
+def _jsonl_text(path: Path, line_no: int, line: str, field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise TrainingDataError(f"{path}, line {line_no}: not valid JSON ({err.msg}).") from None
+    if not isinstance(record, Mapping) or not isinstance(record.get(field), str):
+        raise TrainingDataError(
+            f"{path}, line {line_no}: no string field {field!r}; set `field:` in the source "
+            f"({{jsonl: {path}, field: <name>}})."
+        )
+    return record[field]
+
+
+def _iter_files(pattern: Any) -> Iterator[tuple[str, Iterator[str]]]:
+    for path in expand_paths(str(pattern)):
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            yield from _iter_jsonl(path, "text")
+        elif path.suffix.lower() in _HTML_SUFFIXES:
+            text = "".join(iter_file_chunks(path))
+            yield str(path), iter(["\n\n".join(html_paragraphs(text))])
+        else:
+            yield str(path), iter_file_chunks(path)
+
+
+def iter_documents(spec: Any) -> Iterator[tuple[str, Iterator[str]]]:
+    """The documents of one source, each as (name, chunks of text), read lazily.
+
+    Args:
+        spec: A path / folder / glob string (``*.jsonl`` files read their ``text`` field), or
+            a mapping with exactly one of ``path``, ``paths``, ``jsonl`` (optional ``field``,
+            default ``text``), ``debian_reference`` (optional ``split``, default ``train``)
+            or ``text``.
+
+    Raises:
+        FileNotFoundError: For paths that match nothing, or a missing Debian package.
+        TrainingDataError: For a malformed mapping.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        yield from _iter_files(spec)
+        return
+    if not isinstance(spec, Mapping):
+        raise TrainingDataError(
+            f"A training source must be a path/glob or a mapping, got {spec!r}."
+        )
+    kinds = [k for k in ("debian_reference", "path", "paths", "jsonl", "text") if k in spec]
+    if len(kinds) != 1:
+        raise TrainingDataError(
+            "A training source mapping needs exactly one of 'debian_reference', 'path', "
+            f"'paths', 'jsonl' or 'text'; got keys {sorted(spec)}."
+        )
+    kind = kinds[0]
+    if kind == "debian_reference":
+        for doc in load_debian_reference(
+            str(spec["debian_reference"]),
+            split=str(spec.get("split", "train")),
+            root=spec.get("root"),
+            drop_untranslated=bool(spec.get("drop_untranslated", True)),
+        ):
+            yield doc.name, iter([doc.text])
+    elif kind == "text":
+        yield "<text>", iter([str(spec["text"])])
+    elif kind == "jsonl":
+        for path in expand_paths(str(spec["jsonl"])):
+            yield from _iter_jsonl(path, str(spec.get("field", "text")))
+    else:
+        for pattern in [spec["path"]] if kind == "path" else list(spec["paths"]):
+            yield from _iter_files(pattern)
+
+
+def pack_documents(
+    tokenizer: Any,
+    documents: Iterable[tuple[str, Iterable[str]]],
+    seq_len: int,
+    max_tokens: int | None = None,
+    name: str = "source",
+    allow_empty: bool = False,
+) -> torch.Tensor:
+    """Tokenise documents chunk by chunk (EOS after each) and cut ``(N, seq_len)`` windows.
+
+    Args:
+        tokenizer: A transformers tokenizer.
+        documents: (name, chunks of text) pairs, as ``iter_documents`` yields them.
+        seq_len: Tokens per window.
+        max_tokens: Stop reading after this many tokens (``None`` = all).
+        name: The source's name, for messages.
+        allow_empty: Skip empty documents instead of refusing them.
+
+    Returns:
+        An ``int32`` tensor of shape ``(N, seq_len)``.
+
+    Raises:
+        TrainingDataError: For an empty document, or fewer tokens than one window.
+    """
+    eos = tokenizer.eos_token_id
+    ids = array("i")
+    for doc_name, chunks in documents:
+        before = len(ids)
+        for chunk in chunks:
+            if chunk.strip():
+                ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
+        if len(ids) == before:
+            if allow_empty:
+                continue
+            raise TrainingDataError(
+                f"Training source {name!r}: {doc_name} is empty; remove it or add text."
+            )
+        if eos is not None:
+            ids.append(eos)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            del ids[max_tokens:]
+            break
+    count = len(ids) // seq_len
+    if count == 0:
+        raise TrainingDataError(
+            f"Training source {name!r} has {len(ids)} tokens, fewer than one window of "
+            f"seq_len={seq_len}; add text or lower seq_len."
+        )
+    return torch.frombuffer(ids, dtype=torch.int32)[: count * seq_len].clone().view(count, seq_len)
+
+
+def pack_source(
+    tokenizer: Any, spec: Any, seq_len: int, max_tokens: int | None = None, name: str = "source"
+) -> torch.Tensor:
+    """``pack_documents`` over the documents of one source (see ``iter_documents``)."""
+    return pack_documents(tokenizer, iter_documents(spec), seq_len, max_tokens, name)
+
+
+def token_windows(
+    tokenizer: Any, texts: Sequence[str], seq_len: int, max_tokens: int | None
+) -> torch.Tensor:
+    """Pack in-memory texts (EOS between them) into ``(N, seq_len)`` ``long`` windows."""
+    documents = ((f"text {i}", [t]) for i, t in enumerate(texts))
+    return pack_documents(
+        tokenizer, documents, seq_len, max_tokens, name="text", allow_empty=True
+    ).long()
+
+
+class WindowDataset(Dataset):
+    """Packed windows of every source, as ``long`` token ids."""
+
+    def __init__(self, windows: torch.Tensor) -> None:
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.windows[index].long()
+
+
+def load_windows(
+    tokenizer: Any, sources: Mapping[str, Any], seq_len: int, max_tokens: int | None
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """Pack every named source; return all windows and the window count per source."""
+    if not sources:
+        raise TrainingDataError(
+            "moe_ct_training needs train_sources (files, folders, globs, .jsonl or "
+            "{debian_reference: LANG})."
+        )
+    packed = {
+        name: pack_source(tokenizer, spec, seq_len, max_tokens, name)
+        for name, spec in sources.items()
+    }
+    return torch.cat(list(packed.values())), {n: len(w) for n, w in packed.items()}
+
+
+class WindowBatchSampler:
+    """Seeded per-epoch shuffling of windows into micro-batches, sharded over ranks.
+
+    Every epoch draws one permutation (``seed + epoch``) of the windows, cuts it into
+    consecutive blocks of ``batch_size`` and gives block ``k * num_replicas + rank`` to this
+    rank's ``k``-th micro-batch; the tail that does not fill a block on every rank is dropped.
+
+    Args:
+        num_windows: Windows in the dataset.
+        batch_size: Windows per micro-batch (per rank).
+        num_replicas: Processes (world size).
+        rank: This process.
+        seed: Base seed of the permutations.
+        shuffle: Permute (else the windows go in order).
+    """
+
+    def __init__(
+        self,
+        num_windows: int,
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        self.num_windows = num_windows
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.skip = 0
+        self.num_batches = num_windows // (batch_size * num_replicas)
+        if self.num_batches == 0:
+            raise TrainingDataError(
+                f"The training data has {num_windows} windows, fewer than one global batch of "
+                f"batch_size={batch_size} x {num_replicas} processes; add text, lower "
+                "batch_size or seq_len."
+            )
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's permutation; ``skip`` micro-batches already used (resume)."""
+        self.epoch = epoch
+        self.skip = skip
+
+    def __len__(self) -> int:
+        return self.num_batches - self.skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_windows, generator=generator)
+        else:
+            order = torch.arange(self.num_windows)
+        for k in range(self.skip, self.num_batches):
+            block = k * self.num_replicas + self.rank
+            yield order[block * self.batch_size : (block + 1) * self.batch_size].tolist()

@@ -1,0 +1,46 @@
+"""Run ``moe_ct_training`` on a multi-process Lightning Fabric (CPU, gloo), for the tests.
+
+Usage: ``python tests/fabric_worker.py SPEC.json``; SPEC holds ``moe_dir``, ``tokenizer``,
+``params`` (the algorithm's), ``devices``, ``strategy`` and ``output`` (where rank 0 saves
+the trained state dict and the history). Fabric's launcher re-runs this script for the
+other ranks, as it re-runs ``fusion_bench`` on the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import lightning as L
+import torch
+from fusion_bench.modelpool import CausalLMPool
+
+from fusion_bench_moect.training import MoECTTrainingAlgorithm
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(open(spec_path).read())
+    fabric = L.Fabric(
+        accelerator="cpu", devices=spec["devices"], strategy=spec["strategy"], precision="32-true"
+    )
+    fabric.launch()
+    algo = MoECTTrainingAlgorithm(**spec["params"])
+    algo.fabric = fabric
+    pool = CausalLMPool(
+        models={"_pretrained_": spec["moe_dir"]},
+        tokenizer=spec["tokenizer"],
+        model_kwargs={"torch_dtype": "float32"},
+    )
+    model = algo.run(pool)
+    states = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+    if spec["strategy"] != "fsdp":  # every rank's weights, to show they agree
+        gathered = [None] * fabric.world_size
+        torch.distributed.all_gather_object(gathered, states[0])
+        states = gathered
+    if fabric.is_global_zero:
+        torch.save({"states": states, "history": algo.history}, spec["output"])
+    fabric.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

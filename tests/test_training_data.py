@@ -1,0 +1,113 @@
+"""Training data: sources streamed in chunks, packed windows, per-rank order, clear errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+from conftest import real_text, train_tokenizer
+
+from fusion_bench_moect.training import data
+from fusion_bench_moect.training.data import (
+    TrainingDataError,
+    WindowBatchSampler,
+    iter_documents,
+    load_windows,
+    pack_source,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_files_are_read_in_chunks_and_packed_with_eos(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK_BYTES", 97)  # many chunks, cut inside lines and characters
+    text = real_text() + "\nCafé, naïve, 東京.\n"
+    (tmp_path / "a.txt").write_text(text)
+    windows = pack_source(tokenizer, str(tmp_path / "a.txt"), seq_len=16)
+    assert windows.dtype == torch.int32 and windows.shape[1] == 16
+    stream = tokenizer.decode(windows.flatten().tolist()).rstrip("\ufffd")  # cut mid-character
+    assert (text + "<eos>").startswith(stream) and len(stream) > len(text) - 64
+
+
+def test_folders_globs_gzip_and_jsonl(tokenizer, tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "one.txt").write_text(real_text()[:1500])
+    with gzip.open(tmp_path / "corpus" / "two.txt.gz", "wt") as handle:
+        handle.write(real_text()[1500:3000])
+    lines = [json.dumps({"body": p}) for p in real_text().split("\n\n") if p.strip()]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    names = [name for name, _ in iter_documents(str(tmp_path / "corpus"))]
+    assert names == [str(tmp_path / "corpus" / "one.txt")]  # a folder gives its *.txt files
+    names = [name for name, _ in iter_documents(str(tmp_path / "corpus" / "*"))]
+    assert len(names) == 2
+    docs = list(iter_documents({"jsonl": str(tmp_path / "docs.jsonl"), "field": "body"}))
+    assert len(docs) == len(lines) and docs[0][0].endswith("docs.jsonl:1")
+    windows, per_source = load_windows(
+        tokenizer,
+        {
+            "files": str(tmp_path / "corpus" / "*"),
+            "docs": {"jsonl": str(tmp_path / "docs.jsonl"), "field": "body"},
+        },
+        seq_len=32,
+        max_tokens=None,
+    )
+    assert sum(per_source.values()) == len(windows) and min(per_source.values()) > 0
+    # every document ends with EOS
+    eos = tokenizer.eos_token_id
+    assert int((windows == eos).sum()) >= len(lines) - 1
+
+
+@pytest.mark.parametrize(
+    "content, spec, match",
+    [
+        (b"", None, "is empty"),
+        (b"caf\xe9 au lait\n" * 10, None, r"not UTF-8 text \(bad byte near offset 3\)"),
+        (b'{"text": "fine"}\n{"txt": "no"}\n', "jsonl", r"line 2: no string field 'text'"),
+        (b'{"text": "fine"}\nnot json\n', "jsonl", "line 2: not valid JSON"),
+        (b"tiny", None, "fewer than one window"),
+    ],
+)
+def test_bad_sources_give_clear_errors(tokenizer, tmp_path, content, spec, match):
+    path = tmp_path / ("bad.jsonl" if spec else "bad.txt")
+    path.write_bytes(content)
+    with pytest.raises(TrainingDataError, match=match) as err:
+        pack_source(tokenizer, str(path), seq_len=16, name="mine")
+    assert "mine" in str(err.value) or str(path) in str(err.value)
+
+
+def test_missing_path_and_malformed_mapping(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pack_source(tokenizer, str(tmp_path / "nope.txt"), seq_len=16)
+    with pytest.raises(TrainingDataError, match="exactly one of"):
+        pack_source(tokenizer, {"text": "a", "path": "b"}, seq_len=16)
+    with pytest.raises(TrainingDataError, match="needs train_sources"):
+        load_windows(tokenizer, {}, seq_len=16, max_tokens=None)
+
+
+def test_ranks_with_accumulation_see_the_same_micro_batches():
+    """W ranks x A micro-batches use, step by step, the micro-batches of 1 rank x W*A."""
+    one = WindowBatchSampler(50, 3, num_replicas=1, rank=0, seed=7)
+    ranks = [WindowBatchSampler(50, 3, num_replicas=2, rank=r, seed=7) for r in range(2)]
+    for epoch in (0, 1):
+        one.set_epoch(epoch)
+        for s in ranks:
+            s.set_epoch(epoch)
+        single = list(one)
+        per_rank = [list(s) for s in ranks]
+        assert len(per_rank[0]) == len(per_rank[1]) == 8 and len(single) == 16
+        interleaved = [b for pair in zip(*per_rank, strict=True) for b in pair]
+        assert interleaved == single
+        flat = sorted(i for b in single for i in b)
+        assert len(set(flat)) == len(flat) == 48
+    one.set_epoch(0)
+    first = list(one)
+    one.set_epoch(1)
+    assert list(one) != first  # reshuffled per epoch
+    full = list(one)
+    one.set_epoch(1, skip=5)
+    assert len(one) == 11 and list(one) == full[5:]  # resume mid-epoch
