@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -17,11 +18,19 @@ from fusion_bench.modelpool import CausalLMPool
 
 from fusion_bench_moect.training import MoECTTrainingAlgorithm
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def main(spec_path: str) -> None:
     spec = json.loads(open(spec_path).read())
+    strategy = spec["strategy"]
+    if strategy == "moe_fsdp":  # the shipped preset
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+
+        strategy = instantiate(OmegaConf.load(REPO / "config/fabric/strategy/moe_fsdp.yaml"))
     fabric = L.Fabric(
-        accelerator="cpu", devices=spec["devices"], strategy=spec["strategy"], precision="32-true"
+        accelerator="cpu", devices=spec["devices"], strategy=strategy, precision="32-true"
     )
     fabric.launch()
     algo = MoECTTrainingAlgorithm(**spec["params"])
@@ -33,7 +42,7 @@ def main(spec_path: str) -> None:
     )
     model = algo.run(pool)
     states = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
-    if spec["strategy"] != "fsdp":  # every rank's weights, to show they agree
+    if spec["strategy"] == "ddp":  # every rank's weights, to show they agree
         gathered = [None] * fabric.world_size
         torch.distributed.all_gather_object(gathered, states[0])
         states = gathered

@@ -1,0 +1,64 @@
+"""``fusion_bench method=moe_ct_training`` on 2 DDP processes (CPU, gloo) from any directory:
+trains, logs to TensorBoard in the run's log dir, saves a checkpoint both transformers
+majors load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import in_ci, real_ids, real_text  # noqa: F401 - fixture
+from test_checkpoint import reload_logits
+from test_cli import fusion_bench
+from test_cross_version import other_python
+from test_training import build, tok_dir  # noqa: F401 - fixture
+
+
+@pytest.mark.slow
+def test_cli_trains_on_two_ddp_processes(saved, tok_dir, tmp_path, real_ids):  # noqa: F811
+    moe_dir, _ = build(saved, tok_dir, "mixtral")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(real_text())
+    log_dir, out_dir = tmp_path / "logs", tmp_path / "trained"
+    fusion_bench(
+        tmp_path,
+        "method=moe_ct_training",
+        "method.stage=experts",
+        "method.max_steps=2",
+        "method.batch_size=2",
+        "method.seq_len=32",
+        "~method.train_sources",  # replace the default sources, not merge with them
+        f"+method.train_sources={{corpus:'{corpus}'}}",
+        f"method.save_checkpoint={out_dir}",
+        "modelpool=CausalLMPool/moe_ct_upcycle",
+        f"modelpool.models._pretrained_={moe_dir}",
+        f"modelpool.tokenizer={tok_dir}",
+        "modelpool.model_kwargs.torch_dtype=float32",
+        "taskpool=dummy",
+        "fabric.accelerator=cpu",
+        "fabric.devices=2",
+        "fabric.strategy=ddp",
+        f"hydra.run.dir={log_dir}",
+        f"path.log_dir={log_dir}",
+    )
+    config = json.loads((out_dir / "config.json").read_text())
+    params = config["moe_ct_training"]["params"]
+    assert params["stage"] == "experts" and params["max_steps"] == 2
+    history = json.loads((out_dir / "training_history.json").read_text())["train"]
+    assert [h["step"] for h in history] == [1, 2]
+    events = list(log_dir.rglob("events.out.tfevents*"))
+    assert events, "no TensorBoard log in the run's log dir"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/mean_cv", "train/mean_anchor_share"} <= set(tags)
+    logits, _ = reload_logits(out_dir, real_ids, tmp_path)
+    python = other_python()
+    if python is None:
+        if in_ci():
+            pytest.fail("CI must provide the other transformers major (MOECT_OTHER_PYTHON)")
+        return
+    (tmp_path / "other").mkdir()
+    other, _ = reload_logits(out_dir, real_ids, tmp_path / "other", python=python)
+    assert torch.allclose(logits, other, atol=1e-5)
