@@ -36,6 +36,7 @@ from .plan import MoEPlan
 log = logging.getLogger(__name__)
 
 FFN_PROJ = ("gate_proj", "up_proj", "down_proj")
+EMBEDDING, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 # Random streams: a feature's numbers never depend on whether another feature is on.
 STREAM_ROUTER, STREAM_NOISE, STREAM_DROP, STREAM_PERMUTE = 1, 2, 3, 4
 
@@ -237,7 +238,10 @@ def plan_non_ffn(
         if name in provided:
             continue
         weight = name[: -len("bias")] + "weight"
-        if name.endswith(arch.zero_fill_suffixes) and weight in provided:
+        if name == LM_HEAD and tie and EMBEDDING in provided:
+            # An output that cannot tie (Qwen2-MoE for llama.cpp) gets the embedding as lm_head.
+            planned.append(NonFFNTensor(name, tuple(base.shape(EMBEDDING)), EMBEDDING))
+        elif name.endswith(arch.zero_fill_suffixes) and weight in provided:
             planned.append(NonFFNTensor(name, (base.shape(weight)[0],), None))
         else:
             missing.append(name)
@@ -264,9 +268,13 @@ def iter_moe_output(
     ``MoELayerOutput`` per decoder layer. Consume each layer's ``groups`` before asking for
     the next item.
     """
+    tied_base = bool(getattr(base.config, "tie_word_embeddings", False))
     for item in tqdm(non_ffn, desc="Copying attention/embeddings", leave=False):
         if item.source is None:
             yield item.name, torch.zeros(item.shape, dtype=dtype)
+        elif item.name == LM_HEAD and tied_base:
+            # Untied from the embedding: its own memory, or training would update both.
+            yield item.name, base.get(item.source).to(dtype, copy=True)
         else:
             yield item.name, base.get(item.source).to(dtype)
     cfg = base.config
@@ -509,13 +517,15 @@ def moe_layer(
     router = scale_anchor_rows(router, plan.anchor_indices, plan.router_aux_scale).to(dtype)
     shared = shared_gate = None
     if arch.has_shared_expert:
-        share = 2.0 * plan.shared_expert_share  # sigmoid(0) = 1/2 at a zero shared gate
+        from .arch.qwen2_moe import initial_shared_gate
+
+        share = 2.0 * plan.shared_expert_share  # the initial shared gate gives sigmoid = 1/2
         shared = (
             base_ffn[0].to(dtype),
             base_ffn[1].to(dtype),
             (base_ffn[2].to(torch.float32) * share).to(dtype),
         )
-        shared_gate = torch.zeros(1, hidden, dtype=dtype)
+        shared_gate = initial_shared_gate(hidden, dtype)
     return MoELayerOutput(
         index=layer,
         router=router,

@@ -99,6 +99,29 @@ def per_expert_value(value: float | Mapping[str, float] | None, name: str, defau
     return float(value)
 
 
+def llama_cpp_notes(
+    architecture: str, num_experts: int, experts_per_token: int, shared_expert_share: float
+) -> list[str]:
+    """What is known to go wrong when this output runs in llama.cpp, each with its fix."""
+    notes = []
+    if num_experts & (num_experts - 1):
+        lower = 1 << (num_experts.bit_length() - 1)
+        notes.append(
+            f"num_experts={num_experts} is not a power of two: llama.cpp's GPU top-k needs one "
+            f"(llama.cpp issue 5213); use {lower} or {2 * lower} experts if the model will run "
+            "in llama.cpp on a GPU."
+        )
+    if architecture == "qwen2_moe" and experts_per_token < num_experts and shared_expert_share < 1:
+        notes.append(
+            "llama.cpp's qwen2moe graph ignores norm_topk_prob (it never renormalises the "
+            f"top-{experts_per_token} routing weights), so a GGUF of this Qwen2-MoE will not "
+            "reproduce it; for llama.cpp set experts_per_token=num_experts "
+            f"({num_experts}) or shared_expert_share=1, or use architecture=mixtral "
+            "(Llama/Mistral bases)."
+        )
+    return notes
+
+
 def make_plan(
     config: MoECTConfig,
     *,
@@ -171,6 +194,8 @@ def make_plan(
             experts_per_token,
             granularity,
         )
+    for note in llama_cpp_notes(architecture, num, experts_per_token, config.shared_expert_share):
+        log.warning(note)
     if config.gate_mode == "orthogonal" and len(groups) > hidden_size:
         raise ValueError(
             f"gate_mode 'orthogonal' needs at most hidden_size={hidden_size} distinct router rows "

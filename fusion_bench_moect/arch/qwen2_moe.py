@@ -1,11 +1,33 @@
-"""Qwen2-MoE output with shared-expert anchoring (the base FFN as an always-on expert)."""
+"""Qwen2-MoE output with shared-expert anchoring (the base FFN as an always-on expert).
+
+Two details keep the output loadable by llama.cpp (its own ``convert_hf_to_gguf.py``):
+its qwen2moe graph has no tied output matrix, so ``lm_head.weight`` is always written
+(a copy of the embedding for a tied base, ``tie_word_embeddings: false``); and it computes
+the shared expert's sigmoid gate as ``silu(x) / x``, NaN at exactly ``x = 0``, so the gate
+starts at a tiny nonzero weight (``SHARED_GATE_INIT``) instead of zero.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .base import COMMON_LAYER_TENSORS
 from .qwen3_moe import Qwen3MoeArchitecture
+
+#: Every weight of the shared expert's gate at initialisation. sigmoid(x) rounds to exactly
+#: 1/2 for |x| < 2**-25 (float32), so transformers sees the zero-gate model bit for bit,
+#: while llama.cpp's silu(x) / x needs x != 0.
+SHARED_GATE_INIT = 1e-30
+
+
+def initial_shared_gate(hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (1, H) shared-expert gate weight: ``SHARED_GATE_INIT``, or the smallest positive
+    value of ``dtype`` where that underflows (float16), so the gate is never exactly zero."""
+    info = torch.finfo(dtype)
+    value = max(SHARED_GATE_INIT, info.tiny * info.eps)  # tiny * eps: smallest subnormal
+    return torch.full((1, hidden_size), value, dtype=dtype)
 
 
 class Qwen2MoeArchitecture(Qwen3MoeArchitecture):
@@ -29,4 +51,6 @@ class Qwen2MoeArchitecture(Qwen3MoeArchitecture):
             "shared_expert_intermediate_size": base_config.intermediate_size,
             "qkv_bias": True,
             "use_sliding_window": bool(getattr(base_config, "use_sliding_window", False)),
+            # llama.cpp's qwen2moe needs an explicit output matrix (see the module docstring).
+            "tie_word_embeddings": False,
         }
