@@ -33,3 +33,20 @@ def ensure_fusion_bench_mixtral_importable() -> None:
         modeling_utils.no_init_weights = no_init_weights
     if not hasattr(modeling_mixtral, "MixtralBlockSparseTop2MLP"):
         modeling_mixtral.MixtralBlockSparseTop2MLP = _RemovedMixtralBlockSparseTop2MLP
+
+
+def ensure_lm_eval_importable() -> None:
+    """lm-eval 0.4.9.x (the last FusionBench's task pool imports) names
+    ``transformers.AutoModelForVision2Seq``, which transformers 5 renamed
+    ``AutoModelForImageTextToText``; add the old name if missing (only its vision-language
+    model class uses it)."""
+    import sys
+
+    # Importing these makes transformers 5 replace its lazy module in sys.modules (losing
+    # attributes set on the old object), so do it first.
+    import transformers.models.auto  # noqa: F401
+    import transformers.processing_utils  # noqa: F401
+
+    module = sys.modules["transformers"]
+    if not hasattr(module, "AutoModelForVision2Seq"):
+        module.AutoModelForVision2Seq = module.AutoModelForImageTextToText

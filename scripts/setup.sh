@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Idempotent set-up: virtualenvs (transformers 5 in .venv, 4.57 in .venv-tf4), the package
 # installed editable, Debian's parallel text, and the SmolLM2 model in the cache.
-# Usage: scripts/setup.sh [--tf4] [--no-model] [--no-text]
+# Usage: scripts/setup.sh [--tf4] [--no-model] [--no-text] [--interop]
+#   --interop: also what benchmarks/interop.py needs (implies --tf4): cmake, a C++ compiler and
+#   ninja from apt when missing; sentencepiece for llama.cpp's GGUF converter,
+#   which runs in .venv-tf4 (llama.cpp pins transformers 4.57).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-want_tf4=0 want_model=1 want_text=1
+want_tf4=0 want_model=1 want_text=1 want_interop=0
 for arg in "$@"; do
   case "$arg" in
     --tf4) want_tf4=1 ;;
     --no-model) want_model=0 ;;
     --no-text) want_text=0 ;;
+    --interop) want_interop=1; want_tf4=1 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -34,6 +38,24 @@ make_venv() {  # make_venv DIR CONSTRAINTS
 make_venv .venv constraints.txt
 [ "$want_tf4" = 1 ] && make_venv .venv-tf4 constraints-tf4.txt
 
+apt_install() {  # apt_install PACKAGES...: as root or through sudo, quietly
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+if [ "$want_interop" = 1 ]; then
+  tools=()
+  command -v cmake >/dev/null || tools+=(cmake)
+  command -v c++ >/dev/null || tools+=(g++)
+  command -v ninja >/dev/null || tools+=(ninja-build)
+  if [ ${#tools[@]} -gt 0 ]; then
+    echo "== installing build tools for llama.cpp: ${tools[*]}"
+    apt_install "${tools[@]}"
+  fi
+  pip_in .venv-tf4 -c constraints-tf4.txt "sentencepiece>=0.1.98,<0.3"
+fi
+
 if [ "$want_text" = 1 ]; then
   missing=()
   for lang in en de fr es it; do
@@ -41,9 +63,7 @@ if [ "$want_text" = 1 ]; then
   done
   if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing Debian's parallel text: ${missing[*]}"
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    apt_install "${missing[@]}"
   fi
 fi
 
