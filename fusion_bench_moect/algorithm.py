@@ -111,7 +111,7 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
         try:
             arch = arch_registry.resolve(self.architecture, base.config.model_type)
             for name in source_names:
-                sources[name] = open_source(modelpool, name)
+                sources[name] = open_source(modelpool, name, base=base)
                 check_compatible(base, sources[name])
             tokenizer = self._load_tokenizer(modelpool)
             self._check_vocabularies(modelpool, tokenizer, source_names)
@@ -149,7 +149,7 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
 
         if not streaming:
             with engine_threads():
-                conds = [_router_condition(model, arch, layer, plan) for layer in range(len(rows))]
+                conds = [_router_condition(model, arch, layer, plan) for layer in plan.moe_layers]
             model.config.moe_ct = plan.record(config.record(), conds)
         log.info(
             "Router condition numbers per layer: min %.4f, max %.4f",

@@ -31,6 +31,7 @@ from .arch.base import set_parameter
 from .io.sources import SourceError, TensorSource
 from .ops.fusion import add_noise, drop_neurons, lerp_fuse
 from .ops.routers import expand_groups, random_rows, scale_anchor_rows, seeded_generator
+from .ops.shared import concat_ffns, shared_expert_scales
 from .plan import MoEPlan
 
 log = logging.getLogger(__name__)
@@ -283,7 +284,12 @@ def iter_moe_output(
         permutation = torch.randperm(
             cfg.intermediate_size, generator=seeded_generator(plan.seed, STREAM_PERMUTE)
         )
+    moe_layers = set(plan.moe_layers)
     for layer in tqdm(range(cfg.num_hidden_layers), desc=f"Building {arch.name} MoE layers"):
+        if layer not in moe_layers:  # a dense layer keeps the base FFN
+            for proj in FFN_PROJ:
+                yield ffn_key(layer, proj), base.get(ffn_key(layer, proj)).to(dtype)
+            continue
         yield moe_layer(
             plan, arch, base, sources, layer, group_router_rows[layer], dtype, permutation
         )
@@ -313,9 +319,7 @@ def build_moe_model(
     """
     from accelerate import init_empty_weights
 
-    cfg = base.config
-    expert_size = cfg.intermediate_size // plan.granularity
-    config = arch.build_config(cfg, plan.num_experts, plan.experts_per_token, expert_size, dtype)
+    config = output_config(plan, arch, base.config, dtype)
     with init_empty_weights(include_buffers=False):
         model = arch.model_class()(config)
     tie = bool(getattr(config, "tie_word_embeddings", False))
@@ -343,13 +347,32 @@ def build_moe_model(
     return model
 
 
+def plan_config_fields(plan: MoEPlan, arch: OutputArchitecture, base_config: Any) -> dict[str, Any]:
+    """Config keys that depend on the plan beyond the expert count: the dense layers and the
+    shared expert's width (n FFNs of width I)."""
+    fields: dict[str, Any] = {}
+    if arch.supports_dense_layers:
+        fields["mlp_only_layers"] = plan.dense_layers
+    if arch.has_shared_expert:
+        fields["shared_expert_intermediate_size"] = base_config.intermediate_size * len(
+            plan.shared_ffns
+        )
+    return fields
+
+
 def output_config(
-    plan: MoEPlan, arch: OutputArchitecture, base: TensorSource, dtype: torch.dtype
+    plan: MoEPlan, arch: OutputArchitecture, base_config: Any, dtype: torch.dtype
 ) -> Any:
-    """The transformers config of the MoE model (no model is built)."""
-    cfg = base.config
-    expert_size = cfg.intermediate_size // plan.granularity
-    return arch.build_config(cfg, plan.num_experts, plan.experts_per_token, expert_size, dtype)
+    """The transformers config of the MoE model (no model is built) for the base's config."""
+    expert_size = base_config.intermediate_size // plan.granularity
+    return arch.build_config(
+        base_config,
+        plan.num_experts,
+        plan.experts_per_token,
+        expert_size,
+        dtype,
+        extra=plan_config_fields(plan, arch, base_config),
+    )
 
 
 def _structure(plan: MoEPlan, arch: OutputArchitecture, base_config: Any) -> Any:
@@ -363,6 +386,7 @@ def _structure(plan: MoEPlan, arch: OutputArchitecture, base_config: Any) -> Any
         **{
             **base_config.to_dict(),
             **arch.moe_config(base_config, plan.num_experts, plan.experts_per_token, expert_size),
+            **plan_config_fields(plan, arch, base_config),
         }
     )
 
@@ -403,13 +427,16 @@ def hub_specs(
     expert = (meta(size, hidden), meta(size, hidden), meta(hidden, size))
     shared = shared_gate = None
     if arch.has_shared_expert:
-        shared = (
-            meta(intermediate, hidden),
-            meta(intermediate, hidden),
-            meta(hidden, intermediate),
-        )
+        width = intermediate * len(plan.shared_ffns)
+        shared = (meta(width, hidden), meta(width, hidden), meta(hidden, width))
         shared_gate = meta(1, hidden)
+    moe_layers = set(plan.moe_layers)
     for layer in range(cfg.num_hidden_layers):
+        if layer not in moe_layers:
+            specs += [
+                (ffn_key(layer, p), tuple(base.shape(ffn_key(layer, p))), dtype) for p in FFN_PROJ
+            ]
+            continue
         layer_tensors = arch.hub_layer_tensors(
             layer, meta(plan.num_experts, hidden), [expert] * plan.num_experts, shared, shared_gate
         )
@@ -475,7 +502,7 @@ def stream_moe_checkpoint(
     def finish_config() -> Any:
         final = config() if callable(config) else config
         if final is None:
-            final = output_config(plan, arch, base, dtype)
+            final = output_config(plan, arch, base.config, dtype)
         if arch.non_ffn_names(final) != names:
             raise RuntimeError(
                 "Internal error: the config's tensor names differ from those written "
@@ -519,12 +546,8 @@ def moe_layer(
     if arch.has_shared_expert:
         from .arch.qwen2_moe import initial_shared_gate
 
-        share = 2.0 * plan.shared_expert_share  # the initial shared gate gives sigmoid = 1/2
-        shared = (
-            base_ffn[0].to(dtype),
-            base_ffn[1].to(dtype),
-            (base_ffn[2].to(torch.float32) * share).to(dtype),
-        )
+        # The initial shared gate gives sigmoid = 1/2 (see ops/shared.shared_expert_scales).
+        shared = _shared_expert(plan, sources, layer, base_ffn, dtype)
         shared_gate = initial_shared_gate(hidden, dtype)
     return MoELayerOutput(
         index=layer,
@@ -535,6 +558,31 @@ def moe_layer(
         shared=shared,
         shared_gate=shared_gate,
     )
+
+
+def _shared_expert(
+    plan: MoEPlan,
+    sources: Mapping[str, TensorSource],
+    layer: int,
+    base_ffn: list[torch.Tensor],
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared expert: the FFNs of ``plan.shared_ffns`` side by side (width n x I), each
+    fused with the base as its routed expert is, each down projection scaled to its share."""
+    alpha = plan.alphas[layer]
+    ffns = [
+        base_ffn
+        if f.source is None
+        else [
+            lerp_fuse(w, sources[f.source].get(ffn_key(layer, p)), alpha)
+            for w, p in zip(base_ffn, FFN_PROJ, strict=True)
+        ]
+        for f in plan.shared_ffns
+    ]
+    scales = shared_expert_scales(
+        plan.shared_expert_share, [f.residual_scale for f in plan.shared_ffns]
+    )
+    return concat_ffns(ffns, scales, dtype)
 
 
 def build_layer(

@@ -46,6 +46,24 @@ def strategy_or_list(text: str) -> str | list[float]:
     return text
 
 
+def layers_or_auto(text: str) -> str | list[int]:
+    """``auto_from_alpha`` or comma-separated layer indices (command-line form)."""
+    if text == "auto_from_alpha":
+        return text
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected auto_from_alpha or layer indices like 0,2,4, got {text!r}"
+        ) from err
+
+
+def shared_entry(text: str) -> str | dict[str, Any]:
+    """``name`` or ``name=residual_scale`` (command-line form of a shared-expert entry)."""
+    name, sep, scale = text.partition("=")
+    return {"source": name, "residual_scale": float(scale)} if sep else text
+
+
 def _param(default: Any, doc: str, *, check: Callable[[str, Any], Any] | None = None, **cli):
     """A schema field: default, one-line doc, check (returns the normalised value or raises
     ValueError) and the lean CLI's option (``flag``, ``parse``, ``choices``, ``nargs``;
@@ -112,6 +130,22 @@ def _strategy(name: str, value: Any) -> str | list[float]:
     if isinstance(value, str):
         return _choice(ALPHA_STRATEGIES)(name, value)
     return [float(v) for v in value]  # length and range are checked against the model
+
+
+def _moe_layers(name: str, value: Any) -> str | list[int] | None:
+    if value is None or isinstance(value, str):
+        return value  # the string is checked with the schedule (plan.make_plan)
+    if isinstance(value, (int, float)):
+        value = [value]
+    return [_int(0)(name, v) for v in value]  # the range is checked against the model
+
+
+def _shared_experts(name: str, value: Any) -> list[Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, Mapping)):
+        value = [value]
+    return [dict(v) if isinstance(v, Mapping) else str(v) for v in value]
 
 
 def _names(name: str, value: Any) -> list[str] | None:
@@ -203,6 +237,21 @@ class MoECTConfig:
         "qwen2_moe: share of the output given to the shared (base) expert, in [0, 1]",
         check=_float(0.0, 1.0),
         parse=float,
+    )
+    shared_experts: list[Any] | None = _param(
+        None,
+        "qwen2_moe: pool names whose FFNs together form the shared expert, each entry a name or "
+        "{source: name, residual_scale: r} (null = the base alone)",
+        check=_shared_experts,
+        parse=shared_entry,
+        nargs="+",
+    )
+    moe_layers: str | list[int] | None = _param(
+        None,
+        "qwen2_moe / qwen3_moe: layer indices that become MoE, or auto_from_alpha (layers with "
+        "alpha 0 stay dense); null = every layer",
+        check=_moe_layers,
+        parse=layers_or_auto,
     )
     prompts: dict[str, Any] | None = _param(
         None,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from .ops.layers import dense_layers, resolve_moe_layers
 from .ops.schedules import alpha_schedule
 from .params import MoECTConfig
 
@@ -33,6 +35,26 @@ class ExpertGroup:
     residual_scale: float = 1.0
 
 
+@dataclass(frozen=True)
+class SharedFFN:
+    """One FFN of the (Qwen2-MoE) shared expert.
+
+    Attributes:
+        name: ``_pretrained_`` or the pool name of a source.
+        source: Pool name to fuse with the base FFN (as its routed expert is), or None for
+            the base FFN.
+        residual_scale: Factor on this FFN's down projection (mergekit-moe's).
+    """
+
+    name: str
+    source: str | None
+    residual_scale: float = 1.0
+
+
+#: The shared expert of today (and the default): the base FFN alone.
+BASE_SHARED = (SharedFFN(BASE_EXPERT, None),)
+
+
 @dataclass
 class MoEPlan:
     """Everything the builder needs besides the tensors themselves."""
@@ -50,6 +72,19 @@ class MoEPlan:
     shared_expert_share: float
     permute_neurons: bool
     seed: int
+    #: Decoder layers that become MoE (sorted); the others keep the base FFN, dense.
+    moe_layers: list[int] = field(default_factory=list)
+    #: Qwen2-MoE: the FFNs concatenated into the shared expert.
+    shared_ffns: tuple[SharedFFN, ...] = BASE_SHARED
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.alphas)
+
+    @property
+    def dense_layers(self) -> list[int]:
+        """Layers that stay dense (transformers' ``mlp_only_layers``)."""
+        return dense_layers(self.moe_layers, self.num_layers)
 
     @property
     def num_experts(self) -> int:
@@ -86,6 +121,15 @@ class MoEPlan:
             "granularity": self.granularity,
             "alphas": [float(a) for a in self.alphas],
             "router_condition_numbers": [float(c) for c in condition_numbers],
+            "moe_layers": list(self.moe_layers),
+            "shared_experts": [
+                {
+                    "name": f.name,
+                    "source": f.source or BASE_EXPERT,
+                    "residual_scale": f.residual_scale,
+                }
+                for f in self.shared_ffns
+            ],
             "params": dict(params),
         }
 
@@ -153,6 +197,20 @@ def make_plan(
     alphas = alpha_schedule(config.alpha_strategy, config.base_alpha, num_layers)
     if not config.moe_ct_mode:
         alphas = [1.0] * num_layers
+    from .arch import ARCHITECTURES
+
+    family = ARCHITECTURES.get(architecture)
+    if config.moe_layers is not None and family is not None and not family.supports_dense_layers:
+        capable = [n for n, cls in ARCHITECTURES.items() if cls.supports_dense_layers]
+        raise ValueError(
+            f"moe_layers: the {architecture} output makes every layer MoE and cannot keep "
+            f"dense layers; use architecture: {' or '.join(capable)} (mlp_only_layers), or "
+            "leave moe_layers unset."
+        )
+    chosen_layers = resolve_moe_layers(config.moe_layers, alphas)
+    shared_ffns = parse_shared_experts(
+        config.shared_experts, source_names, has_shared=bool(family and family.has_shared_expert)
+    )
 
     if source_names:
         names = ([BASE_EXPERT] if include_base_expert else []) + list(source_names)
@@ -238,4 +296,59 @@ def make_plan(
         shared_expert_share=config.shared_expert_share,
         permute_neurons=config.permute_neurons,
         seed=config.seed,
+        moe_layers=chosen_layers,
+        shared_ffns=shared_ffns,
     )
+
+
+def parse_shared_experts(
+    entries: Sequence[str | Mapping[str, Any]] | None,
+    source_names: Sequence[str],
+    has_shared: bool,
+) -> tuple[SharedFFN, ...]:
+    """The FFNs of the shared expert from ``shared_experts``.
+
+    Each entry is a pool name (``_pretrained_`` for the base) or a mapping
+    ``{source: name, residual_scale: r}``; None means the base alone.
+
+    Raises:
+        ValueError: For an output without a shared expert, an unknown or repeated name, or a
+            malformed entry.
+    """
+    if entries is None:
+        return BASE_SHARED
+    if not has_shared:
+        raise ValueError(
+            "shared_experts needs an output with a shared expert: set architecture: qwen2_moe "
+            "(or leave shared_experts unset)."
+        )
+    if isinstance(entries, (str, Mapping)):
+        entries = [entries]
+    valid = [BASE_EXPERT, *source_names]
+    ffns: list[SharedFFN] = []
+    for entry in entries:
+        if isinstance(entry, Mapping):
+            unknown = set(entry) - {"source", "residual_scale"}
+            if "source" not in entry or unknown:
+                raise ValueError(
+                    f"shared_experts entry {dict(entry)!r}: give a pool name or "
+                    "{source: <pool name>, residual_scale: <number>}."
+                )
+            name, scale = entry["source"], float(entry.get("residual_scale", 1.0))
+        else:
+            name, scale = entry, 1.0
+        if name not in valid:
+            raise ValueError(
+                f"shared_experts names {name!r}, which is not in the model pool; valid: "
+                f"{', '.join(valid)}."
+            )
+        if any(f.name == name for f in ffns):
+            raise ValueError(f"shared_experts lists {name!r} twice.")
+        if not math.isfinite(scale):
+            raise ValueError(f"shared_experts: residual_scale of {name!r} must be finite.")
+        ffns.append(SharedFFN(name, None if name == BASE_EXPERT else name, scale))
+    if not ffns:
+        raise ValueError(
+            "shared_experts is empty; list at least one pool name (default: _pretrained_)."
+        )
+    return tuple(ffns)

@@ -148,11 +148,18 @@ def upcycle(args: argparse.Namespace) -> list[float]:
     from safetensors import safe_open  # noqa: F401
 
     from . import arch as arch_registry
-    from .build import check_compatible, prompt_free_router_rows, stream_moe_checkpoint
+    from .build import (
+        check_compatible,
+        output_config,
+        prompt_free_router_rows,
+        stream_moe_checkpoint,
+    )
     from .io.checkpoint import check_destination
+    from .io.lora import is_adapter_dir
     from .io.sources import (
         SourceError,
         is_safetensors_dir,
+        open_adapter,
         open_directory,
         read_config_json,
         resolve_dtype,
@@ -166,10 +173,18 @@ def upcycle(args: argparse.Namespace) -> list[float]:
     check_destination(args.output, args.overwrite)
     source_dirs = _parse_sources(args.source)
     for name, directory in {"_pretrained_": Path(args.base), **source_dirs}.items():
+        if name != "_pretrained_" and is_adapter_dir(directory):
+            continue  # a PEFT LoRA adapter, checked when opened over the base
         if not is_safetensors_dir(directory):
             raise SourceError(
                 f"Model '{name}': {directory} is not a Hugging Face directory with safetensors "
-                "weights (model.safetensors or model.safetensors.index.json)."
+                "weights (model.safetensors or model.safetensors.index.json)"
+                + (
+                    " but a PEFT adapter; the base must be a full model"
+                    if is_adapter_dir(directory)
+                    else ""
+                )
+                + "."
             )
     raw = read_config_json("_pretrained_", args.base)
     missing = [f for f in STRUCTURE_FIELDS[:4] if not hasattr(raw, f)]
@@ -183,9 +198,12 @@ def upcycle(args: argparse.Namespace) -> list[float]:
         arch = arch_registry.resolve(args.architecture, base.config.model_type)
         base_vocab = _vocab(Path(args.base))
         for name, directory in source_dirs.items():
-            sources[name] = open_directory(
-                name, directory, config=read_config_json(name, directory)
-            )
+            if is_adapter_dir(directory):
+                sources[name] = open_adapter(name, directory, base, Path(args.base))
+            else:
+                sources[name] = open_directory(
+                    name, directory, config=read_config_json(name, directory)
+                )
             check_compatible(base, sources[name])
             vocab = _vocab(directory)
             if base_vocab is not None and vocab is not None and vocab != base_vocab:
@@ -206,10 +224,8 @@ def upcycle(args: argparse.Namespace) -> list[float]:
         log.info("%s", plan.describe(dtype))
         rows = prompt_free_router_rows(plan, cfg.num_hidden_layers, cfg.hidden_size)
 
-        def output_config() -> Any:
-            real = _checked_base_config(loader, raw)
-            size = real.intermediate_size // plan.granularity
-            return arch.build_config(real, plan.num_experts, plan.experts_per_token, size, dtype)
+        def final_config() -> Any:
+            return output_config(plan, arch, _checked_base_config(loader, raw), dtype)
 
         return stream_moe_checkpoint(
             plan,
@@ -224,7 +240,7 @@ def upcycle(args: argparse.Namespace) -> list[float]:
             base_dir=args.base,
             overwrite=args.overwrite,
             max_shard_bytes=int(args.max_shard_size * 1e9),
-            config=output_config,
+            config=final_config,
         )
     finally:
         for src in (base, *sources.values()):

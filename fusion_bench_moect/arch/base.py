@@ -91,6 +91,8 @@ class OutputArchitecture(ABC):
     #: Attribute of the decoder layer holding the MoE block in transformers 4.
     block_attr_v4: ClassVar[str] = "mlp"
     has_shared_expert: ClassVar[bool] = False
+    #: Whether some decoder layers can stay dense (transformers' ``mlp_only_layers``).
+    supports_dense_layers: ClassVar[bool] = False
     #: Parameters the base may lack that are filled with zeros (name suffixes).
     zero_fill_suffixes: ClassVar[tuple[str, ...]] = ()
 
@@ -119,10 +121,13 @@ class OutputArchitecture(ABC):
         experts_per_token: int,
         expert_size: int,
         dtype: torch.dtype,
+        extra: dict[str, Any] | None = None,
     ) -> Any:
-        """The MoE config: everything of the base config plus this family's MoE keys."""
+        """The MoE config: everything of the base config plus this family's MoE keys (and
+        ``extra`` keys of the plan, e.g. ``mlp_only_layers``)."""
         fields = {k: v for k, v in base_config.to_dict().items() if k not in _DROPPED_CONFIG_KEYS}
         fields.update(self.moe_config(base_config, num_experts, experts_per_token, expert_size))
+        fields.update(extra or {})
         config = self.config_class()(**fields)
         config.architectures = [self.model_class_name]
         # Newer configs keep ``dtype`` and make ``torch_dtype`` a deprecated alias.

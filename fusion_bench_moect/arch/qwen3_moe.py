@@ -11,6 +11,7 @@ class Qwen3MoeArchitecture(OutputArchitecture):
     name = "qwen3_moe"
     config_class_name = "Qwen3MoeConfig"
     model_class_name = "Qwen3MoeForCausalLM"
+    supports_dense_layers = True
 
     def layer_tensor_names(self, config: Any) -> tuple[str, ...]:
         names = COMMON_LAYER_TENSORS + ("self_attn.q_norm.weight", "self_attn.k_norm.weight")

@@ -253,15 +253,21 @@ def open_directory(name: str, path: str | os.PathLike, config: Any = None) -> Sa
     return SafetensorsSource(name, config, path)
 
 
-def open_source(modelpool: Any, name: str) -> TensorSource:
-    """Open pool entry ``name`` lazily when it is a safetensors directory, else load it.
+def open_source(modelpool: Any, name: str, base: TensorSource | None = None) -> TensorSource:
+    """Open pool entry ``name`` lazily when it is a safetensors directory or a PEFT LoRA
+    adapter directory (read over ``base``), else load it through the pool.
 
     Raises:
         SourceError: If the entry cannot be read.
     """
     path = pool_model_path(modelpool, name)
-    if path is not None and is_safetensors_dir(path):
-        return open_directory(name, path)
+    if path is not None:
+        from .lora import is_adapter_dir
+
+        if is_adapter_dir(path):
+            return open_adapter(name, path, base, pool_model_path(modelpool, "_pretrained_"))
+        if is_safetensors_dir(path):
+            return open_directory(name, path)
     try:
         module = modelpool.load_model(name)
     except Exception as err:
@@ -271,6 +277,24 @@ def open_source(modelpool: Any, name: str) -> TensorSource:
             f"Model '{name}' loaded as {type(module).__name__}, not a transformers causal LM."
         )
     return ModuleSource(name, module)
+
+
+def open_adapter(
+    name: str, path: str | os.PathLike, base: TensorSource | None, base_path: Path | None
+) -> TensorSource:
+    """Open a PEFT LoRA adapter directory as a source over ``base`` (``io/lora.py``).
+
+    Raises:
+        SourceError: If there is no base to apply it to, or the adapter does not fit.
+    """
+    from .lora import LoraSource
+
+    if base is None:
+        raise SourceError(
+            f"Model '{name}' at {path} is a PEFT adapter, not a full model: the base "
+            "(_pretrained_) must be a full model; adapters can only be sources."
+        )
+    return LoraSource(name, path, base, base_path)
 
 
 #: Output dtype names accepted by ``dtype`` parameters.
