@@ -221,3 +221,21 @@ def test_task_pool_routing_statistics_skip_dense_layers(saved, tmp_path):
         show_progress=False,
     ).evaluate(moe)
     assert [layer["layer"] for layer in report["routing"]["layers"]] == [0, 2]
+
+
+def test_lean_cli_options(saved, tmp_path):
+    from fusion_bench_moect.upcycle import main
+
+    dense = make_model("llama", layers=3)
+    base, ft = saved(dense), saved(perturbed(dense, 1))
+    out = tmp_path / "out"
+    args = [base, str(out), "--source", f"ft={ft}", "--architecture", "qwen2_moe", "-q"]
+    assert main([*args, "--moe-layers", "0,2", "--shared-experts", "_pretrained_", "ft=0.5"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["mlp_only_layers"] == [1]
+    assert config["shared_expert_intermediate_size"] == 2 * dense.config.intermediate_size
+    assert config["moe_ct"]["shared_experts"][1] == {
+        "name": "ft",
+        "source": "ft",
+        "residual_scale": 0.5,
+    }
