@@ -103,12 +103,21 @@ class MoEPlan:
         return [f"{grp.name}/{j}" for grp in self.groups for j in range(self.granularity)]
 
     def describe(self, dtype: Any) -> str:
-        """One log line: output family, experts, top-k, dtype, gate mode."""
-        return (
+        """One log line: output family, experts, top-k, dtype, gate mode (and the dense layers
+        and a shared expert of several FFNs, when there are)."""
+        line = (
             f"output {self.architecture}, {self.num_experts} experts ({len(self.groups)} groups x "
             f"granularity {self.granularity}), top-{self.experts_per_token}, dtype "
             f"{str(dtype).replace('torch.', '')}, gate_mode {self.gate_mode}"
         )
+        if self.dense_layers:
+            line += (
+                f", MoE in {len(self.moe_layers)} of {self.num_layers} layers "
+                f"({', '.join(map(str, self.moe_layers))})"
+            )
+        if self.shared_ffns != BASE_SHARED:
+            line += f", shared expert = {' + '.join(f.name for f in self.shared_ffns)}"
+        return line
 
     def record(self, params: Mapping[str, Any], condition_numbers: Sequence[float]) -> dict:
         """The JSON-able record stored as ``config.moe_ct`` in the output model."""
