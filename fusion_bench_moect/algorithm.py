@@ -126,7 +126,7 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
             )
             dtype = self._output_dtype(modelpool, base)
             self._log_plan(plan, arch, dtype)
-            rows = self._router_rows(plan, modelpool, base, tokenizer)
+            rows, shared_gate_rows = self._router_rows(plan, arch, modelpool, base, tokenizer)
             if streaming:
                 conds = stream_moe_checkpoint(
                     plan,
@@ -140,9 +140,12 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
                     tokenizer=tokenizer,
                     base_dir=pool_model_path(modelpool, "_pretrained_"),
                     overwrite=self.overwrite,
+                    shared_gate_rows=shared_gate_rows,
                 )
             else:
-                model = build_moe_model(plan, arch, base, sources, rows, dtype)
+                model = build_moe_model(
+                    plan, arch, base, sources, rows, dtype, shared_gate_rows=shared_gate_rows
+                )
         finally:
             for src in (base, *sources.values()):
                 src.close()
@@ -213,15 +216,30 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
         return resolve_dtype(requested, base)
 
     def _router_rows(
-        self, plan: MoEPlan, modelpool: Any, base: TensorSource, tokenizer: Any
-    ) -> list[torch.Tensor]:
-        cfg = base.config
-        if plan.gate_mode not in PROMPT_GATE_MODES:
-            return prompt_free_router_rows(plan, cfg.num_hidden_layers, cfg.hidden_size)
-        from .prompt_gates import parse_prompts, prompt_router_rows
+        self, plan: MoEPlan, arch: Any, modelpool: Any, base: TensorSource, tokenizer: Any
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Per layer, the router rows of the expert groups and (when ``prompts`` has a
+        ``shared_expert`` entry) the (1, H) Qwen2-MoE shared-expert gate."""
+        from .prompt_gates import SHARED_EXPERT_PROMPTS, parse_prompts, prompt_router_rows
 
+        cfg = base.config
+        raw = to_plain(self.prompts)
+        wants_shared = isinstance(raw, dict) and SHARED_EXPERT_PROMPTS in raw
+        if wants_shared and not arch.has_shared_expert:
+            raise ValueError(
+                f"prompts.{SHARED_EXPERT_PROMPTS} sets the shared expert's gate, which the "
+                f"{arch.name} output has not; use architecture: qwen2_moe or drop that entry."
+            )
+        if plan.gate_mode not in PROMPT_GATE_MODES:
+            if wants_shared:
+                raise ValueError(
+                    f"prompts.{SHARED_EXPERT_PROMPTS} needs gate_mode hidden or cheap_embed "
+                    f"(gate_mode is {plan.gate_mode!r}); set one, or drop that entry."
+                )
+            return prompt_free_router_rows(plan, cfg.num_hidden_layers, cfg.hidden_size), None
+        names = [g.name for g in plan.groups]
         prompts = parse_prompts(
-            to_plain(self.prompts), [g.name for g in plan.groups], plan.gate_mode
+            raw, names + [SHARED_EXPERT_PROMPTS] if wants_shared else names, plan.gate_mode
         )
         if tokenizer is None:
             raise ValueError(
@@ -230,9 +248,12 @@ class OrthogonalMoECTMergingAlgorithm(MixtralForCausalLMMergingAlgorithm):
             )
         dense = modelpool.load_model("_pretrained_")
         try:
-            return prompt_router_rows(dense, tokenizer, prompts, plan.gate_mode)
+            rows = prompt_router_rows(dense, tokenizer, prompts, plan.gate_mode)
         finally:
             del dense
+        if not wants_shared:
+            return rows, None
+        return [r[:-1] for r in rows], [r[-1:] for r in rows]
 
     def _log_plan(self, plan: MoEPlan, arch: Any, dtype: torch.dtype) -> None:
         anchors = [plan.expert_names[i] for i in plan.anchor_indices]

@@ -262,12 +262,14 @@ def iter_moe_output(
     group_router_rows: Sequence[torch.Tensor],
     dtype: torch.dtype,
     non_ffn: Sequence[NonFFNTensor],
+    shared_gate_rows: Sequence[torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor] | MoELayerOutput]:
     """The engine: every output tensor, in order, computed on demand.
 
-    Yields ``(name, tensor)`` for each entry of ``non_ffn`` (see ``plan_non_ffn``), then one
-    ``MoELayerOutput`` per decoder layer. Consume each layer's ``groups`` before asking for
-    the next item.
+    Yields ``(name, tensor)`` for each entry of ``non_ffn`` (see ``plan_non_ffn``), then, per
+    decoder layer, one ``MoELayerOutput`` (or the base FFN's tensors for a dense layer).
+    Consume each layer's ``groups`` before asking for the next item. ``shared_gate_rows``:
+    per layer, a (1, H) Qwen2-MoE shared-expert gate from prompts (default: the initial gate).
     """
     tied_base = bool(getattr(base.config, "tie_word_embeddings", False))
     for item in tqdm(non_ffn, desc="Copying attention/embeddings", leave=False):
@@ -291,7 +293,15 @@ def iter_moe_output(
                 yield ffn_key(layer, proj), base.get(ffn_key(layer, proj)).to(dtype)
             continue
         yield moe_layer(
-            plan, arch, base, sources, layer, group_router_rows[layer], dtype, permutation
+            plan,
+            arch,
+            base,
+            sources,
+            layer,
+            group_router_rows[layer],
+            dtype,
+            permutation,
+            None if shared_gate_rows is None else shared_gate_rows[layer],
         )
 
 
@@ -302,6 +312,7 @@ def build_moe_model(
     sources: Mapping[str, TensorSource],
     group_router_rows: Sequence[torch.Tensor],
     dtype: torch.dtype,
+    shared_gate_rows: Sequence[torch.Tensor] | None = None,
 ) -> torch.nn.Module:
     """Create the MoE causal LM in memory (the in-memory sink of the engine).
 
@@ -313,6 +324,8 @@ def build_moe_model(
         group_router_rows: Per layer, float32 (num_groups, H) router rows before gate_scale,
             granularity expansion and anchor scaling.
         dtype: Output dtype.
+        shared_gate_rows: Qwen2-MoE: per layer, a (1, H) shared-expert gate weight from
+            prompts; default the initial gate (sigmoid 1/2).
 
     Returns:
         The MoE model (eval mode, on CPU).
@@ -330,7 +343,10 @@ def build_moe_model(
     ]
     non_ffn = plan_non_ffn(arch, base, output_names)
     with engine_threads():
-        for item in iter_moe_output(plan, arch, base, sources, group_router_rows, dtype, non_ffn):
+        items = iter_moe_output(
+            plan, arch, base, sources, group_router_rows, dtype, non_ffn, shared_gate_rows
+        )
+        for item in items:
             if isinstance(item, MoELayerOutput):
                 arch.install(model.model.layers[item.index], item.stack())
             else:
@@ -460,6 +476,7 @@ def stream_moe_checkpoint(
     overwrite: bool = False,
     max_shard_bytes: int | None = None,
     config: Any = None,
+    shared_gate_rows: Sequence[torch.Tensor] | None = None,
 ) -> list[float]:
     """Write the MoE model as a Hugging Face checkpoint without building it in memory (the
     streaming sink of the engine).
@@ -468,7 +485,8 @@ def stream_moe_checkpoint(
     of the base per layer plus the base's non-FFN tensors, whatever the number of experts.
 
     Args:
-        plan, arch, base, sources, group_router_rows, dtype: As for ``build_moe_model``.
+        plan, arch, base, sources, group_router_rows, dtype, shared_gate_rows: As for
+            ``build_moe_model``.
         directory: The checkpoint directory (written atomically).
         params: The algorithm parameters, recorded in ``config.json`` under ``moe_ct``.
         tokenizer: A tokenizer to save with the model.
@@ -494,7 +512,10 @@ def stream_moe_checkpoint(
     conds: list[float] = []
 
     def items() -> Iterator[tuple[str, torch.Tensor] | MoELayerOutput]:
-        for item in iter_moe_output(plan, arch, base, sources, group_router_rows, dtype, non_ffn):
+        items = iter_moe_output(
+            plan, arch, base, sources, group_router_rows, dtype, non_ffn, shared_gate_rows
+        )
+        for item in items:
             if isinstance(item, MoELayerOutput):
                 conds.append(condition_number(item.router[:: plan.granularity]))
             yield item
@@ -535,6 +556,7 @@ def moe_layer(
     group_rows: torch.Tensor,
     dtype: torch.dtype,
     permutation: torch.Tensor | None,
+    shared_gate_row: torch.Tensor | None = None,
 ) -> MoELayerOutput:
     """One MoE layer: routers and (for Qwen2-MoE) the shared expert now, experts lazily."""
     g = plan.granularity
@@ -548,7 +570,10 @@ def moe_layer(
 
         # The initial shared gate gives sigmoid = 1/2 (see ops/shared.shared_expert_scales).
         shared = _shared_expert(plan, sources, layer, base_ffn, dtype)
-        shared_gate = initial_shared_gate(hidden, dtype)
+        if shared_gate_row is None:
+            shared_gate = initial_shared_gate(hidden, dtype)
+        else:
+            shared_gate = shared_gate_row.reshape(1, hidden).to(dtype)
     return MoELayerOutput(
         index=layer,
         router=router,

@@ -17,6 +17,10 @@ from .ops.routers import normalise_rows
 
 log = logging.getLogger(__name__)
 
+#: ``prompts`` entry whose prompts set the Qwen2-MoE shared expert's gate (mergekit-moe's
+#: shared-expert prompts); without it the gate starts at ~0 (sigmoid 1/2).
+SHARED_EXPERT_PROMPTS = "shared_expert"
+
 
 def parse_prompts(
     prompts: Mapping[str, Any] | None, group_names: Sequence[str], mode: str

@@ -239,3 +239,44 @@ def test_lean_cli_options(saved, tmp_path):
         "source": "ft",
         "residual_scale": 0.5,
     }
+
+
+def test_shared_expert_gate_from_prompts(saved, tmp_path):
+    from conftest import train_tokenizer
+
+    from fusion_bench_moect.prompt_gates import prompt_router_rows
+
+    dense = make_model("llama")
+    tok = train_tokenizer(tmp_path / "tok")
+    shared = ["This License applies to any program or other work."]
+    prompts = {
+        "expert_0": ["You may convey verbatim copies of the Program's source code."],
+        "expert_1": ["Everyone is permitted to copy and distribute."],
+        "shared_expert": shared,
+    }
+    base = saved(dense)
+    algo = OrthogonalMoECTMergingAlgorithm(
+        num_experts=2, gate_mode="hidden", prompts=prompts, architecture="qwen2_moe"
+    )
+    moe = algo.run(pool({"_pretrained_": base}, tokenizer=str(tmp_path / "tok")))
+    expected = prompt_router_rows(dense, tok, [(shared, [])], "hidden")
+    for layer, row in zip(moe.model.layers, expected, strict=True):
+        assert torch.allclose(layer.mlp.shared_expert_gate.weight, row.to(torch.float32))
+        assert layer.mlp.shared_expert_gate.weight.norm().item() == pytest.approx(1.0)
+    # the routers are those without the shared entry
+    del prompts["shared_expert"]
+    algo = OrthogonalMoECTMergingAlgorithm(
+        num_experts=2, gate_mode="hidden", prompts=prompts, architecture="qwen2_moe"
+    )
+    plain = algo.run(pool({"_pretrained_": base}, tokenizer=str(tmp_path / "tok")))
+    assert torch.equal(plain.model.layers[0].mlp.gate.weight, moe.model.layers[0].mlp.gate.weight)
+    assert plain.model.layers[0].mlp.shared_expert_gate.weight.abs().max() < 1e-20
+    prompts["shared_expert"] = shared
+    for params, match in [
+        (dict(architecture="mixtral", gate_mode="hidden"), "which the mixtral output has not"),
+        (dict(architecture="qwen2_moe", gate_mode="orthogonal"), "needs gate_mode hidden"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            OrthogonalMoECTMergingAlgorithm(num_experts=2, prompts=prompts, **params).run(
+                pool({"_pretrained_": base}, tokenizer=str(tmp_path / "tok"))
+            )
