@@ -263,6 +263,22 @@ def test_shared_expert_gate_from_prompts(saved, tmp_path):
     for layer, row in zip(moe.model.layers, expected, strict=True):
         assert torch.allclose(layer.mlp.shared_expert_gate.weight, row.to(torch.float32))
         assert layer.mlp.shared_expert_gate.weight.norm().item() == pytest.approx(1.0)
+    # the streaming sink writes the same gate
+    out = tmp_path / "streamed"
+    OrthogonalMoECTMergingAlgorithm(
+        num_experts=2,
+        gate_mode="hidden",
+        prompts=prompts,
+        architecture="qwen2_moe",
+        save_checkpoint=str(out),
+        streaming=True,
+    ).run(pool({"_pretrained_": base}, tokenizer=str(tmp_path / "tok")))
+    from safetensors.torch import load_file
+
+    written = load_file(out / "model.safetensors")
+    for i, layer in enumerate(moe.model.layers):
+        key = f"model.layers.{i}.mlp.shared_expert_gate.weight"
+        assert torch.equal(written[key], layer.mlp.shared_expert_gate.weight)
     # the routers are those without the shared entry
     del prompts["shared_expert"]
     algo = OrthogonalMoECTMergingAlgorithm(
