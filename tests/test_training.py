@@ -218,3 +218,31 @@ def test_evaluation_during_training_writes_curves(saved, tok_dir, tmp_path):
     history = json.loads((out / "training_history.json").read_text())
     assert history["eval"] == algo.evaluations
     assert (out / "training_history.png").stat().st_size > 10_000
+
+
+def test_a_given_fabric_and_its_logger_are_used(saved, tok_dir, tmp_path):
+    """The algorithm trains on the Fabric it is handed (as the FusionBench program does) and
+    logs every step to its loggers, also metrics that are undefined (no anchors)."""
+    import lightning as L
+    from lightning.fabric.loggers import CSVLogger
+
+    moe_dir, _ = build(saved, tok_dir)
+    algo = MoECTTrainingAlgorithm(
+        train_sources=[{"text": real_text()}],
+        max_steps=2,
+        batch_size=2,
+        seq_len=16,
+        anchor_experts=[],
+        log_every=1,
+    )
+    algo.fabric = L.Fabric(
+        accelerator="cpu", devices=1, loggers=CSVLogger(tmp_path, name="run", version=0)
+    )
+    algo.fabric.launch()
+    algo.run(pool({"_pretrained_": moe_dir}, tokenizer=tok_dir))
+    algo.fabric.logger.finalize("success")
+    rows = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"train/loss", "train/lr", "train/mean_cv", "train/tokens_per_s"} <= set(header)
+    assert "train/mean_anchor_share" not in header and len(rows) == 3
+    assert (tmp_path / "run" / "version_0" / "training_history.png").is_file()

@@ -494,8 +494,9 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
                     stats, step, coef, optimizer, time.perf_counter() - started
                 )
                 self.history.append(record)
-                fabric.log_dict(
-                    {f"train/{k}": v for k, v in record.items() if k != "step"}, step=step
+                fabric.log_dict(  # None: a metric without meaning here (no anchors)
+                    {f"train/{k}": v for k, v in record.items() if k != "step" and v is not None},
+                    step=step,
                 )
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
