@@ -8,8 +8,9 @@
 The same job for every tool: SmolLM2-135M-Instruct (bf16) upcycled into 8 experts, top-2,
 random gates, bf16, saved to disk. Each run is a whole process, timed from spawn to exit
 (wall) with its peak RSS from ``wait4`` (that process alone). Tools are interleaved (ours,
-theirs, ours, ...) for ``--rounds`` rounds and medians are reported, with the ratios
-ours/theirs from this one run. Before every run the previous output is deleted and the page
+theirs, ours, ...) for ``--rounds`` rounds (default 5); each row gives min / median / max, the
+ratios ours/mergekit of medians and of minimums come from this one run, and a row whose
+spread exceeds 30% is flagged. Side-by-side tables at 8 and 32 experts (``--experts``). Before every run the previous output is deleted and the page
 cache flushed to disk (``sync``), so no run pays for another's writes.
 
 Also printed: the I/O floor (bytes written + read over the throughput of a plain file copy of
@@ -167,13 +168,21 @@ def mergekit_config(base: Path, experts: int, path: Path) -> Path:
     return path
 
 
-def compare_jobs(base: Path, work: Path, experts: int) -> dict[str, tuple[list[str], Path, dict]]:
+#: Jobs run only at the smallest expert count: FusionBench's own upcycling writes float32
+#: (10 GB at 32 experts) and mergekit's single-thread variant only gives a second reference.
+SMALL_ONLY = (MERGEKIT_1T, FUSIONBENCH)
+IMPORT_FUSIONBENCH = "import CausalLMPool + OrthogonalMoECTMergingAlgorithm only (no work)"
+
+
+def compare_jobs(
+    base: Path, work: Path, experts: int, small: bool = True
+) -> dict[str, tuple[list[str], Path, dict]]:
     """name -> (command, output directory, extra environment). Ours and theirs alternate."""
     names = ("lean", "api", "mergekit", "mergekit1", "cli", "stream", "fb")
     out = {name: work / name for name in names}
     mergekit_yml = str(mergekit_config(base, experts, work / "mergekit.yml"))
     fusion_bench = str(VENV / "bin" / "fusion_bench")
-    return {
+    jobs = {
         "ours: python -m fusion_bench_moect.upcycle (streaming)": (
             [py(VENV), "-m", "fusion_bench_moect.upcycle", str(base), str(out["lean"])]
             + ["--num-experts", str(experts), "--gate-mode", "random", "--dtype", "bfloat16"],
@@ -224,45 +233,71 @@ def compare_jobs(base: Path, work: Path, experts: int) -> dict[str, tuple[list[s
             {},
         ),
     }
+    if small:
+        jobs[IMPORT_FUSIONBENCH] = (
+            [
+                py(VENV),
+                "-c",
+                "from fusion_bench.modelpool import CausalLMPool; "
+                "from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm",
+            ],
+            None,
+            {},
+        )
+    else:
+        jobs = {name: job for name, job in jobs.items() if name not in SMALL_ONLY}
+    return jobs
 
 
-def compare(args: argparse.Namespace, work: Path) -> dict:
+def spread(values: list[float]) -> dict:
+    """min / median / max, and whether (max - min) / median exceeds 30%."""
+    median = statistics.median(values)
+    return {
+        "min": min(values),
+        "median": median,
+        "max": max(values),
+        "noisy": (max(values) - min(values)) > 0.3 * median,
+    }
+
+
+def compare(args: argparse.Namespace, work: Path, experts: int, small: bool) -> dict:
     base = smollm2_dir()
-    jobs = compare_jobs(base, work, args.experts)
+    jobs = compare_jobs(base, work, experts, small)
     runs: dict[str, list[dict]] = {name: [] for name in jobs}
-    log(f"== side by side: SmolLM2-135M bf16 -> {args.experts} experts, {args.rounds} rounds")
+    log(f"== side by side: SmolLM2-135M bf16 -> {experts} experts, {args.rounds} rounds")
     for r in range(args.rounds):
         for name, (cmd, out, env) in jobs.items():
             result = measure(cmd, out, env=env)
             runs[name].append(result)
             log(
                 f"  round {r + 1}: {name:62s} {result['wall_s']:6.2f} s "
-                f"{result['peak_rss'] / 1e9:5.2f} GB"
+                f"{result['peak_rss'] / 1e9:5.2f} GB  (load {os.getloadavg()[0]:.1f})"
             )
     summary = {}
     for name, results in runs.items():
         summary[name] = {
+            "wall": spread([r["wall_s"] for r in results]),
+            "rss": spread([r["peak_rss"] for r in results]),
             "wall_s": statistics.median(r["wall_s"] for r in results),
             "wall_all": [round(r["wall_s"], 2) for r in results],
             "peak_rss": statistics.median(r["peak_rss"] for r in results),
             "baseline_rss": statistics.median(r.get("baseline_rss", 0) for r in results),
-            "output_bytes": results[-1]["output_bytes"],
+            "output_bytes": results[-1].get("output_bytes", 0),
         }
     base_bytes = weights_bytes(base)
     written = summary[MERGEKIT]["output_bytes"]
-    throughput = copy_throughput(written, work, args.rounds)
+    throughput = copy_throughput(written, work, 3 if small else 1)
     floor = (written + base_bytes) / throughput
     log("== correctness: max |logit difference| to the dense model (float32 compute)")
-    check = measure(
-        [py(VENV), str(JOBS), "check", str(base)] + [str(job[1]) for job in jobs.values()], None
-    )
+    outputs = [job[1] for job in jobs.values() if job[1] is not None]
+    check = measure([py(VENV), str(JOBS), "check", str(base)] + [str(o) for o in outputs], None)
     for name, (_, out, _) in jobs.items():
-        summary[name]["max_logit_diff"] = check.get(str(out))
-    for _, out, _ in jobs.values():
-        shutil.rmtree(out, ignore_errors=True)
+        if out is not None:
+            summary[name]["max_logit_diff"] = check.get(str(out))
+            shutil.rmtree(out, ignore_errors=True)
     return {
-        "job": f"SmolLM2-135M-Instruct bf16 -> {args.experts} experts, top-2, random gates, "
-        "bf16, saved",
+        "experts": experts,
+        "job": f"SmolLM2-135M-Instruct bf16 -> {experts} experts, top-2, random gates, bf16, saved",
         "rounds": args.rounds,
         "base_bytes": base_bytes,
         "copy_throughput": throughput,
@@ -324,39 +359,37 @@ def scaling(args: argparse.Namespace, work: Path) -> list[dict]:
 
 def compare_table(result: dict) -> str:
     tools = result["tools"]
-    theirs = {
-        "mergekit": tools[MERGEKIT],
-        "mergekit 1 thread": tools[MERGEKIT_1T],
-        "FusionBench": tools[FUSIONBENCH],
-    }
-    header = "| tool | wall s (runs) | peak RSS GB | output GB | max logit diff |"
-    for ref in theirs:
-        header += f" wall / {ref} | RSS / {ref} |"
+    ref = tools[MERGEKIT]
     lines = [
-        f"Job: {result['job']}; {result['rounds']} interleaved rounds, medians.",
+        f"Job: {result['job']}; {result['rounds']} interleaved rounds; min / median / max per "
+        "row; ratios to mergekit-moe from this run (median / median, min / min); rows whose "
+        "spread (max - min) exceeds 30% of the median are flagged.",
         "",
-        header,
-        "|" + " --- |" * (5 + 2 * len(theirs)),
+        "| tool | wall s min / median / max | peak RSS GB min / median / max | output GB "
+        "| max logit diff | wall / mergekit (median, min) | RSS / mergekit (median) | spread > 30% |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, t in tools.items():
         ours = name.startswith("ours")
         diff = t.get("max_logit_diff")
-        diff_text = f"{diff:.2e}" if isinstance(diff, float) else str(diff)
+        diff_text = f"{diff:.2e}" if isinstance(diff, float) else str(diff or "")
+        w, m = t["wall"], t["rss"]
         cells = [
             name,
-            f"{t['wall_s']:.2f} ({', '.join(f'{w:.1f}' for w in t['wall_all'])})",
-            f"{t['peak_rss'] / 1e9:.2f}",
-            f"{t['output_bytes'] / 1e9:.2f}",
+            f"{w['min']:.2f} / {w['median']:.2f} / {w['max']:.2f}",
+            f"{m['min'] / 1e9:.2f} / {m['median'] / 1e9:.2f} / {m['max'] / 1e9:.2f}",
+            f"{t['output_bytes'] / 1e9:.2f}" if t["output_bytes"] else "",
             diff_text,
         ]
-        for ref in theirs.values():
-            if ours:
-                cells += [
-                    f"**{t['wall_s'] / ref['wall_s']:.2f}x**",
-                    f"**{t['peak_rss'] / ref['peak_rss']:.2f}x**",
-                ]
-            else:
-                cells += ["", ""]
+        if ours:
+            cells += [
+                f"**{w['median'] / ref['wall']['median']:.2f}x**, "
+                f"{w['min'] / ref['wall']['min']:.2f}x",
+                f"**{m['median'] / ref['rss']['median']:.2f}x**",
+            ]
+        else:
+            cells += ["", ""]
+        cells.append("**yes**" if w["noisy"] else "no")
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -364,6 +397,12 @@ def compare_table(result: dict) -> str:
         f"{result['base_bytes'] / 1e9:.2f} GB read at {result['copy_throughput'] / 1e9:.2f} GB/s "
         f"(plain copy of the same size, read + write) = {result['io_floor_s']:.2f} s.",
     ]
+    if IMPORT_FUSIONBENCH in tools:
+        lines.append(
+            f"FusionBench's import alone (a process that only imports fusion_bench_moect and "
+            f"CausalLMPool): {tools[IMPORT_FUSIONBENCH]['wall']['median']:.2f} s median; every "
+            "Python-API and fusion_bench CLI row carries it."
+        )
     api = tools["ours: Python API run() (in memory + save)"]
     out_b, base_b = api["output_bytes"], result["base_bytes"]
     above = api["peak_rss"] - api["baseline_rss"]
@@ -430,8 +469,13 @@ def scaling_table(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=("compare", "scaling"), default=None)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (compare)")
-    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (compare)")
+    parser.add_argument(
+        "--experts",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[8, 32],
+        help="expert counts of the side-by-side tables (comma-separated)",
+    )
     parser.add_argument(
         "--scaling-experts",
         type=lambda s: [int(x) for x in s.split(",")],
@@ -452,9 +496,11 @@ def main() -> int:
     report: dict = {"date": stamp, "machine": machine()}
     try:
         if args.only in (None, "compare"):
-            report["compare"] = compare(args, work)
-            table = compare_table(report["compare"])
-            log("\n" + table + "\n")
+            report["compare"] = [
+                compare(args, work, experts, small=i == 0) for i, experts in enumerate(args.experts)
+            ]
+            for result in report["compare"]:
+                log("\n" + compare_table(result) + "\n")
         if args.only in (None, "scaling"):
             report["scaling"] = scaling(args, work)
             table = scaling_table(report["scaling"])
@@ -467,7 +513,7 @@ def main() -> int:
     path.write_text(json.dumps(report, indent=2) + "\n")
     markdown = []
     if "compare" in report:
-        markdown.append(compare_table(report["compare"]))
+        markdown += [compare_table(result) for result in report["compare"]]
     if "scaling" in report:
         markdown.append(scaling_table(report["scaling"]))
     (RESULTS / f"bench-{stamp}.md").write_text("\n\n".join(markdown) + "\n")
