@@ -1,12 +1,13 @@
 """The engine: compute the MoE model from dense sources one tensor at a time.
 
-``iter_moe_output`` yields the output tensors in order: every non-FFN tensor, then one
-``MoELayerOutput`` per layer whose expert groups are computed lazily, one FFN at a time.
-Two sinks consume it:
+``MoEEngine`` carries what every step needs (plan, output architecture, the opened base and
+sources, router rows, dtype). ``MoEEngine.tensors`` yields the output in order: every
+non-FFN tensor, then one ``MoELayer`` per decoder layer whose expert groups are computed
+lazily, one FFN at a time. Two sinks consume it:
 
-- ``build_moe_model``: the model in memory. It is created on the meta device and every
+- ``MoEEngine.build_model``: the model in memory. It is created on the meta device and every
   parameter is computed, cast once, and installed in place (no second copy).
-- ``stream_moe_checkpoint``: a Hugging Face checkpoint written shard by shard
+- ``MoEEngine.stream``: a Hugging Face checkpoint written shard by shard
   (``io/streaming.py``) without ever holding the model; its peak memory does not grow with
   the number of experts.
 
@@ -26,8 +27,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .arch import MoELayerWeights, OutputArchitecture
-from .arch.base import set_parameter
+from .arch import OutputArchitecture
+from .arch.base import ExpertSlices, MoELayer, set_parameter
+from .inspection import is_moe_param
 from .io.sources import SourceError, TensorSource
 from .ops.fusion import add_noise, drop_neurons, lerp_fuse
 from .ops.routers import expand_groups, random_rows, scale_anchor_rows, seeded_generator
@@ -117,76 +119,6 @@ def engine_threads(num_threads: int | None = None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-@dataclass
-class ExpertGroupWeights:
-    """One expert group (one complete FFN split into G experts), in the output dtype.
-
-    Attributes:
-        gate: (G, I_e, H) gate projections.
-        up: (G, I_e, H) up projections.
-        down: (G, H, I_e) down projections (contiguous per expert).
-    """
-
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-
-
-@dataclass
-class MoELayerOutput:
-    """One MoE layer as the engine yields it: router and shared expert computed, the routed
-    experts computed lazily, one group at a time, by iterating ``groups`` (once).
-
-    Attributes:
-        index: Decoder layer index.
-        router: (E, H) router matrix in the output dtype.
-        groups: The expert groups in expert order; a one-pass iterator.
-        num_experts: E.
-        expert_size: I_e, the intermediate size of one expert.
-        shared: Qwen2-MoE: the shared expert's (gate, up, down).
-        shared_gate: Qwen2-MoE: (1, H) weight of the shared expert's gate.
-    """
-
-    index: int
-    router: torch.Tensor
-    groups: Iterator[ExpertGroupWeights]
-    num_experts: int
-    expert_size: int
-    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    shared_gate: torch.Tensor | None = None
-
-    def experts(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per expert, in order: (gate (I_e, H), up (I_e, H), down (H, I_e))."""
-        for group in self.groups:
-            for j in range(group.gate.shape[0]):
-                yield group.gate[j], group.up[j], group.down[j]
-
-    def stack(self) -> MoELayerWeights:
-        """All experts stacked (the in-memory layout): consumes ``groups``."""
-        hidden, size = self.router.shape[1], self.expert_size
-        dtype = self.router.dtype
-        gate_up = torch.empty(self.num_experts, 2 * size, hidden, dtype=dtype)
-        down = torch.empty(self.num_experts, hidden, size, dtype=dtype)
-        lo = 0
-        for group in self.groups:
-            hi = lo + group.gate.shape[0]
-            gate_up[lo:hi, :size] = group.gate
-            gate_up[lo:hi, size:] = group.up
-            down[lo:hi] = group.down
-            lo = hi
-        if lo != self.num_experts:
-            raise RuntimeError(
-                f"Layer {self.index}: built {lo} experts, planned {self.num_experts}."
-            )
-        return MoELayerWeights(
-            router=self.router,
-            gate_up=gate_up,
-            down=down,
-            shared=self.shared,
-            shared_gate=self.shared_gate,
-        )
-
-
 @dataclass(frozen=True)
 class NonFFNTensor:
     """One non-FFN output tensor: copied from the base (``source`` = its base key) or zeros."""
@@ -254,113 +186,360 @@ def plan_non_ffn(
     return planned
 
 
-def iter_moe_output(
-    plan: MoEPlan,
-    arch: OutputArchitecture,
-    base: TensorSource,
-    sources: Mapping[str, TensorSource],
-    group_router_rows: Sequence[torch.Tensor],
-    dtype: torch.dtype,
-    non_ffn: Sequence[NonFFNTensor],
-    shared_gate_rows: Sequence[torch.Tensor] | None = None,
-) -> Iterator[tuple[str, torch.Tensor] | MoELayerOutput]:
-    """The engine: every output tensor, in order, computed on demand.
+@dataclass
+class MoEEngine:
+    """Everything the engine's steps need: what to build, from what, in which dtype.
 
-    Yields ``(name, tensor)`` for each entry of ``non_ffn`` (see ``plan_non_ffn``), then, per
-    decoder layer, one ``MoELayerOutput`` (or the base FFN's tensors for a dense layer).
-    Consume each layer's ``groups`` before asking for the next item. ``shared_gate_rows``:
-    per layer, a (1, H) Qwen2-MoE shared-expert gate from prompts (default: the initial gate).
-    """
-    tied_base = bool(getattr(base.config, "tie_word_embeddings", False))
-    for item in tqdm(non_ffn, desc="Copying attention/embeddings", leave=False):
-        if item.source is None:
-            yield item.name, torch.zeros(item.shape, dtype=dtype)
-        elif item.name == LM_HEAD and tied_base:
-            # Untied from the embedding: its own memory, or training would update both.
-            yield item.name, base.get(item.source).to(dtype, copy=True)
-        else:
-            yield item.name, base.get(item.source).to(dtype)
-    cfg = base.config
-    permutation = None
-    if plan.permute_neurons:
-        permutation = torch.randperm(
-            cfg.intermediate_size, generator=seeded_generator(plan.seed, STREAM_PERMUTE)
-        )
-    moe_layers = set(plan.moe_layers)
-    for layer in tqdm(range(cfg.num_hidden_layers), desc=f"Building {arch.name} MoE layers"):
-        if layer not in moe_layers:  # a dense layer keeps the base FFN
-            for proj in FFN_PROJ:
-                yield ffn_key(layer, proj), base.get(ffn_key(layer, proj)).to(dtype)
-            continue
-        yield moe_layer(
-            plan,
-            arch,
-            base,
-            sources,
-            layer,
-            group_router_rows[layer],
-            dtype,
-            permutation,
-            None if shared_gate_rows is None else shared_gate_rows[layer],
-        )
-
-
-def build_moe_model(
-    plan: MoEPlan,
-    arch: OutputArchitecture,
-    base: TensorSource,
-    sources: Mapping[str, TensorSource],
-    group_router_rows: Sequence[torch.Tensor],
-    dtype: torch.dtype,
-    shared_gate_rows: Sequence[torch.Tensor] | None = None,
-) -> torch.nn.Module:
-    """Create the MoE causal LM in memory (the in-memory sink of the engine).
-
-    Args:
+    Attributes:
         plan: The validated expert plan.
         arch: The output architecture.
         base: The dense base model B.
         sources: Source experts by pool name.
-        group_router_rows: Per layer, float32 (num_groups, H) router rows before gate_scale,
+        router_rows: Per layer, float32 (num_groups, H) router rows before ``gate_scale``,
             granularity expansion and anchor scaling.
-        dtype: Output dtype.
+        dtype: The output dtype.
         shared_gate_rows: Qwen2-MoE: per layer, a (1, H) shared-expert gate weight from
             prompts; default the initial gate (sigmoid 1/2).
-
-    Returns:
-        The MoE model (eval mode, on CPU).
     """
-    from accelerate import init_empty_weights
 
-    config = output_config(plan, arch, base.config, dtype)
-    with init_empty_weights(include_buffers=False):
-        model = arch.model_class()(config)
-    tie = bool(getattr(config, "tie_word_embeddings", False))
-    output_names = [
-        name
-        for name, _ in model.named_parameters()
-        if not _is_moe_param(name) and not (tie and name == "lm_head.weight")
-    ]
-    non_ffn = plan_non_ffn(arch, base, output_names)
-    with engine_threads():
-        items = iter_moe_output(
-            plan, arch, base, sources, group_router_rows, dtype, non_ffn, shared_gate_rows
-        )
-        for item in items:
-            if isinstance(item, MoELayerOutput):
-                arch.install(model.model.layers[item.index], item.stack())
+    plan: MoEPlan
+    arch: OutputArchitecture
+    base: TensorSource
+    sources: Mapping[str, TensorSource]
+    router_rows: Sequence[torch.Tensor]
+    dtype: torch.dtype
+    shared_gate_rows: Sequence[torch.Tensor] | None = None
+
+    @property
+    def expert_size(self) -> int:
+        return self.base.config.intermediate_size // self.plan.granularity
+
+    def output_config(self, base_config: Any = None) -> Any:
+        """The transformers config of the MoE model (from ``base_config``, default the base's)."""
+        config = base_config if base_config is not None else self.base.config
+        return output_config(self.plan, self.arch, config, self.dtype)
+
+    # -- the tensors ----------------------------------------------------------------------
+
+    def tensors(
+        self, non_ffn: Sequence[NonFFNTensor]
+    ) -> Iterator[tuple[str, torch.Tensor] | MoELayer]:
+        """Every output tensor, in order, computed on demand.
+
+        Yields ``(name, tensor)`` for each entry of ``non_ffn`` (see ``plan_non_ffn``), then
+        one ``MoELayer`` per decoder layer. Consume each layer's ``groups`` before asking for
+        the next item.
+        """
+        tied_base = bool(getattr(self.base.config, "tie_word_embeddings", False))
+        for item in tqdm(non_ffn, desc="Copying attention/embeddings", leave=False):
+            if item.source is None:
+                yield item.name, torch.zeros(item.shape, dtype=self.dtype)
+            elif item.name == LM_HEAD and tied_base:
+                # Untied from the embedding: its own memory, or training would update both.
+                yield item.name, self.base.get(item.source).to(self.dtype, copy=True)
             else:
-                _install(model, *item)
-    if tie:
-        model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if missing:
-        raise ValueError(
-            f"The base model provides no value for {len(missing)} parameter(s) of the "
-            f"{arch.name} output, e.g. '{missing[0]}'."
+                yield item.name, self.base.get(item.source).to(self.dtype)
+        cfg, plan = self.base.config, self.plan
+        permutation = None
+        if plan.permute_neurons:
+            permutation = torch.randperm(
+                cfg.intermediate_size, generator=seeded_generator(plan.seed, STREAM_PERMUTE)
+            )
+        moe_layers = set(plan.moe_layers)
+        for layer in tqdm(
+            range(cfg.num_hidden_layers), desc=f"Building {self.arch.name} MoE layers"
+        ):
+            if layer not in moe_layers:  # a dense layer keeps the base FFN
+                for proj in FFN_PROJ:
+                    yield ffn_key(layer, proj), self.base.get(ffn_key(layer, proj)).to(self.dtype)
+                continue
+            yield self.layer(layer, permutation)
+
+    def layer(self, layer: int, permutation: torch.Tensor | None) -> MoELayer:
+        """One MoE layer: routers and (for Qwen2-MoE) the shared expert now, experts lazily."""
+        plan, dtype = self.plan, self.dtype
+        base_ffn = [self.base.get(ffn_key(layer, p)) for p in FFN_PROJ]
+        hidden = base_ffn[0].shape[1]
+        router = expand_groups(self.router_rows[layer] * plan.gate_scale, plan.granularity)
+        router = scale_anchor_rows(router, plan.anchor_indices, plan.router_aux_scale).to(dtype)
+        shared = shared_gate = None
+        if self.arch.has_shared_expert:
+            from .arch.qwen2_moe import initial_shared_gate
+
+            # The initial shared gate gives sigmoid = 1/2 (see ops/shared.shared_expert_scales).
+            shared = self._shared_expert(layer, base_ffn)
+            if self.shared_gate_rows is None:
+                shared_gate = initial_shared_gate(hidden, dtype)
+            else:
+                shared_gate = self.shared_gate_rows[layer].reshape(1, hidden).to(dtype)
+        return MoELayer(
+            index=layer,
+            router=router,
+            groups=self._expert_groups(layer, base_ffn, permutation),
+            expert_size=self.expert_size,
+            shared=shared,
+            shared_gate=shared_gate,
         )
-    model.eval()
-    return model
+
+    def _shared_expert(
+        self, layer: int, base_ffn: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The shared expert: the FFNs of ``plan.shared_ffns`` side by side (width n x I), each
+        fused with the base as its routed expert is, each down projection scaled to its share."""
+        plan = self.plan
+        alpha = plan.alphas[layer]
+        ffns = [
+            base_ffn
+            if f.source is None
+            else [
+                lerp_fuse(w, self.sources[f.source].get(ffn_key(layer, p)), alpha)
+                for w, p in zip(base_ffn, FFN_PROJ, strict=True)
+            ]
+            for f in plan.shared_ffns
+        ]
+        scales = shared_expert_scales(
+            plan.shared_expert_share, [f.residual_scale for f in plan.shared_ffns]
+        )
+        return concat_ffns(ffns, scales, self.dtype)
+
+    def _expert_groups(
+        self, layer: int, base_ffn: list[torch.Tensor], permutation: torch.Tensor | None
+    ) -> Iterator[ExpertSlices]:
+        plan = self.plan
+        # Each slice of a G-way split gets 1/G of the routing weight, so its output is scaled by G.
+        routed_scale = float(plan.granularity)
+        if self.arch.has_shared_expert:
+            routed_scale *= 1.0 - plan.shared_expert_share
+        exact = all(w.dtype in _EXACT_IN_FLOAT32 for w in base_ffn)
+        copies: dict[float, ExpertSlices] = {}
+        for r, group in enumerate(plan.groups):
+            scale = routed_scale * group.residual_scale
+            dropped = plan.drop_ratio > 0 and r not in plan.anchor_groups  # anchors keep the base
+            if group.source is None and not group.noise_scale and not dropped and exact:
+                # A plain copy of the base FFN: the same for every such group of this layer.
+                if scale not in copies:
+                    copies[scale] = _copied_group(
+                        base_ffn, plan.granularity, scale, self.dtype, permutation
+                    )
+                yield copies[scale]
+            else:
+                full = self._fused_ffn(layer, r, base_ffn)
+                yield self._sliced_group(layer, r, full, scale, dropped, permutation)
+
+    def _fused_ffn(self, layer: int, r: int, base_ffn: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Group ``r``'s full FFN in float32: the base copy or lerp(base, source, alpha_l),
+        plus its noise."""
+        plan, group = self.plan, self.plan.groups[r]
+        if group.source is None:
+            full = [w.to(torch.float32, copy=True) for w in base_ffn]
+        else:
+            src = self.sources[group.source]
+            full = [
+                lerp_fuse(w, src.get(ffn_key(layer, p)), plan.alphas[layer])
+                for w, p in zip(base_ffn, FFN_PROJ, strict=True)
+            ]
+        if group.noise_scale:
+            noise_gen = seeded_generator(plan.seed, STREAM_NOISE, layer, r)
+            for tensor in full:
+                add_noise(tensor, group.noise_scale, noise_gen)
+        return full
+
+    def _sliced_group(
+        self,
+        layer: int,
+        r: int,
+        full: list[torch.Tensor],
+        scale: float,
+        dropped: bool,
+        permutation: torch.Tensor | None,
+    ) -> ExpertSlices:
+        """A full float32 FFN as G expert slices: permuted, down scaled, neurons dropped, cast."""
+        g = self.plan.granularity
+        f_gate, f_up, f_down = full
+        intermediate, hidden = f_gate.shape
+        size = intermediate // g
+        if permutation is not None:
+            f_gate, f_up, f_down = f_gate[permutation], f_up[permutation], f_down[:, permutation]
+        # (I, H) -> (G, I/G, H) and (H, I) -> (G, H, I/G): disjoint contiguous neuron slices.
+        s_gate = f_gate.reshape(g, size, hidden)
+        s_up = f_up.reshape(g, size, hidden)
+        s_down = f_down.reshape(hidden, g, size).permute(1, 0, 2) * scale
+        if dropped:
+            for j in range(g):
+                drop_gen = seeded_generator(self.plan.seed, STREAM_DROP, layer, r * g + j)
+                drop_neurons(s_gate[j], s_up[j], s_down[j], self.plan.drop_ratio, drop_gen)
+        return s_gate.to(self.dtype), s_up.to(self.dtype), s_down.to(self.dtype).contiguous()
+
+    # -- sink 1: the model in memory -------------------------------------------------------
+
+    def build_model(self) -> torch.nn.Module:
+        """Create the MoE causal LM in memory (eval mode, on CPU)."""
+        from accelerate import init_empty_weights
+
+        config = self.output_config()
+        with init_empty_weights(include_buffers=False):
+            model = self.arch.model_class()(config)
+        tie = bool(getattr(config, "tie_word_embeddings", False))
+        output_names = [
+            name
+            for name, _ in model.named_parameters()
+            if not is_moe_param(name) and not (tie and name == "lm_head.weight")
+        ]
+        non_ffn = plan_non_ffn(self.arch, self.base, output_names)
+        with engine_threads():
+            for item in self.tensors(non_ffn):
+                if isinstance(item, MoELayer):
+                    self.arch.install(model.model.layers[item.index], item)
+                else:
+                    _install(model, *item)
+        if tie:
+            model.tie_weights()
+        missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise ValueError(
+                f"The base model provides no value for {len(missing)} parameter(s) of the "
+                f"{self.arch.name} output, e.g. '{missing[0]}'."
+            )
+        model.eval()
+        return model
+
+    # -- sink 2: a checkpoint streamed to disk ---------------------------------------------
+
+    def stream(
+        self,
+        directory: str | os.PathLike,
+        *,
+        params: Mapping[str, Any],
+        tokenizer: Any = None,
+        tokenizer_dir: str | os.PathLike | None = None,
+        base_dir: str | os.PathLike | None = None,
+        overwrite: bool = False,
+        max_shard_bytes: int | None = None,
+        config: Any = None,
+    ) -> list[float]:
+        """Write the MoE model as a Hugging Face checkpoint without building it in memory.
+
+        Tensors go to disk as they are computed, shard by shard; peak memory is about one FFN
+        of the base per layer plus the base's non-FFN tensors, whatever the number of experts.
+
+        Args:
+            directory: The checkpoint directory (written atomically).
+            params: The algorithm parameters, recorded in ``config.json`` under ``moe_ct``.
+            tokenizer: A tokenizer to save with the model.
+            tokenizer_dir: Or a directory whose tokenizer files are copied.
+            base_dir: The base's directory; its ``generation_config.json`` is copied if present.
+            overwrite: Replace a non-empty ``directory``.
+            max_shard_bytes: Largest shard (default as ``save_checkpoint``: 2 GB).
+            config: The output's transformers config, or a function returning it, called after
+                the tensors are written (so that loading transformers' config classes can
+                overlap with the work); default ``output_config()``. ``base.config`` may then
+                be a plain ``JsonConfig``: the tensor names derived from it are checked against
+                this config before anything is moved into place.
+
+        Returns:
+            The router condition number of every layer (also in the record).
+        """
+        from .io.streaming import DEFAULT_MAX_SHARD_BYTES, write_hub_checkpoint
+
+        names = self.arch.non_ffn_names(self._structure())
+        non_ffn = plan_non_ffn(self.arch, self.base, names)
+        conds: list[float] = []
+        with engine_threads():
+            write_hub_checkpoint(
+                directory,
+                self.hub_specs(non_ffn),
+                self._hub_tensors(non_ffn, conds),
+                lambda: self._final_config(config, names, params, conds),
+                tokenizer=tokenizer,
+                tokenizer_dir=tokenizer_dir,
+                generation_config_from=base_dir,
+                overwrite=overwrite,
+                max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+            )
+        return conds
+
+    def hub_specs(
+        self, non_ffn: Sequence[NonFFNTensor]
+    ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, shape, dtype) of every tensor ``stream`` writes, in the same order.
+
+        The MoE part is produced by the same ``arch.hub_layer_tensors`` on meta tensors, so the
+        names and order cannot drift from what is written.
+        """
+        cfg, plan, dtype = self.base.config, self.plan, self.dtype
+        hidden, intermediate, size = cfg.hidden_size, cfg.intermediate_size, self.expert_size
+
+        def meta(*shape: int) -> torch.Tensor:
+            return torch.empty(shape, dtype=dtype, device="meta")
+
+        specs = [(t.name, t.shape, dtype) for t in non_ffn]
+        expert = (meta(size, hidden), meta(size, hidden), meta(hidden, size))
+        shared = shared_gate = None
+        if self.arch.has_shared_expert:
+            width = intermediate * len(plan.shared_ffns)
+            shared = (meta(width, hidden), meta(width, hidden), meta(hidden, width))
+            shared_gate = meta(1, hidden)
+        moe_layers = set(plan.moe_layers)
+        for layer in range(cfg.num_hidden_layers):
+            if layer not in moe_layers:
+                specs += [
+                    (ffn_key(layer, p), tuple(self.base.shape(ffn_key(layer, p))), dtype)
+                    for p in FFN_PROJ
+                ]
+                continue
+            layer_tensors = self.arch.hub_layer_tensors(
+                layer,
+                meta(plan.num_experts, hidden),
+                [expert] * plan.num_experts,
+                shared,
+                shared_gate,
+            )
+            specs += [(name, tuple(t.shape), t.dtype) for name, t in layer_tensors]
+        return specs
+
+    def _hub_tensors(
+        self, non_ffn: Sequence[NonFFNTensor], conds: list[float]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The output as (hub name, tensor) pairs, experts one by one; appends every layer's
+        router condition number to ``conds`` on the way."""
+        from .ops.routers import condition_number
+
+        for item in self.tensors(non_ffn):
+            if isinstance(item, MoELayer):
+                conds.append(condition_number(item.router[:: self.plan.granularity]))
+                yield from self.arch.hub_layer_tensors(
+                    item.index, item.router, item.experts(), item.shared, item.shared_gate
+                )
+            else:
+                yield item
+
+    def _structure(self) -> Any:
+        """What the tensor names of the output depend on (layers, tying, attention biases),
+        from the base config alone: a stand-in for the output config that needs no
+        transformers config class."""
+        from types import SimpleNamespace
+
+        plan, base_config = self.plan, self.base.config
+        moe = self.arch.moe_config(
+            base_config, plan.num_experts, plan.experts_per_token, self.expert_size
+        )
+        extra = plan_config_fields(plan, self.arch, base_config)
+        return SimpleNamespace(**{**base_config.to_dict(), **moe, **extra})
+
+    def _final_config(
+        self, config: Any, names: list[str], params: Mapping[str, Any], conds: list[float]
+    ) -> Any:
+        """The output config once the tensors are written, checked and given the record."""
+        final = config() if callable(config) else config
+        if final is None:
+            final = self.output_config()
+        if self.arch.non_ffn_names(final) != names:
+            raise RuntimeError(
+                "Internal error: the config's tensor names differ from those written "
+                f"({sorted(set(self.arch.non_ffn_names(final)) ^ set(names))[:3]})."
+            )
+        final.moe_ct = self.plan.record(params, conds)
+        return final
 
 
 def plan_config_fields(plan: MoEPlan, arch: OutputArchitecture, base_config: Any) -> dict[str, Any]:
@@ -391,305 +570,13 @@ def output_config(
     )
 
 
-def _structure(plan: MoEPlan, arch: OutputArchitecture, base_config: Any) -> Any:
-    """What the tensor names of the output depend on (layers, tying, attention biases),
-    from the base config alone: a stand-in for the output config that needs no transformers
-    config class."""
-    from types import SimpleNamespace
-
-    expert_size = base_config.intermediate_size // plan.granularity
-    return SimpleNamespace(
-        **{
-            **base_config.to_dict(),
-            **arch.moe_config(base_config, plan.num_experts, plan.experts_per_token, expert_size),
-            **plan_config_fields(plan, arch, base_config),
-        }
-    )
-
-
-def hub_tensors(
-    arch: OutputArchitecture, items: Iterator[tuple[str, torch.Tensor] | MoELayerOutput]
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """The engine's output as (hub name, tensor) pairs: experts one by one, per-expert names."""
-    for item in items:
-        if isinstance(item, MoELayerOutput):
-            yield from arch.hub_layer_tensors(
-                item.index, item.router, item.experts(), item.shared, item.shared_gate
-            )
-        else:
-            yield item
-
-
-def hub_specs(
-    plan: MoEPlan,
-    arch: OutputArchitecture,
-    base: TensorSource,
-    dtype: torch.dtype,
-    non_ffn: Sequence[NonFFNTensor],
-) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """(name, shape, dtype) of every tensor ``hub_tensors`` will yield, in the same order.
-
-    The MoE part is produced by the same ``arch.hub_layer_tensors`` on meta tensors, so the
-    names and order cannot drift from what is written.
-    """
-    cfg = base.config
-    hidden, intermediate = cfg.hidden_size, cfg.intermediate_size
-    size = intermediate // plan.granularity
-
-    def meta(*shape: int) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, device="meta")
-
-    specs = [(t.name, t.shape, dtype) for t in non_ffn]
-    expert = (meta(size, hidden), meta(size, hidden), meta(hidden, size))
-    shared = shared_gate = None
-    if arch.has_shared_expert:
-        width = intermediate * len(plan.shared_ffns)
-        shared = (meta(width, hidden), meta(width, hidden), meta(hidden, width))
-        shared_gate = meta(1, hidden)
-    moe_layers = set(plan.moe_layers)
-    for layer in range(cfg.num_hidden_layers):
-        if layer not in moe_layers:
-            specs += [
-                (ffn_key(layer, p), tuple(base.shape(ffn_key(layer, p))), dtype) for p in FFN_PROJ
-            ]
-            continue
-        layer_tensors = arch.hub_layer_tensors(
-            layer, meta(plan.num_experts, hidden), [expert] * plan.num_experts, shared, shared_gate
-        )
-        specs += [(name, tuple(t.shape), t.dtype) for name, t in layer_tensors]
-    return specs
-
-
-def stream_moe_checkpoint(
-    plan: MoEPlan,
-    arch: OutputArchitecture,
-    base: TensorSource,
-    sources: Mapping[str, TensorSource],
-    group_router_rows: Sequence[torch.Tensor],
-    dtype: torch.dtype,
-    directory: str | os.PathLike,
-    *,
-    params: Mapping[str, Any],
-    tokenizer: Any = None,
-    tokenizer_dir: str | os.PathLike | None = None,
-    base_dir: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    max_shard_bytes: int | None = None,
-    config: Any = None,
-    shared_gate_rows: Sequence[torch.Tensor] | None = None,
-) -> list[float]:
-    """Write the MoE model as a Hugging Face checkpoint without building it in memory (the
-    streaming sink of the engine).
-
-    Tensors go to disk as they are computed, shard by shard; peak memory is about one FFN
-    of the base per layer plus the base's non-FFN tensors, whatever the number of experts.
-
-    Args:
-        plan, arch, base, sources, group_router_rows, dtype, shared_gate_rows: As for
-            ``build_moe_model``.
-        directory: The checkpoint directory (written atomically).
-        params: The algorithm parameters, recorded in ``config.json`` under ``moe_ct``.
-        tokenizer: A tokenizer to save with the model.
-        tokenizer_dir: Or a directory whose tokenizer files are copied.
-        base_dir: The base's directory; its ``generation_config.json`` is copied if present.
-        overwrite: Replace a non-empty ``directory``.
-        max_shard_bytes: Largest shard (default as ``save_checkpoint``: 2 GB).
-        config: The output's transformers config, or a function returning it, called after
-            the tensors are written (so that loading transformers' config classes can overlap
-            with the work); default ``output_config``. ``base.config`` may then be a plain
-            ``JsonConfig``: the tensor names derived from it are checked against this config
-            before anything is moved into place.
-
-    Returns:
-        The router condition number of every layer (also in the record).
-    """
-    from .io.streaming import DEFAULT_MAX_SHARD_BYTES, write_hub_checkpoint
-    from .ops.routers import condition_number
-
-    names = arch.non_ffn_names(_structure(plan, arch, base.config))
-    non_ffn = plan_non_ffn(arch, base, names)
-    specs = hub_specs(plan, arch, base, dtype, non_ffn)
-    conds: list[float] = []
-
-    def items() -> Iterator[tuple[str, torch.Tensor] | MoELayerOutput]:
-        items = iter_moe_output(
-            plan, arch, base, sources, group_router_rows, dtype, non_ffn, shared_gate_rows
-        )
-        for item in items:
-            if isinstance(item, MoELayerOutput):
-                conds.append(condition_number(item.router[:: plan.granularity]))
-            yield item
-
-    def finish_config() -> Any:
-        final = config() if callable(config) else config
-        if final is None:
-            final = output_config(plan, arch, base.config, dtype)
-        if arch.non_ffn_names(final) != names:
-            raise RuntimeError(
-                "Internal error: the config's tensor names differ from those written "
-                f"({sorted(set(arch.non_ffn_names(final)) ^ set(names))[:3]})."
-            )
-        final.moe_ct = plan.record(params, conds)
-        return final
-
-    with engine_threads():
-        write_hub_checkpoint(
-            directory,
-            specs,
-            hub_tensors(arch, items()),
-            finish_config,
-            tokenizer=tokenizer,
-            tokenizer_dir=tokenizer_dir,
-            generation_config_from=base_dir,
-            overwrite=overwrite,
-            max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
-        )
-    return conds
-
-
-def moe_layer(
-    plan: MoEPlan,
-    arch: OutputArchitecture,
-    base: TensorSource,
-    sources: Mapping[str, TensorSource],
-    layer: int,
-    group_rows: torch.Tensor,
-    dtype: torch.dtype,
-    permutation: torch.Tensor | None,
-    shared_gate_row: torch.Tensor | None = None,
-) -> MoELayerOutput:
-    """One MoE layer: routers and (for Qwen2-MoE) the shared expert now, experts lazily."""
-    g = plan.granularity
-    base_ffn = [base.get(ffn_key(layer, p)) for p in FFN_PROJ]
-    intermediate, hidden = base_ffn[0].shape
-    router = expand_groups(group_rows * plan.gate_scale, g)
-    router = scale_anchor_rows(router, plan.anchor_indices, plan.router_aux_scale).to(dtype)
-    shared = shared_gate = None
-    if arch.has_shared_expert:
-        from .arch.qwen2_moe import initial_shared_gate
-
-        # The initial shared gate gives sigmoid = 1/2 (see ops/shared.shared_expert_scales).
-        shared = _shared_expert(plan, sources, layer, base_ffn, dtype)
-        if shared_gate_row is None:
-            shared_gate = initial_shared_gate(hidden, dtype)
-        else:
-            shared_gate = shared_gate_row.reshape(1, hidden).to(dtype)
-    return MoELayerOutput(
-        index=layer,
-        router=router,
-        groups=_expert_groups(plan, arch, sources, layer, base_ffn, dtype, permutation),
-        num_experts=plan.num_experts,
-        expert_size=intermediate // g,
-        shared=shared,
-        shared_gate=shared_gate,
-    )
-
-
-def _shared_expert(
-    plan: MoEPlan,
-    sources: Mapping[str, TensorSource],
-    layer: int,
-    base_ffn: list[torch.Tensor],
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The shared expert: the FFNs of ``plan.shared_ffns`` side by side (width n x I), each
-    fused with the base as its routed expert is, each down projection scaled to its share."""
-    alpha = plan.alphas[layer]
-    ffns = [
-        base_ffn
-        if f.source is None
-        else [
-            lerp_fuse(w, sources[f.source].get(ffn_key(layer, p)), alpha)
-            for w, p in zip(base_ffn, FFN_PROJ, strict=True)
-        ]
-        for f in plan.shared_ffns
-    ]
-    scales = shared_expert_scales(
-        plan.shared_expert_share, [f.residual_scale for f in plan.shared_ffns]
-    )
-    return concat_ffns(ffns, scales, dtype)
-
-
-def build_layer(
-    plan: MoEPlan,
-    arch: OutputArchitecture,
-    base: TensorSource,
-    sources: Mapping[str, TensorSource],
-    layer: int,
-    group_rows: torch.Tensor,
-    dtype: torch.dtype,
-    permutation: torch.Tensor | None,
-) -> MoELayerWeights:
-    """One MoE layer, stacked: fused experts, routers and (for Qwen2-MoE) the shared expert."""
-    return moe_layer(plan, arch, base, sources, layer, group_rows, dtype, permutation).stack()
-
-
-def _expert_groups(
-    plan: MoEPlan,
-    arch: OutputArchitecture,
-    sources: Mapping[str, TensorSource],
-    layer: int,
-    base_ffn: list[torch.Tensor],
-    dtype: torch.dtype,
-    permutation: torch.Tensor | None,
-) -> Iterator[ExpertGroupWeights]:
-    g = plan.granularity
-    intermediate, hidden = base_ffn[0].shape
-    size = intermediate // g
-    # Each slice of a G-way split gets 1/G of the routing weight, so its output is scaled by G.
-    routed_scale = float(g)
-    if arch.has_shared_expert:
-        routed_scale *= 1.0 - plan.shared_expert_share
-    alpha = plan.alphas[layer]
-    exact = all(w.dtype in _EXACT_IN_FLOAT32 for w in base_ffn)
-    copies: dict[float, ExpertGroupWeights] = {}
-
-    for r, group in enumerate(plan.groups):
-        scale = routed_scale * group.residual_scale
-        dropped = plan.drop_ratio > 0 and r not in plan.anchor_groups  # anchors keep the base
-        if group.source is None and not group.noise_scale and not dropped and exact:
-            # A plain copy of the base FFN: the same for every such group of this layer.
-            if scale not in copies:
-                copies[scale] = _copied_group(base_ffn, g, scale, dtype, permutation)
-            yield copies[scale]
-            continue
-        if group.source is None:
-            full = [w.to(torch.float32, copy=True) for w in base_ffn]
-        else:
-            src = sources[group.source]
-            full = [
-                lerp_fuse(w, src.get(ffn_key(layer, p)), alpha)
-                for w, p in zip(base_ffn, FFN_PROJ, strict=True)
-            ]
-        if group.noise_scale:
-            noise_gen = seeded_generator(plan.seed, STREAM_NOISE, layer, r)
-            for tensor in full:
-                add_noise(tensor, group.noise_scale, noise_gen)
-        f_gate, f_up, f_down = full
-        if permutation is not None:
-            f_gate, f_up, f_down = f_gate[permutation], f_up[permutation], f_down[:, permutation]
-        # (I, H) -> (G, I/G, H) and (H, I) -> (G, H, I/G): disjoint contiguous neuron slices.
-        s_gate = f_gate.reshape(g, size, hidden)
-        s_up = f_up.reshape(g, size, hidden)
-        s_down = f_down.reshape(hidden, g, size).permute(1, 0, 2)
-        s_down = s_down * scale
-        if dropped:
-            for j in range(g):
-                drop_gen = seeded_generator(plan.seed, STREAM_DROP, layer, r * g + j)
-                drop_neurons(s_gate[j], s_up[j], s_down[j], plan.drop_ratio, drop_gen)
-        yield ExpertGroupWeights(
-            gate=s_gate.to(dtype), up=s_up.to(dtype), down=s_down.to(dtype).contiguous()
-        )
-        del full, f_gate, f_up, f_down, s_gate, s_up, s_down
-
-
 def _copied_group(
     base_ffn: list[torch.Tensor],
     g: int,
     scale: float,
     dtype: torch.dtype,
     permutation: torch.Tensor | None,
-) -> ExpertGroupWeights:
+) -> ExpertSlices:
     """The base FFN as G expert slices, cast once; bit-identical to the float32 path (values
     of these dtypes pass through float32 unchanged), without a float32 copy when unscaled."""
     f_gate, f_up, f_down = base_ffn
@@ -700,16 +587,11 @@ def _copied_group(
     s_down = f_down.reshape(hidden, g, size).permute(1, 0, 2)
     if scale != 1.0:
         s_down = s_down.to(torch.float32) * scale
-    return ExpertGroupWeights(
-        gate=f_gate.reshape(g, size, hidden).to(dtype),
-        up=f_up.reshape(g, size, hidden).to(dtype),
-        down=s_down.to(dtype).contiguous(),
+    return (
+        f_gate.reshape(g, size, hidden).to(dtype),
+        f_up.reshape(g, size, hidden).to(dtype),
+        s_down.to(dtype).contiguous(),
     )
-
-
-def _is_moe_param(name: str) -> bool:
-    """Whether a model parameter lives in a decoder layer's MoE block."""
-    return is_ffn_key(name) or ".block_sparse_moe." in name
 
 
 def _install(model: torch.nn.Module, dotted: str, tensor: torch.Tensor) -> None:

@@ -195,107 +195,37 @@ def make_plan(
     Raises:
         ValueError: For every inconsistent parameter, naming it and the fix.
     """
-    granularity = config.granularity
-    num_experts, experts_per_token = config.num_experts, config.experts_per_token
-    include_base_expert = config.include_base_expert
-    if intermediate_size % granularity:
+    g = config.granularity
+    if intermediate_size % g:
         raise ValueError(
             f"The base FFN intermediate size {intermediate_size} is not divisible by granularity "
-            f"{granularity}; choose a divisor of {intermediate_size}."
+            f"{g}; choose a divisor of {intermediate_size}."
         )
     alphas = alpha_schedule(config.alpha_strategy, config.base_alpha, num_layers)
     if not config.moe_ct_mode:
         alphas = [1.0] * num_layers
-    from .arch import ARCHITECTURES
-
-    family = ARCHITECTURES.get(architecture)
-    if config.moe_layers is not None and family is not None and not family.supports_dense_layers:
-        capable = [n for n, cls in ARCHITECTURES.items() if cls.supports_dense_layers]
-        raise ValueError(
-            f"moe_layers: the {architecture} output makes every layer MoE and cannot keep "
-            f"dense layers; use architecture: {' or '.join(capable)} (mlp_only_layers), or "
-            "leave moe_layers unset."
-        )
-    chosen_layers = resolve_moe_layers(config.moe_layers, alphas)
-    shared_ffns = parse_shared_experts(
-        config.shared_experts, source_names, has_shared=bool(family and family.has_shared_expert)
-    )
-
-    if source_names:
-        names = ([BASE_EXPERT] if include_base_expert else []) + list(source_names)
-        groups_spec = [(n, None if n == BASE_EXPERT else n) for n in names]
-        derived = len(groups_spec) * granularity
-        if num_experts is not None and num_experts != derived:
-            raise ValueError(
-                f"num_experts={num_experts} but the pool gives {len(source_names)} source "
-                f"experts{' + the base expert' if include_base_expert else ''} x granularity "
-                f"{granularity} = {derived}; drop num_experts (it is derived when merging)."
-            )
-    else:
-        total = 8 if num_experts is None else num_experts
-        if total % granularity:
-            raise ValueError(
-                f"num_experts={total} is not a multiple of granularity {granularity}; each "
-                "group of G experts holds one complete FFN."
-            )
-        groups_spec = [(f"expert_{r}", None) for r in range(total // granularity)]
-
+    chosen_layers, shared_ffns = _layers_and_shared(config, architecture, source_names, alphas)
     groups = [
         ExpertGroup(
             name=name,
-            source=source,
+            source=None if name == BASE_EXPERT or not source_names else name,
             noise_scale=per_expert_value(config.noise_scale, name, 0.0),
             residual_scale=per_expert_value(config.residual_scale, name, 1.0),
         )
-        for name, source in groups_spec
+        for name in _group_names(config, source_names)
     ]
-    num = len(groups) * granularity
-    if not 1 <= experts_per_token <= num:
-        raise ValueError(
-            f"experts_per_token={experts_per_token} must lie in [1, num_experts={num}]."
-        )
-    if experts_per_token % granularity:
-        log.warning(
-            "experts_per_token=%d is not a multiple of granularity %d: the MoE no longer "
-            "reproduces the dense model exactly.",
-            experts_per_token,
-            granularity,
-        )
-    for note in llama_cpp_notes(architecture, num, experts_per_token, config.shared_expert_share):
+    _check_routing(config, len(groups), hidden_size)
+    num = len(groups) * g
+    for note in llama_cpp_notes(
+        architecture, num, config.experts_per_token, config.shared_expert_share
+    ):
         log.warning(note)
-    if config.gate_mode == "orthogonal" and len(groups) > hidden_size:
-        raise ValueError(
-            f"gate_mode 'orthogonal' needs at most hidden_size={hidden_size} distinct router rows "
-            f"but the plan has {len(groups)} expert groups (num_experts={num}, granularity="
-            f"{granularity}); use fewer experts, a larger granularity, or gate_mode 'random'."
-        )
-
-    group_names = [g.name for g in groups]
-    anchor_experts = config.anchor_experts
-    if anchor_experts:
-        unknown = [a for a in anchor_experts if a not in group_names]
-        if unknown:
-            raise ValueError(
-                f"anchor_experts names {unknown} that are not experts; experts: {group_names}."
-            )
-        anchor_groups = [group_names.index(a) for a in anchor_experts]
-    elif BASE_EXPERT in group_names:
-        anchor_groups = [group_names.index(BASE_EXPERT)]
-    else:
-        anchor_groups = []
-    if config.router_aux_scale not in (None, 1.0) and not anchor_groups:
-        log.warning(
-            "router_aux_scale=%s has no effect: there is no anchor expert (set "
-            "include_base_expert with source experts, or name anchor_experts). Routers are "
-            "left unscaled.",
-            config.router_aux_scale,
-        )
-
+    anchor_groups = _anchor_groups(config, [grp.name for grp in groups])
     return MoEPlan(
         architecture=architecture,
         groups=groups,
-        granularity=granularity,
-        experts_per_token=experts_per_token,
+        granularity=g,
+        experts_per_token=config.experts_per_token,
         alphas=alphas,
         anchor_groups=anchor_groups,
         router_aux_scale=config.anchor_router_scale(bool(anchor_groups)),
@@ -361,3 +291,90 @@ def parse_shared_experts(
             "shared_experts is empty; list at least one pool name (default: _pretrained_)."
         )
     return tuple(ffns)
+
+
+def _layers_and_shared(
+    config: MoECTConfig, architecture: str, source_names: Sequence[str], alphas: list[float]
+) -> tuple[list[int], tuple[SharedFFN, ...]]:
+    """The layers that become MoE and the FFNs of the shared expert, checked against the
+    output family."""
+    from .arch import ARCHITECTURES
+
+    family = ARCHITECTURES.get(architecture)
+    if config.moe_layers is not None and family is not None and not family.supports_dense_layers:
+        capable = [n for n, cls in ARCHITECTURES.items() if cls.supports_dense_layers]
+        raise ValueError(
+            f"moe_layers: the {architecture} output makes every layer MoE and cannot keep "
+            f"dense layers; use architecture: {' or '.join(capable)} (mlp_only_layers), or "
+            "leave moe_layers unset."
+        )
+    shared_ffns = parse_shared_experts(
+        config.shared_experts, source_names, has_shared=bool(family and family.has_shared_expert)
+    )
+    return resolve_moe_layers(config.moe_layers, alphas), shared_ffns
+
+
+def _group_names(config: MoECTConfig, source_names: Sequence[str]) -> list[str]:
+    """One name per expert group: (base +) sources when merging, ``expert_r`` copies else."""
+    g, num_experts = config.granularity, config.num_experts
+    if source_names:
+        names = ([BASE_EXPERT] if config.include_base_expert else []) + list(source_names)
+        derived = len(names) * g
+        if num_experts is not None and num_experts != derived:
+            raise ValueError(
+                f"num_experts={num_experts} but the pool gives {len(source_names)} source "
+                f"experts{' + the base expert' if config.include_base_expert else ''} x "
+                f"granularity {g} = {derived}; drop num_experts (it is derived when merging)."
+            )
+        return names
+    total = 8 if num_experts is None else num_experts
+    if total % g:
+        raise ValueError(
+            f"num_experts={total} is not a multiple of granularity {g}; each group of G "
+            "experts holds one complete FFN."
+        )
+    return [f"expert_{r}" for r in range(total // g)]
+
+
+def _check_routing(config: MoECTConfig, num_groups: int, hidden_size: int) -> None:
+    """Top-k within the expert count; enough dimensions for orthogonal router rows."""
+    g, k = config.granularity, config.experts_per_token
+    num = num_groups * g
+    if not 1 <= k <= num:
+        raise ValueError(f"experts_per_token={k} must lie in [1, num_experts={num}].")
+    if k % g:
+        log.warning(
+            "experts_per_token=%d is not a multiple of granularity %d: the MoE no longer "
+            "reproduces the dense model exactly.",
+            k,
+            g,
+        )
+    if config.gate_mode == "orthogonal" and num_groups > hidden_size:
+        raise ValueError(
+            f"gate_mode 'orthogonal' needs at most hidden_size={hidden_size} distinct router rows "
+            f"but the plan has {num_groups} expert groups (num_experts={num}, granularity="
+            f"{g}); use fewer experts, a larger granularity, or gate_mode 'random'."
+        )
+
+
+def _anchor_groups(config: MoECTConfig, group_names: list[str]) -> list[int]:
+    """The anchor groups: those named in ``anchor_experts``, else the base expert's."""
+    if config.anchor_experts:
+        unknown = [a for a in config.anchor_experts if a not in group_names]
+        if unknown:
+            raise ValueError(
+                f"anchor_experts names {unknown} that are not experts; experts: {group_names}."
+            )
+        anchors = [group_names.index(a) for a in config.anchor_experts]
+    elif BASE_EXPERT in group_names:
+        anchors = [group_names.index(BASE_EXPERT)]
+    else:
+        anchors = []
+    if config.router_aux_scale not in (None, 1.0) and not anchors:
+        log.warning(
+            "router_aux_scale=%s has no effect: there is no anchor expert (set "
+            "include_base_expert with source experts, or name anchor_experts). Routers are "
+            "left unscaled.",
+            config.router_aux_scale,
+        )
+    return anchors

@@ -68,5 +68,5 @@ if [ "$want_text" = 1 ]; then
 fi
 
 if [ "$want_model" = 1 ]; then
-  .venv/bin/python -m fusion_bench_moect.assets.smollm2
+  .venv/bin/python -m fusion_bench_moect.cli.smollm2
 fi

@@ -1,4 +1,4 @@
-"""Spec section 7: every bad input gets a clear error naming the culprit, and nothing is written."""
+"""docs/algorithm.md, "Bad input": every bad input gets a clear error naming the culprit, and nothing is written."""
 
 from __future__ import annotations
 

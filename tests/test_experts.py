@@ -8,20 +8,13 @@ from conftest import make_model, perturbed, pool
 from test_function_preservation import max_diff
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
+from fusion_bench_moect.inspection import expert_triples, moe_block
 
 
 def expert_stacks(moe, layer: int):
     """(gate, up, down) stacks (E, I_e, H), (E, I_e, H), (E, H, I_e) in either transformers layout."""
-    lay = moe.model.layers[layer]
-    block = getattr(lay, "block_sparse_moe", None) or lay.mlp
-    experts = block.experts
-    if hasattr(experts, "gate_up_proj"):
-        size = experts.down_proj.shape[-1]
-        return experts.gate_up_proj[:, :size], experts.gate_up_proj[:, size:], experts.down_proj
-    names = (
-        ("w1", "w3", "w2") if hasattr(experts[0], "w1") else ("gate_proj", "up_proj", "down_proj")
-    )
-    return tuple(torch.stack([getattr(e, n).weight for e in experts]) for n in names)
+    triples = list(expert_triples(moe_block(moe.model.layers[layer])))
+    return tuple(torch.stack(parts) for parts in zip(*triples, strict=True))
 
 
 def test_moe_ct_experts_are_float32_lerps_of_base_and_source(saved):

@@ -1,4 +1,5 @@
-"""Spec section 6.1-6.2: upcycled / alpha=0 MoE models reproduce the dense base exactly."""
+"""Upcycled / alpha=0 MoE models reproduce the dense base exactly (docs/algorithm.md, "Why
+the upcycled model equals the base")."""
 
 from __future__ import annotations
 

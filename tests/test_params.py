@@ -12,6 +12,7 @@ import torch
 from conftest import make_model, perturbed, pool
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
+from fusion_bench_moect.inspection import moe_block
 from fusion_bench_moect.params import MoECTConfig, method_yaml, parameter_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,8 +121,7 @@ def test_default_anchor_scale_is_quiet_and_scales_only_with_an_anchor(saved, cap
     assert not [r for r in caplog.records if r.name.startswith("fusion_bench_moect")]
 
     def router(model, layer):
-        block = model.model.layers[layer]
-        return (getattr(block, "block_sparse_moe", None) or block.mlp).gate.weight
+        return moe_block(model.model.layers[layer]).gate.weight
 
     for layer in range(2):
         assert torch.equal(router(default, layer), router(explicit, layer))

@@ -8,12 +8,12 @@ import torch
 from conftest import make_model, perturbed, pool, train_tokenizer
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
+from fusion_bench_moect.inspection import anchor_experts, moe_block
 from fusion_bench_moect.ops.routers import condition_number
 
 
 def routers(moe):
-    block = lambda layer: getattr(layer, "block_sparse_moe", None) or layer.mlp  # noqa: E731
-    return [block(layer).gate.weight.detach() for layer in moe.model.layers]
+    return [moe_block(layer).gate.weight.detach() for layer in moe.model.layers]
 
 
 def test_orthogonal_routers_per_layer_distinct_and_recorded(saved):
@@ -62,14 +62,14 @@ def test_router_aux_scale_multiplies_only_the_anchor_rows(saved):
     scaled = OrthogonalMoECTMergingAlgorithm(router_aux_scale=1.1, dtype="float32").run(
         pool(models)
     )
-    assert scaled.config.moe_ct["anchor_experts"] == [0]
+    assert anchor_experts(scaled) == [0]
     for p, s in zip(routers(plain), routers(scaled), strict=True):
         assert torch.allclose(s[0], p[0] * 1.1)
         assert torch.equal(s[1:], p[1:])
     named = OrthogonalMoECTMergingAlgorithm(
         router_aux_scale=1.25, anchor_experts=["fr"], dtype="float32"
     ).run(pool(models))
-    assert named.config.moe_ct["anchor_experts"] == [2]
+    assert anchor_experts(named) == [2]
     for p, s in zip(routers(plain), routers(named), strict=True):
         assert torch.allclose(s[2], p[2] * 1.25) and torch.equal(s[:2], p[:2])
 
@@ -113,7 +113,7 @@ def test_hidden_gates_read_the_post_attention_norm_output(tmp_path, saved):
     # Independent reference: capture what each MoE block of the built model receives.
     captured = {}
     hooks = [
-        (getattr(layer, "block_sparse_moe", None) or layer.mlp).register_forward_pre_hook(
+        moe_block(layer).register_forward_pre_hook(
             lambda _m, args, i=i: captured.setdefault(i, []).append(args[0][0])
         )
         for i, layer in enumerate(moe.model.layers)

@@ -1,5 +1,6 @@
-"""Streaming checkpoints (issue 5): the engine's second sink writes the hub layout shard by
-shard; it must give exactly the model the in-memory path gives."""
+"""Streaming checkpoints (docs/benchmarks.md, "Memory model and the streaming mode"): the
+engine's second sink writes the hub layout shard by shard; it must give exactly the model the
+in-memory path gives."""
 
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ def test_declared_hub_names_match_the_transformers_model(family, arch, overrides
     from accelerate import init_empty_weights
 
     from fusion_bench_moect import arch as arch_registry
-    from fusion_bench_moect.build import _is_moe_param
+    from fusion_bench_moect.inspection import is_moe_param
 
     out = arch_registry.ARCHITECTURES[arch]()
     base_config = tiny_config(family, layers=2, **overrides)
@@ -160,7 +161,7 @@ def test_declared_hub_names_match_the_transformers_model(family, arch, overrides
     params = {
         n
         for n, _ in model.named_parameters()
-        if not _is_moe_param(n) and not (tie and n == "lm_head.weight")
+        if not is_moe_param(n) and not (tie and n == "lm_head.weight")
     }
     assert set(out.non_ffn_names(config)) == params
     # and the MoE block's hub names are those save_pretrained writes

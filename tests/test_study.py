@@ -1,16 +1,16 @@
-"""Plumbing of the MoE-CT study (fusion_bench_moect.study) on tiny Llama models."""
+"""Plumbing of the MoE-CT study (fusion_bench_moect.experiments.study) on tiny Llama models."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from fusion_bench_moect.study.common import gain_retained, mean_std, specialisation
+from fusion_bench_moect.experiments.study.common import gain_retained, mean_std, specialisation
+from fusion_bench_moect.paths import cache_root
 
-SMOLLM2 = Path.home() / ".cache" / "fusion_bench_moect" / "SmolLM2-135M-Instruct"
+SMOLLM2 = cache_root() / "SmolLM2-135M-Instruct"
 
 
 def test_gain_retained_and_mean_std():
@@ -28,7 +28,7 @@ def test_gain_retained_and_mean_std():
 
 
 def test_grid_rows_design():
-    from fusion_bench_moect.study.grid import grid_rows
+    from fusion_bench_moect.experiments.study.grid import grid_rows
 
     rows = grid_rows(quick=False, focus_seeds=(42, 1))
     names = [r["name"] for r in rows if r["group"] == "main"]
@@ -74,9 +74,9 @@ def tiny_models(tmp_path_factory):
 
 
 def test_grid_and_collapse_and_report_on_tiny_models(tiny_models, tmp_path):
-    from fusion_bench_moect.study.collapse import run_collapse
-    from fusion_bench_moect.study.grid import _row, run_grid
-    from fusion_bench_moect.study.report import write_report
+    from fusion_bench_moect.experiments.study.collapse import run_collapse
+    from fusion_bench_moect.experiments.study.grid import _row, run_grid
+    from fusion_bench_moect.experiments.study.report import write_report
 
     experts = {"de": tiny_models["de"]}
     text = {

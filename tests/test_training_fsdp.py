@@ -9,7 +9,7 @@ from conftest import make_model, pool
 from hydra.utils import instantiate
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
-from fusion_bench_moect.eval.moe import decoder_layers
+from fusion_bench_moect.inspection import decoder_layers
 
 
 def compose(*overrides):

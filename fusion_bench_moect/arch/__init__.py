@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import MoELayerWeights, OutputArchitecture
+from .base import MoELayer, OutputArchitecture
 from .mixtral import MixtralArchitecture
 from .qwen2_moe import Qwen2MoeArchitecture
 from .qwen3_moe import Qwen3MoeArchitecture
@@ -18,7 +18,7 @@ AUTO_ARCHITECTURE = {
     "qwen3": "qwen3_moe",
 }
 
-__all__ = ["ARCHITECTURES", "AUTO_ARCHITECTURE", "MoELayerWeights", "OutputArchitecture", "resolve"]
+__all__ = ["ARCHITECTURES", "AUTO_ARCHITECTURE", "MoELayer", "OutputArchitecture", "resolve"]
 
 
 def resolve(requested: str, base_model_type: str) -> OutputArchitecture:

@@ -25,42 +25,60 @@ _DROPPED_CONFIG_KEYS = (
 )
 
 
+#: One expert group (one complete FFN split into G experts): gate (G, I_e, H), up (G, I_e, H),
+#: down (G, H, I_e), in the output dtype.
+ExpertSlices = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 @dataclass
-class MoELayerWeights:
-    """Everything one MoE layer needs, stacked, in the output dtype.
+class MoELayer:
+    """One MoE layer's weights in the output dtype: the router and the shared expert computed,
+    the routed experts computed lazily, one group at a time, by iterating ``groups`` (once).
 
     Attributes:
+        index: Decoder layer index.
         router: (E, H) router matrix.
-        gate_up: (E, 2 I_e, H) expert gate projections followed by up projections (the
-            transformers-5 fused layout, so installing there needs no copy).
-        down: (E, H, I_e) expert down projections.
-        shared: Optional (gate (I, H), up (I, H), down (H, I)) of an always-on shared expert.
-        shared_gate: Optional (1, H) weight of the shared expert's sigmoid gate.
+        groups: The expert groups in expert order, a one-pass iterator of ``ExpertSlices``.
+        expert_size: I_e, the intermediate size of one expert.
+        shared: Qwen2-MoE: the shared expert's (gate (I, H), up (I, H), down (H, I)).
+        shared_gate: Qwen2-MoE: (1, H) weight of the shared expert's sigmoid gate.
     """
 
+    index: int
     router: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    groups: Iterator[ExpertSlices]
+    expert_size: int
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     shared_gate: torch.Tensor | None = None
 
     @property
-    def expert_size(self) -> int:
-        return self.down.shape[-1]
-
-    @property
-    def gate(self) -> torch.Tensor:
-        return self.gate_up[:, : self.expert_size]
-
-    @property
-    def up(self) -> torch.Tensor:
-        return self.gate_up[:, self.expert_size :]
+    def num_experts(self) -> int:
+        return self.router.shape[0]
 
     def experts(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per expert: (gate (I_e, H), up (I_e, H), down (H, I_e)), views without copies."""
-        size = self.expert_size
-        for gate_up, down in zip(self.gate_up, self.down, strict=True):
-            yield gate_up[:size], gate_up[size:], down
+        """Per expert, in order: (gate (I_e, H), up (I_e, H), down (H, I_e)); consumes ``groups``."""
+        for gate, up, down in self.groups:
+            for j in range(gate.shape[0]):
+                yield gate[j], up[j], down[j]
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts stacked as (gate_up (E, 2 I_e, H), down (E, H, I_e)), the transformers-5
+        fused layout (installing there needs no copy); consumes ``groups``."""
+        hidden, size = self.router.shape[1], self.expert_size
+        gate_up = torch.empty(self.num_experts, 2 * size, hidden, dtype=self.router.dtype)
+        down = torch.empty(self.num_experts, hidden, size, dtype=self.router.dtype)
+        lo = 0
+        for gate, up, group_down in self.groups:
+            hi = lo + gate.shape[0]
+            gate_up[lo:hi, :size] = gate
+            gate_up[lo:hi, size:] = up
+            down[lo:hi] = group_down
+            lo = hi
+        if lo != self.num_experts:
+            raise RuntimeError(
+                f"Layer {self.index}: built {lo} experts, planned {self.num_experts}."
+            )
+        return gate_up, down
 
 
 #: Tensors of one decoder layer outside the FFN that every family has (hub names after
@@ -93,6 +111,9 @@ class OutputArchitecture(ABC):
     has_shared_expert: ClassVar[bool] = False
     #: Whether some decoder layers can stay dense (transformers' ``mlp_only_layers``).
     supports_dense_layers: ClassVar[bool] = False
+    #: Config keys of the routed expert count and of one expert's intermediate size.
+    num_experts_key: ClassVar[str] = "num_experts"
+    expert_size_key: ClassVar[str] = "moe_intermediate_size"
     #: Parameters the base may lack that are filled with zeros (name suffixes).
     zero_fill_suffixes: ClassVar[tuple[str, ...]] = ()
 
@@ -108,11 +129,20 @@ class OutputArchitecture(ABC):
 
         return getattr(transformers, self.model_class_name)
 
-    @abstractmethod
     def moe_config(
         self, base_config: Any, num_experts: int, experts_per_token: int, expert_size: int
     ) -> dict[str, Any]:
-        """Config keys specific to this family."""
+        """The MoE config keys: expert count, top-k, expert size, then ``family_config``."""
+        return {
+            self.num_experts_key: num_experts,
+            "num_experts_per_tok": experts_per_token,
+            self.expert_size_key: expert_size,
+            **self.family_config(base_config),
+        }
+
+    @abstractmethod
+    def family_config(self, base_config: Any) -> dict[str, Any]:
+        """Further config keys specific to this family."""
 
     def build_config(
         self,
@@ -193,19 +223,10 @@ class OutputArchitecture(ABC):
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """The hub tensors of a built decoder layer's MoE block, in either transformers layout,
         as views of its parameters (no copies)."""
+        from ..inspection import expert_triples
+
         block = self.moe_block(decoder_layer)
-        experts = block.experts
-        if hasattr(experts, "gate_up_proj"):  # transformers 5: fused 3-D tensors
-            size = experts.down_proj.shape[-1]
-            triples: Iterable = (
-                (gate_up[:size], gate_up[size:], down)
-                for gate_up, down in zip(experts.gate_up_proj, experts.down_proj, strict=True)
-            )
-        else:
-            triples = (
-                tuple(getattr(expert, proj).weight for proj in self.expert_proj_names)
-                for expert in experts
-            )
+        triples = expert_triples(block)
         shared = shared_gate = None
         if self.has_shared_expert:
             mlp = block.shared_expert
@@ -239,31 +260,35 @@ class OutputArchitecture(ABC):
 
     def moe_block(self, decoder_layer: nn.Module) -> nn.Module:
         """The MoE block of a decoder layer in either transformers layout."""
-        block = getattr(decoder_layer, self.block_attr_v4, None)
-        return block if block is not None else decoder_layer.mlp
+        from ..inspection import moe_block
 
-    def install(self, decoder_layer: nn.Module, weights: MoELayerWeights) -> None:
+        block = moe_block(decoder_layer)
+        if block is None:
+            raise ValueError(f"Decoder layer {type(decoder_layer).__name__} has no MoE block.")
+        return block
+
+    def install(self, decoder_layer: nn.Module, layer: MoELayer) -> None:
         """Put one layer's MoE weights into a model built on the meta device."""
         block = self.moe_block(decoder_layer)
-        set_parameter(block.gate, "weight", weights.router)
+        set_parameter(block.gate, "weight", layer.router)
         experts = block.experts
         if hasattr(experts, "gate_up_proj"):  # transformers 5: fused 3-D tensors
-            set_parameter(experts, "gate_up_proj", weights.gate_up)
-            set_parameter(experts, "down_proj", weights.down)
+            gate_up, down = layer.stacked()
+            set_parameter(experts, "gate_up_proj", gate_up)
+            set_parameter(experts, "down_proj", down)
         else:
-            g_name, u_name, d_name = self.expert_proj_names
-            for j, expert in enumerate(experts):
-                # clone: per-expert parameters must not share storage, or saving drops them
-                set_parameter(getattr(expert, g_name), "weight", weights.gate[j].clone())
-                set_parameter(getattr(expert, u_name), "weight", weights.up[j].clone())
-                set_parameter(getattr(expert, d_name), "weight", weights.down[j].clone())
+            for expert, triple in zip(experts, layer.experts(), strict=True):
+                for proj, tensor in zip(self.expert_proj_names, triple, strict=True):
+                    # clone: per-expert parameters must not share storage, or saving drops them
+                    set_parameter(getattr(expert, proj), "weight", tensor.clone())
         if self.has_shared_expert:
-            assert weights.shared is not None and weights.shared_gate is not None
+            if layer.shared is None or layer.shared_gate is None:
+                raise ValueError(f"The {self.name} output needs a shared expert and its gate.")
             for proj, tensor in zip(
-                ("gate_proj", "up_proj", "down_proj"), weights.shared, strict=True
+                ("gate_proj", "up_proj", "down_proj"), layer.shared, strict=True
             ):
                 set_parameter(getattr(block.shared_expert, proj), "weight", tensor)
-            set_parameter(block.shared_expert_gate, "weight", weights.shared_gate)
+            set_parameter(block.shared_expert_gate, "weight", layer.shared_gate)
 
 
 def legacy_config_fields(config: dict[str, Any]) -> dict[str, Any]:

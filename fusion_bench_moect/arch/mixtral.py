@@ -13,14 +13,11 @@ class MixtralArchitecture(OutputArchitecture):
     model_class_name = "MixtralForCausalLM"
     expert_proj_names = ("w1", "w3", "w2")
     block_attr_v4 = "block_sparse_moe"
+    num_experts_key = "num_local_experts"
+    expert_size_key = "intermediate_size"
 
-    def moe_config(
-        self, base_config: Any, num_experts: int, experts_per_token: int, expert_size: int
-    ) -> dict[str, Any]:
+    def family_config(self, base_config: Any) -> dict[str, Any]:
         return {
-            "num_local_experts": num_experts,
-            "num_experts_per_tok": experts_per_token,
-            "intermediate_size": expert_size,
             # Llama has no sliding window; Mistral's (if any) is kept.
             "sliding_window": getattr(base_config, "sliding_window", None),
             "router_jitter_noise": 0.0,

@@ -19,14 +19,9 @@ class Qwen3MoeArchitecture(OutputArchitecture):
             names += tuple(f"self_attn.{p}_proj.bias" for p in "qkvo")
         return names
 
-    def moe_config(
-        self, base_config: Any, num_experts: int, experts_per_token: int, expert_size: int
-    ) -> dict[str, Any]:
+    def family_config(self, base_config: Any) -> dict[str, Any]:
         # Every layer sparse, top-k renormalised (Qwen-MoE's default is not to).
         return {
-            "num_experts": num_experts,
-            "num_experts_per_tok": experts_per_token,
-            "moe_intermediate_size": expert_size,
             "intermediate_size": base_config.intermediate_size,
             "norm_topk_prob": True,
             "decoder_sparse_step": 1,

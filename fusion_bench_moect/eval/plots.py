@@ -6,13 +6,15 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 __all__ = ["plot_alpha_schedule", "plot_expert_load", "plot_leaderboard"]
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -43,7 +45,7 @@ def plot_expert_load(
     Returns:
         The written path.
     """
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [list(r) for r in shares]
@@ -89,7 +91,7 @@ def plot_alpha_schedule(
     Returns:
         The written path.
     """
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
@@ -130,7 +132,7 @@ def plot_leaderboard(
     Returns:
         The written path.
     """
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(9, 1.4 + 0.35 * len(labels)))

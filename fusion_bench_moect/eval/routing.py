@@ -33,10 +33,12 @@ import torch
 from fusion_bench_moect.ops.routers import condition_number as router_condition_number
 
 __all__ = [
+    "HEADLINE_METRICS",
+    "STEP_METRICS",
     "RoutingAccumulator",
     "anchor_share",
     "coefficient_of_variation",
-    "condition_number",
+    "distinct_row_condition",
     "dead_experts",
     "gini",
     "layer_balance",
@@ -195,7 +197,7 @@ def anchor_share(counts: Sequence[float] | torch.Tensor, anchors: Iterable[int])
     return float(c[anchors].sum()) / total
 
 
-def condition_number(weight: torch.Tensor) -> tuple[float | None, int]:
+def distinct_row_condition(weight: torch.Tensor) -> tuple[float | None, int]:
     """Condition number of a router weight matrix over its distinct rows.
 
     Fine-grained experts share router rows by design, which would make the full matrix
@@ -261,6 +263,28 @@ def layer_balance(
 def _mean(values: Iterable[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None
+
+
+#: The headline metrics of a routing summary (``report["routing"]["overall"]``), in table
+#: order: the one list that leaderboards and the study read.
+HEADLINE_METRICS = (
+    "mean_cv",
+    "mean_max_violation",
+    "max_max_violation",
+    "mean_load_entropy",
+    "mean_router_entropy",
+    "dead_experts",
+    "mean_anchor_share",
+    "max_condition_number",
+)
+#: The balance metrics recorded at every training step (cheap: no condition numbers).
+STEP_METRICS = (
+    "mean_cv",
+    "mean_max_violation",
+    "mean_router_entropy",
+    "dead_experts",
+    "mean_anchor_share",
+)
 
 
 def _max(values: Iterable[float | None]) -> float | None:

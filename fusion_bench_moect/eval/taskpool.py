@@ -17,13 +17,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fusion_bench_moect._config import to_plain
-from fusion_bench_moect.eval.moe import MoEInfo, describe_moe, moe_ct_record
 from fusion_bench_moect.eval.routing import (
     RoutingAccumulator,
-    condition_number,
+    distinct_row_condition,
     summarize_layers,
 )
 from fusion_bench_moect.eval.text import load_source
+from fusion_bench_moect.inspection import MoEInfo, describe_moe, moe_ct_record
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class MoETextTaskPool(BaseTaskPool):
             pooled.merge(acc)
         layers = pooled.layer_reports(anchors, self.dead_expert_threshold)
         for layer_index, report, router in zip(moe.moe_layers, layers, moe.routers, strict=True):
-            cond, distinct = condition_number(router.weight)
+            cond, distinct = distinct_row_condition(router.weight)
             report["layer"] = layer_index
             report["condition_number"] = cond
             report["distinct_router_rows"] = distinct

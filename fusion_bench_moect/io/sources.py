@@ -204,6 +204,29 @@ def is_safetensors_dir(path: str | os.PathLike) -> bool:
     return (path / SAFETENSORS_INDEX).is_file() or (path / SAFETENSORS_SINGLE).is_file()
 
 
+def read_vocabulary(directory: str | os.PathLike) -> dict[str, int] | None:
+    """A directory's tokenizer vocabulary as {token: id} (added tokens included), or None
+    when it ships no tokenizer.
+
+    ``tokenizer.json`` is read as JSON (no tokenizer library); only a directory with just a
+    slow tokenizer (``tokenizer_config.json`` without ``tokenizer.json``) loads transformers.
+    """
+    directory = Path(directory)
+    file = directory / "tokenizer.json"
+    if file.is_file():
+        data = json.loads(file.read_text())
+        vocab = data.get("model", {}).get("vocab") or {}
+        if isinstance(vocab, list):  # Unigram: [[piece, score], ...] in id order
+            vocab = {piece: i for i, (piece, _) in enumerate(vocab)}
+        added = {t["content"]: t["id"] for t in data.get("added_tokens") or []}
+        return {**vocab, **added}
+    if (directory / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(directory).get_vocab()
+    return None
+
+
 class JsonConfig(SimpleNamespace):
     """A model's ``config.json`` as attributes, read without transformers (no class defaults:
     a key absent from the file is absent here)."""

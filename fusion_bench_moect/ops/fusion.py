@@ -1,4 +1,4 @@
-"""Expert weight construction: MoE-CT lerp, neuron partitions, noise, Drop-Upcycling. Pure math."""
+"""Expert weight construction: MoE-CT lerp, noise, Drop-Upcycling. Pure math."""
 
 from __future__ import annotations
 
@@ -13,25 +13,6 @@ def lerp_fuse(base: torch.Tensor, source: torch.Tensor, alpha: float) -> torch.T
     if alpha == 0.0:
         return base.to(torch.float32, copy=True)
     return torch.lerp(base.to(torch.float32), source.to(torch.float32), float(alpha))
-
-
-def neuron_slices(
-    intermediate_size: int, granularity: int, permutation: torch.Tensor | None = None
-) -> list[torch.Tensor]:
-    """Split ``intermediate_size`` neurons into ``granularity`` disjoint equal index sets.
-
-    Raises:
-        ValueError: If the size is not divisible by the granularity.
-    """
-    if granularity < 1:
-        raise ValueError(f"granularity must be >= 1, got {granularity}.")
-    if intermediate_size % granularity:
-        raise ValueError(
-            f"The FFN intermediate size {intermediate_size} is not divisible by granularity "
-            f"{granularity}; choose a divisor of {intermediate_size}."
-        )
-    order = torch.arange(intermediate_size) if permutation is None else permutation
-    return list(order.view(granularity, -1).unbind(0))
 
 
 def drop_neurons(

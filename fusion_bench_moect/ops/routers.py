@@ -1,4 +1,4 @@
-"""Router (gate) initialisation, scaling and diagnostics (spec section 4). Pure math, no I/O."""
+"""Router (gate) initialisation, scaling and diagnostics (docs/algorithm.md, "What is built"). Pure math, no I/O."""
 
 from __future__ import annotations
 

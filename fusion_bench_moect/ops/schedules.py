@@ -1,4 +1,4 @@
-"""Layer-wise alpha schedules for MoE-CT fusion (spec section 3)."""
+"""Layer-wise alpha schedules for MoE-CT fusion (docs/algorithm.md, "What is built")."""
 
 from __future__ import annotations
 

@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .._config import to_plain
-from ..eval.moe import moe_ct_record
 from ..eval.routing import RoutingAccumulator, summarize_layers
+from ..inspection import moe_ct_record
 from ..io.checkpoint import check_destination
 from ..io.checkpoint import save_checkpoint as write_checkpoint
 from .data import WindowBatchSampler, WindowDataset, load_windows

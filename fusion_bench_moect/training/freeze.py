@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..eval.moe import MoEInfo, decoder_layers, describe_moe
+from ..inspection import MoEInfo, decoder_layers, describe_moe
 
 log = logging.getLogger(__name__)
 

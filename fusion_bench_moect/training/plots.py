@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..eval.plots import _pyplot
+from ..eval.plots import pyplot
 
 
 def plot_training_history(
@@ -28,7 +28,7 @@ def plot_training_history(
     Returns:
         ``path`` as a string.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     steps = [h["step"] for h in history]
 

@@ -1,7 +1,7 @@
 """Expert collapse under continued training, per router initialisation (``gate_mode``).
 
 For every gate mode and seed: merge base + language experts with ``moe_ct_upcycling``
-(the seed document's recommended setting: ``u_shaped``, ``base_alpha`` 0.8, base expert as
+(the setting docs/study.md examines: ``u_shaped``, ``base_alpha`` 0.8, base expert as
 anchor, ``router_aux_scale`` 1.1; the seed drives the router initialisation), then a
 short ``moe_ct_training`` run on mixed-language text (train split of the Debian Reference
 in English + every expert language), then the held-out evaluation. The training history
@@ -21,21 +21,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fusion_bench_moect.eval.routing import HEADLINE_METRICS, STEP_METRICS
+
 from .common import STUDY_MERGE, ensure_dir, make_pool, make_taskpool, specialisation
 
 log = logging.getLogger(__name__)
 
 GATE_MODES = ("orthogonal", "random", "uniform_random", "hidden")
-HISTORY_KEYS = (
-    "loss",
-    "lm_loss",
-    "aux_loss",
-    "mean_cv",
-    "mean_max_violation",
-    "mean_router_entropy",
-    "dead_experts",
-    "mean_anchor_share",
-)
+HISTORY_KEYS = ("loss", "lm_loss", "aux_loss", *STEP_METRICS)
 #: The fixed merge settings of every run.
 MERGE_PARAMS: dict[str, Any] = STUDY_MERGE.pick(
     "architecture",
@@ -179,17 +172,7 @@ def run_collapse(
                 "eval": {
                     "perplexity": report["perplexity"],
                     "overall_perplexity": report["overall_perplexity"],
-                    **{
-                        k: overall.get(k)
-                        for k in (
-                            "mean_cv",
-                            "mean_max_violation",
-                            "mean_router_entropy",
-                            "dead_experts",
-                            "mean_anchor_share",
-                            "max_condition_number",
-                        )
-                    },
+                    **{k: overall.get(k) for k in HEADLINE_METRICS},
                     **specialisation(routing.get("per_source_shares") or {}, record.get("experts")),
                     "per_source_shares": routing.get("per_source_shares"),
                     "experts": record.get("experts"),

@@ -13,7 +13,7 @@ Outputs in ``OUT``: ``leaderboard.md`` (ranked table + the reproducing command),
 
 Example::
 
-    python -m fusion_bench_moect.leaderboard \\
+    python -m fusion_bench_moect.cli.leaderboard \\
         --modelpool smollm2_upcycle --taskpool moe_text_perplexity \\
         --grid gate_mode=orthogonal,random,uniform_random \\
         --grid alpha_strategy=constant,u_shaped \\
@@ -27,7 +27,6 @@ do not split (``--grid 'alpha_strategy=u_shaped,[0.1,0.2]'`` has two values).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as _dt
 import itertools
@@ -45,9 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusion_bench_moect.eval.routing import HEADLINE_METRICS
+
 log = logging.getLogger(__name__)
 
-__all__ = ["Row", "build_rows", "get_metric", "main", "rank_rows", "run_leaderboard"]
+__all__ = ["Row", "build_rows", "get_metric", "rank_rows", "row_command", "run_leaderboard", "slug"]
 
 _TOP_LEVEL_PREFIXES = (
     "method.",
@@ -60,17 +61,7 @@ _TOP_LEVEL_PREFIXES = (
     "~",
 )
 
-DEFAULT_COLUMNS = (
-    "overall_perplexity",
-    "routing.overall.mean_cv",
-    "routing.overall.mean_max_violation",
-    "routing.overall.max_max_violation",
-    "routing.overall.mean_load_entropy",
-    "routing.overall.mean_router_entropy",
-    "routing.overall.dead_experts",
-    "routing.overall.mean_anchor_share",
-    "routing.overall.max_condition_number",
-)
+DEFAULT_COLUMNS = ("overall_perplexity", *(f"routing.overall.{k}" for k in HEADLINE_METRICS))
 
 _SHORT_NAMES = {
     "overall_perplexity": "ppl (all)",
@@ -220,13 +211,13 @@ def rank_rows(rows: Sequence[Row], metric: str, higher_is_better: bool = False) 
     return sorted(rows, key=key)
 
 
-def _slug(index: int, name: str) -> str:
+def slug(index: int, name: str) -> str:
     return f"{index:02d}_" + (
         re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace("=", "-")).strip("_")[:80] or "row"
     )
 
 
-def _command(row: Row, modelpool: str, taskpool: str, run_dir: Path) -> list[str]:
+def row_command(row: Row, modelpool: str, taskpool: str, run_dir: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -265,7 +256,7 @@ def run_row(row: Row, modelpool: str, taskpool: str, run_dir: Path, resume: bool
         return row
     run_dir.mkdir(parents=True, exist_ok=True)
     report_path.unlink(missing_ok=True)
-    command = _command(row, modelpool, taskpool, run_dir)
+    command = row_command(row, modelpool, taskpool, run_dir)
     log.info("[%s] %s", row.name, shlex.join(command))
     started = time.perf_counter()
     with open(run_dir / "run.log", "w") as log_file:
@@ -544,12 +535,12 @@ def run_leaderboard(
     out = Path(out).resolve()
     rows = build_rows(method, grid, fixed, baseline)
     for index, row in enumerate(rows):
-        run_row(row, modelpool, taskpool, out / "runs" / _slug(index, row.name), resume=resume)
+        run_row(row, modelpool, taskpool, out / "runs" / slug(index, row.name), resume=resume)
         log.info("[%d/%d] %s: %s", index + 1, len(rows), row.name, row.status)
     ranked = rank_rows(rows, metric, higher_is_better)
     if command is None:
         args = [a for a in sys.argv[1:] if a != "--resume"]  # not part of the definition
-        command = shlex.join(["python", "-m", "fusion_bench_moect.leaderboard", *args])
+        command = shlex.join(["python", "-m", "fusion_bench_moect.cli.leaderboard", *args])
     files = write_outputs(
         ranked,
         out,
@@ -561,60 +552,3 @@ def run_leaderboard(
         title=title,
     )
     return ranked, files
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fusion_bench_moect.leaderboard",
-        description="Run a grid of fusion_bench settings and rank them.",
-    )
-    parser.add_argument("--modelpool", required=True, help="modelpool config, e.g. smollm2_upcycle")
-    parser.add_argument(
-        "--taskpool", required=True, help="taskpool config, e.g. moe_text_perplexity"
-    )
-    parser.add_argument("--method", default="moe_ct_upcycling", help="method config")
-    parser.add_argument(
-        "--grid", action="append", default=[], metavar="KEY=V1,V2", help="grid axis (repeatable)"
-    )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override for every row"
-    )
-    parser.add_argument("--baseline", action="store_true", help="add the dense method=dummy row")
-    parser.add_argument(
-        "--metric", default="overall_perplexity", help="dotted report path to rank by"
-    )
-    parser.add_argument("--higher-is-better", action="store_true", help="rank descending")
-    parser.add_argument("--out", default="outputs/leaderboard", help="output folder")
-    parser.add_argument("--resume", action="store_true", help="reuse finished rows in --out")
-    parser.add_argument("--title", default=None, help="Markdown title")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.dry_run:
-        rows = build_rows(args.method, args.grid, args.set, args.baseline)
-        for index, row in enumerate(rows):
-            run_dir = Path(args.out).resolve() / "runs" / _slug(index, row.name)
-            print(shlex.join(_command(row, args.modelpool, args.taskpool, run_dir)))
-        return 0
-    ranked, files = run_leaderboard(
-        modelpool=args.modelpool,
-        taskpool=args.taskpool,
-        out=args.out,
-        method=args.method,
-        grid=args.grid,
-        fixed=args.set,
-        baseline=args.baseline,
-        metric=args.metric,
-        higher_is_better=args.higher_is_better,
-        resume=args.resume,
-        title=args.title,
-    )
-    print(files["md"].read_text())
-    for kind, path in files.items():
-        print(f"{kind}: {path}")
-    return 1 if any(r.status == "failed" for r in ranked) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

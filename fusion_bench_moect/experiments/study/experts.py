@@ -15,7 +15,7 @@ rebuilds).
 
 Usage::
 
-    python -m fusion_bench_moect.study.experts [--langs de,fr,es] [--steps 40] [--force]
+    python -m fusion_bench_moect.cli.study --parts experts [--langs de,fr,es] [--steps 40] [--force]
 """
 
 from __future__ import annotations
@@ -34,28 +34,24 @@ from typing import Any
 
 import torch
 
+from fusion_bench_moect.paths import cache_root
+
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "FUSION_BENCH_MOECT_CACHE"
 MARKER = "moect_expert.json"
 MARKER_FORMAT = 1
 DEFAULT_LANGS = ("de", "fr", "es")
 TRAIN_TARGETS = ("mlp", "all")
 
 
-def cache_dir() -> Path:
-    """``$FUSION_BENCH_MOECT_CACHE`` (default ``~/.cache/fusion_bench_moect``)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fusion_bench_moect")
-
-
 def base_model_dir() -> Path:
     """The prepared SmolLM2-135M-Instruct directory (``python -m fusion_bench_moect.assets.smollm2``)."""
-    return cache_dir() / "SmolLM2-135M-Instruct"
+    return cache_root() / "SmolLM2-135M-Instruct"
 
 
 def expert_dir(lang: str, root: str | os.PathLike | None = None) -> Path:
     """Where the expert for ``lang`` lives: ``<cache>/experts/smollm2-<lang>``."""
-    return (Path(root) if root is not None else cache_dir() / "experts") / f"smollm2-{lang}"
+    return (Path(root) if root is not None else cache_root() / "experts") / f"smollm2-{lang}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,7 +274,7 @@ def build_experts(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The expert options (shared with ``python -m fusion_bench_moect.study``)."""
+    """The expert options (of ``python -m fusion_bench_moect.cli.study``)."""
     d = ExpertSettings()
     parser.add_argument("--langs", default=",".join(DEFAULT_LANGS), help="expert languages")
     parser.add_argument("--steps", type=int, default=d.steps)
@@ -299,30 +295,3 @@ def settings_from_args(args: argparse.Namespace) -> ExpertSettings:
         learning_rate=args.lr,
         train_target=args.train_target,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fusion_bench_moect.study.experts", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    markers = build_experts(
-        [s for s in args.langs.split(",") if s],
-        settings_from_args(args),
-        root=args.experts_dir,
-        accelerator=args.accelerator,
-        force=args.force,
-    )
-    for lang, m in markers.items():
-        print(
-            f"{lang}: held-out ppl base {m['heldout_perplexity_base']:.3f} -> expert "
-            f"{m['heldout_perplexity_expert']:.3f} ({100 * m['heldout_perplexity_change']:+.1f}%), "
-            f"{m['seconds']:.0f} s  {expert_dir(lang, args.experts_dir)}"
-        )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

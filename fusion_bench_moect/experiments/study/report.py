@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fusion_bench_moect.eval.plots import pyplot
+
 from .common import ensure_dir, fmt, mean_std
 
 BEGIN = "<!-- BEGIN GENERATED -->"
@@ -334,17 +336,8 @@ def collapse_section(collapse: Mapping[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_tradeoff(grid: Mapping[str, Any], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     panels = [("forgetting_en", "English held-out (Debian Reference, in-domain)")]
     if any("forgetting_en_gpl3" in r["metrics"] for r in grid.get("rows", [])):
         panels.append(("forgetting_en_gpl3", "English out-of-domain (GPL-3)"))
@@ -389,7 +382,7 @@ def plot_tradeoff(grid: Mapping[str, Any], path: Path) -> Path:
 
 
 def plot_strategies(grid: Mapping[str, Any], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     series: dict[str, list[tuple[float, dict[str, Any]]]] = {}
     for row in grid.get("rows", []):
@@ -422,7 +415,7 @@ def plot_strategies(grid: Mapping[str, Any], path: Path) -> Path:
 
 
 def plot_collapse(collapse: Mapping[str, Any], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     keys = (
         ("mean_cv", "CV of expert load"),
         ("mean_max_violation", "MaxVio"),
@@ -557,7 +550,7 @@ def generated_block(
 SKELETON = """# The MoE-CT study
 
 (Hand-written sections go above and below the generated block; `python -m
-fusion_bench_moect.study` only rewrites the block between the markers.)
+fusion_bench_moect.cli.study` only rewrites the block between the markers.)
 
 {block}
 """

@@ -1,19 +1,24 @@
-"""Read the MoE structure of a transformers causal LM (Mixtral, Qwen2-MoE, Qwen3-MoE).
+"""Find the MoE structure of a built transformers causal LM: blocks, routers, experts, anchors.
 
-Works with transformers 4.57 and 5.x: the router of a sparse block is the ``gate``
-sub-module (an ``nn.Linear`` in 4.x, a ``*TopKRouter`` in 5.x, both with a ``(E, H)``
-``weight``) of ``layer.block_sparse_moe`` (Mixtral, 4.x) or ``layer.mlp`` (everything
-else). Dense layers (``mlp_only_layers``, ``decoder_sparse_step``) have no router.
+One place for every reader of a Mixtral, Qwen2-MoE or Qwen3-MoE model (the output
+architectures, evaluation, training, tests), in both transformers layouts: the MoE block is
+``layer.block_sparse_moe`` (Mixtral, transformers 4) or ``layer.mlp``; its router is the
+``gate`` sub-module (an ``nn.Linear`` in 4.x, a ``*TopKRouter`` in 5.x, both with an
+``(E, H)`` ``weight``); its experts are fused 3-D tensors (5.x) or one module per expert
+(4.x). Dense layers (``mlp_only_layers``, ``decoder_sparse_step``) have no router.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["MoEInfo", "describe_moe", "decoder_layers", "moe_ct_record"]
+#: Attributes of a decoder layer that may hold its MoE block, in lookup order.
+BLOCK_ATTRIBUTES = ("block_sparse_moe", "mlp")
 
 
 @dataclass
@@ -48,14 +53,40 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     return layers if isinstance(layers, nn.ModuleList) else None
 
 
-def _sparse_block(layer: nn.Module, num_experts: int) -> nn.Module | None:
-    for name in ("block_sparse_moe", "mlp"):
+def moe_block(layer: nn.Module, num_experts: int | None = None) -> nn.Module | None:
+    """The MoE block of a decoder layer (its router has ``num_experts`` rows when given), or
+    None for a dense layer."""
+    for name in BLOCK_ATTRIBUTES:
         block = getattr(layer, name, None)
         gate = getattr(block, "gate", None) if block is not None else None
         weight = getattr(gate, "weight", None)
-        if weight is not None and weight.dim() == 2 and weight.shape[0] == num_experts:
-            return block
+        if weight is not None and weight.dim() == 2:
+            if num_experts is None or weight.shape[0] == num_experts:
+                return block
     return None
+
+
+def expert_triples(block: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per routed expert of an MoE block: (gate (I_e, H), up (I_e, H), down (H, I_e)), views
+    of its parameters (no copies) in either transformers layout."""
+    experts = block.experts
+    if hasattr(experts, "gate_up_proj"):  # transformers 5: fused 3-D tensors
+        size = experts.down_proj.shape[-1]
+        for gate_up, down in zip(experts.gate_up_proj, experts.down_proj, strict=True):
+            yield gate_up[:size], gate_up[size:], down
+        return
+    for expert in experts:
+        names = (
+            ("w1", "w3", "w2") if hasattr(expert, "w1") else ("gate_proj", "up_proj", "down_proj")
+        )
+        gate, up, down = (getattr(expert, name).weight for name in names)
+        yield gate, up, down
+
+
+def is_moe_param(name: str) -> bool:
+    """Whether a parameter name (``model.named_parameters()``) lies in a decoder layer's MoE
+    block or dense FFN."""
+    return ".mlp." in name or ".block_sparse_moe." in name
 
 
 def describe_moe(model: nn.Module) -> MoEInfo | None:
@@ -77,7 +108,7 @@ def describe_moe(model: nn.Module) -> MoEInfo | None:
         return None
     moe_layers, routers, shared = [], [], False
     for index, layer in enumerate(layers):
-        block = _sparse_block(layer, int(num_experts))
+        block = moe_block(layer, int(num_experts))
         if block is None:
             continue
         moe_layers.append(index)
@@ -104,3 +135,9 @@ def moe_ct_record(model: nn.Module) -> dict[str, Any] | None:
     if hasattr(record, "items"):
         return dict(record)
     return None
+
+
+def anchor_experts(model: nn.Module) -> list[int]:
+    """The anchor experts' indices recorded by the algorithm (empty when none or no record)."""
+    record = moe_ct_record(model) or {}
+    return [int(i) for i in record.get("anchor_experts") or []]

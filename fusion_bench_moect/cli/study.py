@@ -1,0 +1,223 @@
+"""Reproduce the MoE-CT study: experts -> merge grid -> collapse runs -> docs/study.md.
+
+Usage::
+
+    python -m fusion_bench_moect.cli.study            # the full run (docs/study.md numbers)
+    python -m fusion_bench_moect.cli.study --quick    # smoke run, < 20 min on a 2-core CPU
+    python -m fusion_bench_moect.cli.study --parts grid,collapse --resume
+
+``--quick`` trains its own small experts (in ``<cache>/experts-quick``), runs a handful
+of grid rows and 2 seeds x 4 gate modes of a few steps, on fewer evaluation tokens, and
+writes to ``outputs/study-quick`` (``--doc``/``--img-dir`` to put it elsewhere) so that it
+never overwrites the full run's document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ..experiments.study import collapse as collapse_mod
+from ..experiments.study import experts as experts_mod
+from ..experiments.study import grid as grid_mod
+from ..experiments.study.report import write_report
+from ..paths import cache_root
+
+log = logging.getLogger("fusion_bench_moect.study")
+
+PARTS = ("experts", "grid", "collapse", "report")
+
+
+def _parse_ints(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The study's options (the expert options included)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fusion_bench_moect.cli.study", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run (< 20 min on CPU)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
+    parser.add_argument(
+        "--out", default=None, help="working folder (default outputs/study[-quick])"
+    )
+    parser.add_argument("--doc", default=None, help="document (default docs/study.md)")
+    parser.add_argument("--img-dir", default=None, help="plots/CSV folder (default docs/study)")
+    parser.add_argument("--resume", action="store_true", help="reuse finished grid rows / runs")
+    parser.add_argument(
+        "--eval-tokens", type=int, default=None, help="held-out tokens per language"
+    )
+    parser.add_argument("--focus-seeds", default=None, help="router seeds of the claim rows")
+    parser.add_argument(
+        "--grid-shard",
+        default=None,
+        help="K/N: run every N-th grid row (priority order) from K, e.g. to run 2 processes "
+        "in parallel; then collect with --parts grid --resume",
+    )
+    parser.add_argument("--collapse-seeds", default=None)
+    parser.add_argument("--collapse-steps", type=int, default=None)
+    parser.add_argument("--collapse-eval-tokens", type=int, default=None)
+    parser.add_argument("--collapse-batch-size", type=int, default=2)
+    parser.add_argument("--collapse-seq-len", type=int, default=64)
+    parser.add_argument("--collapse-modes", default=",".join(collapse_mod.GATE_MODES))
+    parser.add_argument("--label", default="", help="a line describing the run, in the doc")
+    experts_mod.add_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("fusion_bench", "httpx", "lightning", "lightning_fabric"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    parts = {p for p in args.parts.split(",") if p}
+    unknown = parts - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; valid: {', '.join(PARTS)}")
+    run = _resolve(args)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    markers = _experts_part(run, args, "experts" in parts, timings)
+    grid = _part(
+        "grid" in parts, run.out / "grid" / "grid.json", timings, lambda: _run_grid(run, args)
+    )
+    collapse = _part(
+        "collapse" in parts,
+        run.out / "collapse" / "collapse.json",
+        timings,
+        lambda: _run_collapse(run, args),
+    )
+    if grid and grid.get("rows"):
+        timings["grid (sum of row times)"] = sum(r.get("seconds", 0.0) for r in grid["rows"])
+    if collapse and collapse.get("runs"):
+        timings["collapse (sum of run times)"] = sum(
+            r.get("seconds", 0.0) for r in collapse["runs"]
+        )
+    if time.perf_counter() - started > 5:
+        timings["this invocation"] = time.perf_counter() - started
+    if "report" in parts:
+        label = args.label or (
+            f"{'quick' if run.quick else 'full'} run, "
+            f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC, "
+            f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+            f"{'GPU' if torch.cuda.is_available() else 'CPU'}"
+        )
+        path = write_report(grid, collapse, markers, run.doc, run.img, timings, label)
+        print(f"Report: {path}  (plots and data in {run.img})")
+    return 0
+
+
+def _resolve(args: argparse.Namespace) -> SimpleNamespace:
+    """Folders, token budgets, seeds and expert settings of this run (``--quick`` defaults)."""
+    quick = args.quick
+    out = Path(args.out or ("outputs/study-quick" if quick else "outputs/study"))
+    settings = experts_mod.settings_from_args(args)
+    experts_root = args.experts_dir
+    if quick:
+        if args.steps == experts_mod.ExpertSettings().steps:
+            settings = experts_mod.ExpertSettings(**{**settings.__dict__, "steps": 10})
+        experts_root = experts_root or str(cache_root() / "experts-quick")
+    langs = [s for s in args.langs.split(",") if s]
+    return SimpleNamespace(
+        quick=quick,
+        out=out,
+        doc=Path(args.doc or (out / "study.md" if quick else "docs/study.md")),
+        img=Path(args.img_dir or (out / "img" if quick else "docs/study")),
+        eval_tokens=args.eval_tokens or (512 if quick else 1024),
+        focus_seeds=_parse_ints(args.focus_seeds)
+        if args.focus_seeds
+        else ([] if quick else [42, 1, 2]),
+        collapse_seeds=_parse_ints(args.collapse_seeds)
+        if args.collapse_seeds
+        else ([0, 1] if quick else [0, 1, 2]),
+        collapse_steps=args.collapse_steps or (6 if quick else 10),
+        settings=settings,
+        experts_root=experts_root,
+        langs=langs,
+        base_dir=str(experts_mod.base_model_dir()),
+        experts={lang: str(experts_mod.expert_dir(lang, experts_root)) for lang in langs},
+    )
+
+
+def _experts_part(
+    run: SimpleNamespace, args: argparse.Namespace, build: bool, timings: dict[str, float]
+) -> dict[str, Any]:
+    """Build the experts (``build``) or read their markers."""
+    t0 = time.perf_counter()
+    if build:
+        markers = experts_mod.build_experts(
+            run.langs,
+            run.settings,
+            root=run.experts_root,
+            accelerator=args.accelerator,
+            force=args.force,
+        )
+    else:
+        markers = {}
+        for lang in run.langs:
+            path = experts_mod.expert_dir(lang, run.experts_root) / experts_mod.MARKER
+            if path.exists():
+                markers[lang] = json.loads(path.read_text())
+    if time.perf_counter() - t0 > 5:  # not when every expert was already up to date
+        timings["experts"] = time.perf_counter() - t0
+    return markers
+
+
+def _part(
+    build: bool, saved: Path, timings: dict[str, float], compute: Callable[[], dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Run a part (``build``) and time it under its folder's name, or read what it last wrote
+    to ``saved``."""
+    if not build:
+        return json.loads(saved.read_text()) if saved.exists() else None
+    t0 = time.perf_counter()
+    result = compute()
+    timings[saved.parent.name] = time.perf_counter() - t0
+    return result
+
+
+def _run_grid(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]:
+    rows = grid_mod.grid_rows(quick=run.quick, focus_seeds=run.focus_seeds)
+    if args.grid_shard:
+        k, n = (int(v) for v in args.grid_shard.split("/"))
+        rows = grid_mod.priority_order(rows)[k::n]
+    log.info("Grid: %d rows", len(rows))
+    return grid_mod.run_grid(
+        run.base_dir,
+        run.experts,
+        run.out / "grid",
+        rows,
+        eval_tokens=run.eval_tokens,
+        resume=args.resume,
+    )
+
+
+def _run_collapse(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]:
+    return collapse_mod.run_collapse(
+        run.base_dir,
+        run.experts,
+        run.out / "collapse",
+        gate_modes=[m for m in args.collapse_modes.split(",") if m],
+        seeds=run.collapse_seeds,
+        steps=run.collapse_steps,
+        batch_size=args.collapse_batch_size,
+        seq_len=args.collapse_seq_len,
+        eval_tokens=args.collapse_eval_tokens or (256 if run.quick else 512),
+        resume=args.resume,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,280 @@
+"""The build pipeline, shared by ``OrthogonalMoECTMergingAlgorithm`` and the lean CLI.
+
+Open the base and the sources, check that they are compatible and share one vocabulary,
+plan the experts, choose the output dtype, compute the router rows, then build the MoE
+model in memory or stream it to disk (docs/algorithm.md). The two front ends differ only in
+where models come from (``ModelInputs``): a FusionBench model pool, or directories named on
+the command line. Nothing here imports FusionBench, so the lean CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import arch as arch_registry
+from .build import MoEEngine, check_compatible, engine_threads, prompt_free_router_rows
+from .inspection import moe_block
+from .io.checkpoint import check_destination
+from .io.sources import SourceError, TensorSource, read_vocabulary, resolve_dtype
+from .ops.routers import condition_number
+from .params import PROMPT_GATE_MODES, MoECTConfig
+from .plan import BASE_EXPERT, MoEPlan, make_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelInputs:
+    """Where the pipeline's models, tokenizer and defaults come from.
+
+    Attributes:
+        source_names: The source experts, in expert order (empty for pure upcycling).
+        open: Opens a model by name (``_pretrained_`` or a source name) given the opened base
+            (None when opening the base; a LoRA adapter source is read over it).
+        directory: A model's local directory by name, or None (tokenizer and generation
+            config files are read from there).
+        tokenizer: A tokenizer object to save with the model (FusionBench's pool).
+        tokenizer_dir: Or a directory whose tokenizer files are copied (lean CLI).
+        vocabulary_dir: The directory of the tokenizer the output gets, when it is not
+            ``tokenizer_dir`` (the pool's ``tokenizer`` path): sources must match it.
+        default_dtype: The output dtype when ``dtype`` is null (the pool's ``torch_dtype``).
+        load_dense: Loads the dense base model (prompt gates need a forward pass).
+        output_config: For streaming, returns the output's transformers config given
+            ``(plan, arch, dtype)``; it is called after the tensors are written.
+        max_shard_bytes: Largest checkpoint shard (default 2 GB).
+    """
+
+    source_names: Sequence[str]
+    open: Callable[[str, TensorSource | None], TensorSource]
+    directory: Callable[[str], Path | None]
+    tokenizer: Any = None
+    tokenizer_dir: Path | None = None
+    vocabulary_dir: Path | None = None
+    default_dtype: Any = None
+    load_dense: Callable[[], torch.nn.Module] | None = None
+    output_config: Callable[[MoEPlan, Any, torch.dtype], Any] | None = None
+    max_shard_bytes: int | None = None
+
+
+@dataclass
+class BuildResult:
+    """The MoE model (None when streamed) and every layer's router condition number."""
+
+    model: torch.nn.Module | None
+    condition_numbers: list[float]
+
+
+def run_pipeline(config: MoECTConfig, inputs: ModelInputs) -> BuildResult:
+    """Build the MoE model described by ``config`` from ``inputs``.
+
+    With ``config.save_checkpoint`` the checkpoint is written (atomically); with
+    ``config.streaming`` it is written shard by shard and no model is kept in memory.
+
+    Raises:
+        ValueError: For bad parameters or incompatible models (``SourceError``), naming the
+            culprit; nothing is left on disk.
+    """
+    if config.streaming and not config.save_checkpoint:
+        raise ValueError(
+            "streaming: true writes the model straight to disk and needs save_checkpoint: "
+            "<directory>; set it, or set streaming: false to get the model in memory."
+        )
+    if config.save_checkpoint:
+        check_destination(config.save_checkpoint, config.overwrite)
+    with _opened(inputs) as (base, sources):
+        engine = prepare_engine(config, inputs, base, sources)
+        if config.streaming:
+            conds = engine.stream(
+                config.save_checkpoint,
+                params=config.record(),
+                tokenizer=inputs.tokenizer,
+                tokenizer_dir=inputs.tokenizer_dir,
+                base_dir=inputs.directory(BASE_EXPERT),
+                overwrite=config.overwrite,
+                max_shard_bytes=inputs.max_shard_bytes,
+                config=_deferred_config(inputs, engine),
+            )
+            _log_conditions(conds)
+            return BuildResult(None, conds)
+        model = engine.build_model()
+    return _finish_in_memory(config, inputs, engine, model)
+
+
+def prepare_engine(
+    config: MoECTConfig,
+    inputs: ModelInputs,
+    base: TensorSource,
+    sources: dict[str, TensorSource],
+) -> MoEEngine:
+    """Check the opened models, plan the experts, pick the dtype, compute the router rows."""
+    arch = arch_registry.resolve(config.architecture, base.config.model_type)
+    for source in sources.values():
+        check_compatible(base, source)
+    check_vocabularies(inputs)
+    cfg = base.config
+    plan = make_plan(
+        config,
+        architecture=arch.name,
+        source_names=list(inputs.source_names),
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+    )
+    requested = config.dtype if config.dtype not in (None, "auto") else inputs.default_dtype
+    dtype = resolve_dtype(requested, base)
+    log_plan(plan, dtype)
+    rows, shared_gate_rows = router_rows(plan, arch, config, base, inputs)
+    return MoEEngine(plan, arch, base, sources, rows, dtype, shared_gate_rows)
+
+
+def _finish_in_memory(
+    config: MoECTConfig, inputs: ModelInputs, engine: MoEEngine, model: torch.nn.Module
+) -> BuildResult:
+    """Record the router condition numbers in the model's config; save it when asked."""
+    plan, arch = engine.plan, engine.arch
+    with engine_threads():
+        conds = [_router_condition(model, layer, plan) for layer in plan.moe_layers]
+    model.config.moe_ct = plan.record(config.record(), conds)
+    _log_conditions(conds)
+    if config.save_checkpoint:
+        from .io.streaming import save_model_checkpoint
+
+        kwargs = {"max_shard_bytes": inputs.max_shard_bytes} if inputs.max_shard_bytes else {}
+        with engine_threads():
+            save_model_checkpoint(
+                model,
+                arch,
+                config.save_checkpoint,
+                inputs.tokenizer,
+                overwrite=config.overwrite,
+                **kwargs,
+            )
+    return BuildResult(model, conds)
+
+
+@contextmanager
+def _opened(inputs: ModelInputs) -> Iterator[tuple[TensorSource, dict[str, TensorSource]]]:
+    """The base and every source, opened; all closed on the way out."""
+    base = inputs.open(BASE_EXPERT, None)
+    sources: dict[str, TensorSource] = {}
+    try:
+        for name in inputs.source_names:
+            sources[name] = inputs.open(name, base)
+        yield base, sources
+    finally:
+        for src in (base, *sources.values()):
+            src.close()
+
+
+def check_vocabularies(inputs: ModelInputs) -> None:
+    """Every source directory that ships a tokenizer maps tokens to the same ids as the
+    tokenizer the output gets (``vocabulary_dir``, ``tokenizer_dir``, ``tokenizer``, else the
+    base directory's).
+
+    Raises:
+        SourceError: Naming the first source whose vocabulary differs.
+    """
+    reference = None
+    for directory in (inputs.vocabulary_dir, inputs.tokenizer_dir):
+        if directory is not None and reference is None:
+            reference = read_vocabulary(directory)
+    if reference is None and inputs.tokenizer is not None:
+        reference = inputs.tokenizer.get_vocab()
+    if reference is None and inputs.directory(BASE_EXPERT) is not None:
+        reference = read_vocabulary(inputs.directory(BASE_EXPERT))
+    if reference is None:
+        return
+    for name in inputs.source_names:
+        directory = inputs.directory(name)
+        vocab = None if directory is None else read_vocabulary(directory)
+        if vocab is not None and vocab != reference:
+            diff = sorted(set(vocab.items()) ^ set(reference.items()))[:1]
+            raise SourceError(
+                f"Source '{name}' has a tokenizer whose vocabulary differs from the base "
+                f"({len(vocab)} vs {len(reference)} entries, e.g. {diff}); experts must share "
+                "the base tokenizer."
+            )
+
+
+def router_rows(
+    plan: MoEPlan, arch: Any, config: MoECTConfig, base: TensorSource, inputs: ModelInputs
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Per layer, the float32 (num_groups, H) router rows of ``plan.gate_mode`` and (when
+    ``prompts`` has a ``shared_expert`` entry) the (1, H) Qwen2-MoE shared-expert gate."""
+    from .prompt_gates import SHARED_EXPERT_PROMPTS
+
+    cfg = base.config
+    wants_shared = isinstance(config.prompts, dict) and SHARED_EXPERT_PROMPTS in config.prompts
+    if wants_shared and not arch.has_shared_expert:
+        raise ValueError(
+            f"prompts.{SHARED_EXPERT_PROMPTS} sets the shared expert's gate, which the "
+            f"{arch.name} output has not; use architecture: qwen2_moe or drop that entry."
+        )
+    if plan.gate_mode not in PROMPT_GATE_MODES:
+        if wants_shared:
+            raise ValueError(
+                f"prompts.{SHARED_EXPERT_PROMPTS} needs gate_mode hidden or cheap_embed "
+                f"(gate_mode is {plan.gate_mode!r}); set one, or drop that entry."
+            )
+        return prompt_free_router_rows(plan, cfg.num_hidden_layers, cfg.hidden_size), None
+    rows = _prompt_rows(plan, config, inputs, wants_shared)
+    if not wants_shared:
+        return rows, None
+    return [r[:-1] for r in rows], [r[-1:] for r in rows]
+
+
+def _prompt_rows(
+    plan: MoEPlan, config: MoECTConfig, inputs: ModelInputs, wants_shared: bool
+) -> list[torch.Tensor]:
+    """Router rows from prompts (one per group, then the shared expert's when wanted)."""
+    from .prompt_gates import SHARED_EXPERT_PROMPTS, parse_prompts, prompt_router_rows
+
+    names = [g.name for g in plan.groups]
+    prompts = parse_prompts(
+        config.prompts, names + [SHARED_EXPERT_PROMPTS] if wants_shared else names, plan.gate_mode
+    )
+    if inputs.tokenizer is None or inputs.load_dense is None:
+        raise ValueError(
+            f"gate_mode '{plan.gate_mode}' needs a tokenizer: set `tokenizer:` in the model "
+            "pool (e.g. the base model's path)."
+        )
+    dense = inputs.load_dense()
+    try:
+        return prompt_router_rows(dense, inputs.tokenizer, prompts, plan.gate_mode)
+    finally:
+        del dense
+
+
+def log_plan(plan: MoEPlan, dtype: torch.dtype) -> None:
+    """The plan in four log lines: summary, experts, alphas, anchors."""
+    anchors = [plan.expert_names[i] for i in plan.anchor_indices]
+    log.info("MoE-CT: %s", plan.describe(dtype))
+    log.info("Experts: %s", ", ".join(plan.expert_names))
+    log.info("Alpha per layer: %s", ", ".join(f"{a:.3f}" for a in plan.alphas))
+    log.info(
+        "Anchor experts: %s (router rows x %s)",
+        ", ".join(anchors) if anchors else "none",
+        plan.router_aux_scale if anchors else 1.0,
+    )
+
+
+def _deferred_config(inputs: ModelInputs, engine: MoEEngine) -> Callable[[], Any] | None:
+    if inputs.output_config is None:
+        return None
+    return lambda: inputs.output_config(engine.plan, engine.arch, engine.dtype)
+
+
+def _log_conditions(conds: Sequence[float]) -> None:
+    log.info("Router condition numbers per layer: min %.4f, max %.4f", min(conds), max(conds))
+
+
+def _router_condition(model: Any, layer: int, plan: MoEPlan) -> float:
+    router = moe_block(model.model.layers[layer]).gate.weight
+    return condition_number(router[:: plan.granularity].detach())
