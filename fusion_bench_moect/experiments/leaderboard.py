@@ -340,15 +340,35 @@ def write_outputs(
     """
     out.mkdir(parents=True, exist_ok=True)
     columns = _columns(rows, metric)
+    baseline = next((r for r in rows if r.baseline and r.report), None)
+    headers, table_rows = _table(rows, metric, columns, baseline)
+    paths = {kind: out / f"leaderboard.{kind}" for kind in ("md", "csv", "png", "json")}
+    _write_csv(paths["csv"], headers, table_rows)
+    _plot(rows, metric, baseline, paths["png"], title)
+    lines = _markdown_head(title, modelpool, taskpool, metric, higher_is_better)
+    lines += _markdown_table(headers, table_rows)
+    lines += _markdown_tail(metric, command, rows)
+    paths["md"].write_text("\n".join(lines))
+    summary = {
+        "metric": metric,
+        "higher_is_better": higher_is_better,
+        "modelpool": modelpool,
+        "taskpool": taskpool,
+        "command": command,
+        "rows": [_row_record(r, columns) for r in rows],
+    }
+    paths["json"].write_text(json.dumps(summary, indent=2))
+    return paths
+
+
+def _table(
+    rows: Sequence[Row], metric: str, columns: Sequence[str], baseline: Row | None
+) -> tuple[list[str], list[dict[str, str]]]:
+    """The table's headers and one dict of cells per row (rank only for rows with a metric)."""
     grid_keys: list[str] = []
     for row in rows:
-        for key in row.settings:
-            if key not in grid_keys:
-                grid_keys.append(key)
-    baseline = next((r for r in rows if r.baseline and r.report), None)
-    base_value = get_metric(baseline.report, metric) if baseline else None
+        grid_keys += [key for key in row.settings if key not in grid_keys]
     base_ppl = get_metric(baseline.report, "overall_perplexity") if baseline else None
-
     table_rows = []
     rank = 0
     for row in rows:
@@ -370,49 +390,63 @@ def write_outputs(
         table_rows.append(cells)
     headers: list[str] = []
     for cells in table_rows:
-        for key in cells:
-            if key not in headers:
-                headers.append(key)
+        headers += [key for key in cells if key not in headers]
+    return headers, table_rows
 
-    csv_path = out / "leaderboard.csv"
-    with open(csv_path, "w", newline="") as handle:
+
+def _write_csv(path: Path, headers: Sequence[str], table_rows: Sequence[dict[str, str]]) -> None:
+    with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=headers)
         writer.writeheader()
         for cells in table_rows:
             writer.writerow({h: cells.get(h, "") for h in headers})
 
-    png_path = out / "leaderboard.png"
+
+def _plot(
+    rows: Sequence[Row], metric: str, baseline: Row | None, path: Path, title: str | None
+) -> None:
     from fusion_bench_moect.eval.plots import plot_leaderboard
 
+    base_value = get_metric(baseline.report, metric) if baseline else None
     ranked = [r for r in rows if r.report is not None and not r.baseline]
     plot_leaderboard(
         [r.name for r in ranked],
         [get_metric(r.report, metric) for r in ranked],
-        png_path,
+        path,
         metric=metric,
         reference={"dense baseline": base_value} if _is_number(base_value) else None,
         title=title,
     )
 
-    import torch
-    import transformers
 
-    fb_version = _dist_version("fusion-bench")
-    md_lines = [
+def _markdown_head(
+    title: str | None, modelpool: str, taskpool: str, metric: str, higher_is_better: bool
+) -> list[str]:
+    return [
         f"# {title or 'Leaderboard'}",
         "",
         f"Model pool `{modelpool}`, task pool `{taskpool}`; ranked by `{metric}` "
         f"({'higher' if higher_is_better else 'lower'} is better). Each row is one "
         "`fusion_bench` run; the dense baseline is `method=dummy` (the pool's `_pretrained_`).",
         "",
-        "| " + " | ".join(headers) + " |",
-        "| " + " | ".join("---" for _ in headers) + " |",
     ]
+
+
+def _markdown_table(headers: Sequence[str], table_rows: Sequence[dict[str, str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     for cells in table_rows:
-        md_lines.append(
+        lines.append(
             "| " + " | ".join(str(cells.get(h, "")).replace("|", "\\|") for h in headers) + " |"
         )
-    md_lines += [
+    return lines
+
+
+def _markdown_tail(metric: str, command: str, rows: Sequence[Row]) -> list[str]:
+    """The plot, the reproducing command, the versions, and the failed rows' errors."""
+    import torch
+    import transformers
+
+    lines = [
         "",
         f"![{metric} per row](leaderboard.png)",
         "",
@@ -424,49 +458,33 @@ def write_outputs(
         "",
         f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} with Python "
         f"{platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, fusion-bench {fb_version}, fusion-bench-moect "
-        f"{_git_revision() or _dist_version('fusion-bench-moect')}, on {platform.machine()} "
-        f"({os.cpu_count()} CPUs). Per-row logs and reports: `runs/`.",
+        f"{transformers.__version__}, fusion-bench {_dist_version('fusion-bench')}, "
+        f"fusion-bench-moect {_git_revision() or _dist_version('fusion-bench-moect')}, on "
+        f"{platform.machine()} ({os.cpu_count()} CPUs). Per-row logs and reports: `runs/`.",
         "",
     ]
     failed = [r for r in rows if r.status == "failed"]
     if failed:
-        md_lines += ["Failed rows:", ""]
+        lines += ["Failed rows:", ""]
         for row in failed:
-            md_lines += [f"- `{row.name}`:", "", "```", row.error or "", "```", ""]
-    md_path = out / "leaderboard.md"
-    md_path.write_text("\n".join(md_lines))
+            lines += [f"- `{row.name}`:", "", "```", row.error or "", "```", ""]
+    return lines
 
-    json_path = out / "leaderboard.json"
-    json_path.write_text(
-        json.dumps(
-            {
-                "metric": metric,
-                "higher_is_better": higher_is_better,
-                "modelpool": modelpool,
-                "taskpool": taskpool,
-                "command": command,
-                "rows": [
-                    {
-                        "name": r.name,
-                        "settings": r.settings,
-                        "method": r.method,
-                        "overrides": r.overrides,
-                        "baseline": r.baseline,
-                        "status": r.status,
-                        "cached": r.cached,
-                        "seconds": r.seconds,
-                        "metrics": {c: get_metric(r.report, c) for c in columns},
-                        "run_dir": str(r.run_dir) if r.run_dir else None,
-                        "error": r.error,
-                    }
-                    for r in rows
-                ],
-            },
-            indent=2,
-        )
-    )
-    return {"md": md_path, "csv": csv_path, "png": png_path, "json": json_path}
+
+def _row_record(row: Row, columns: Sequence[str]) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "settings": row.settings,
+        "method": row.method,
+        "overrides": row.overrides,
+        "baseline": row.baseline,
+        "status": row.status,
+        "cached": row.cached,
+        "seconds": row.seconds,
+        "metrics": {c: get_metric(row.report, c) for c in columns},
+        "run_dir": str(row.run_dir) if row.run_dir else None,
+        "error": row.error,
+    }
 
 
 def _git_revision() -> str | None:

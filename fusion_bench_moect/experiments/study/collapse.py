@@ -14,15 +14,16 @@ split in the expert's language (English for the base expert).
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fusion_bench_moect.eval.routing import HEADLINE_METRICS, STEP_METRICS
 
+from ..runs import RunLog
 from .common import STUDY_MERGE, ensure_dir, make_pool, make_taskpool, specialisation
 
 log = logging.getLogger(__name__)
@@ -85,16 +86,11 @@ def run_collapse(
 
     ``eval_sources``, ``train_sources`` and ``prompts`` (``{lang: [...]}``, ``en`` for the
     base expert) replace the Debian Reference defaults, e.g. for tests."""
-    from fusion_bench_moect import MoECTTrainingAlgorithm, OrthogonalMoECTMergingAlgorithm
-
     out = ensure_dir(out_dir)
     run_dir = ensure_dir(out / "runs")
     langs = ["en", *[lang for lang in experts if lang != "en"]]
     taskpool = make_taskpool(base_dir, langs, eval_tokens, window_length, eval_sources)
-    if train_sources is None:
-        train_sources = {lang: {"debian_reference": lang, "split": "train"} for lang in langs}
-    raw_prompts = dict(prompts) if prompts is not None else train_prompts(langs)
-    prompts = {("_pretrained_" if k == "en" else k): v for k, v in raw_prompts.items()}
+    train_sources, raw_prompts = _training_inputs(langs, train_sources, prompts)
     settings = {
         "merge": MERGE_PARAMS,
         "steps": steps,
@@ -108,92 +104,125 @@ def run_collapse(
         "languages": langs,
         "experts": dict(experts),
     }
-    started = time.perf_counter()
-    runs: list[dict[str, Any]] = []
-    total = len(gate_modes) * len(seeds)
-
-    def dump() -> dict[str, Any]:
-        data = {
-            "settings": settings,
-            "prompts": raw_prompts,
-            "runs": sorted(runs, key=lambda r: (list(gate_modes).index(r["gate_mode"]), r["seed"])),
-            "complete": len(runs) == total,
-            "planned_runs": total,
-            "seconds": time.perf_counter() - started,
-        }
-        (out / "collapse.json").write_text(json.dumps(data, indent=1))
-        return data
-
+    modes = list(gate_modes)
+    header = {"settings": settings, "prompts": raw_prompts}
+    runs = RunLog(
+        out / "collapse.json", header, "runs", len(modes) * len(seeds), order=_run_order(modes)
+    )
+    run_one = functools.partial(
+        _merge_train_evaluate,
+        base_dir=base_dir,
+        experts=experts,
+        taskpool=taskpool,
+        train_sources=train_sources,
+        prompts={("_pretrained_" if k == "en" else k): v for k, v in raw_prompts.items()},
+        settings=settings,
+    )
     # seed-major order: a run cut short still has every gate mode for the first seeds
     for seed in seeds:
-        for mode in gate_modes:
-            path = run_dir / f"{mode}_seed{seed}.json"
-            if resume and path.exists():
-                saved = json.loads(path.read_text())
-                if saved.get("settings") == settings:
-                    runs.append(saved)
-                    continue
-            t0 = time.perf_counter()
-            params = {**MERGE_PARAMS, "gate_mode": mode, "seed": seed}
-            if mode in ("hidden", "cheap_embed"):
-                params["prompts"] = prompts
-            merged = OrthogonalMoECTMergingAlgorithm(**params).run(
-                make_pool(base_dir, experts, "float32")
-            )
-            merge_s = time.perf_counter() - t0
-            trainer = MoECTTrainingAlgorithm(
-                train_sources=train_sources,
-                stage=stage,
-                max_steps=steps,
-                learning_rate=learning_rate,
-                lr_scheduler="constant",
-                batch_size=batch_size,
-                seq_len=seq_len,
-                max_tokens_per_source=train_tokens_per_language,
-                seed=seed,
-                log_every=max(steps // 4, 1),
-            )
-            t1 = time.perf_counter()
-            model = trainer.run(
-                make_pool(base_dir, {}, "float32", in_memory={"_pretrained_": merged})
-            )
-            train_s = time.perf_counter() - t1
-            report = taskpool.evaluate_model(model, label=f"{mode} seed {seed}")
-            routing = report.get("routing") or {}
-            overall = routing.get("overall") or {}
-            record = (report.get("model") or {}).get("moe_ct") or {}
-            result = {
-                "gate_mode": mode,
-                "seed": seed,
-                "settings": settings,
-                "history": [
-                    {k: h.get(k) for k in ("step", *HISTORY_KEYS)} for h in trainer.history
-                ],
-                "eval": {
-                    "perplexity": report["perplexity"],
-                    "overall_perplexity": report["overall_perplexity"],
-                    **{k: overall.get(k) for k in HEADLINE_METRICS},
-                    **specialisation(routing.get("per_source_shares") or {}, record.get("experts")),
-                    "per_source_shares": routing.get("per_source_shares"),
-                    "experts": record.get("experts"),
-                },
-                "merge_seconds": merge_s,
-                "train_seconds": train_s,
-                "seconds": time.perf_counter() - t0,
-            }
-            path.write_text(json.dumps(result, indent=1))
-            runs.append(result)
-            log.info(
-                "[%d/%d] %s seed %d: CV %.3f -> %.3f, eval ppl %.3f, %.0f s",
-                len(runs),
-                total,
-                mode,
-                seed,
-                result["history"][0]["mean_cv"] or float("nan"),
-                result["history"][-1]["mean_cv"] or float("nan"),
-                report["overall_perplexity"],
-                result["seconds"],
-            )
-            del model, merged, trainer
-            dump()
-    return dump()
+        for mode in modes:
+            _run_or_resume(runs, run_dir / f"{mode}_seed{seed}.json", mode, seed, resume, run_one)
+    return runs.dump()
+
+
+def _run_order(modes: Sequence[str]) -> Callable[[dict[str, Any]], tuple[int, int]]:
+    """Sort key of the summary's runs: gate mode (in ``modes`` order), then seed."""
+    return lambda run: (list(modes).index(run["gate_mode"]), run["seed"])
+
+
+def _training_inputs(
+    langs: Sequence[str],
+    train_sources: Mapping[str, Any] | None,
+    prompts: Mapping[str, Sequence[str]] | None,
+) -> tuple[Mapping[str, Any], dict[str, Any]]:
+    """The training text per language and the ``hidden`` gates' prompts (``{lang: [...]}``),
+    the train split of the Debian Reference unless given."""
+    if train_sources is None:
+        train_sources = {lang: {"debian_reference": lang, "split": "train"} for lang in langs}
+    return train_sources, dict(prompts) if prompts is not None else train_prompts(langs)
+
+
+def _run_or_resume(
+    runs: RunLog,
+    path: Path,
+    mode: str,
+    seed: int,
+    resume: bool,
+    run_one: Callable[[str, int], dict[str, Any]],
+) -> None:
+    """Keep the run saved at ``path`` (``resume``, same settings) or do it now."""
+    saved = RunLog.finished(path, settings=runs.header["settings"]) if resume else None
+    if saved is not None:
+        runs.keep(saved)
+        return
+    result = run_one(mode, seed)
+    runs.record(path, result)
+    log.info(
+        "[%d/%d] %s seed %d: CV %.3f -> %.3f, eval ppl %.3f, %.0f s",
+        len(runs.results),
+        runs.planned,
+        mode,
+        seed,
+        result["history"][0]["mean_cv"] or float("nan"),
+        result["history"][-1]["mean_cv"] or float("nan"),
+        result["eval"]["overall_perplexity"],
+        result["seconds"],
+    )
+
+
+def _merge_train_evaluate(
+    mode: str,
+    seed: int,
+    base_dir: str,
+    experts: Mapping[str, str],
+    taskpool: Any,
+    train_sources: Mapping[str, Any],
+    prompts: Mapping[str, Any],
+    settings: Mapping[str, Any],
+) -> dict[str, Any]:
+    """One run: merge with ``gate_mode`` ``mode``, train ``settings["steps"]`` steps, evaluate."""
+    from fusion_bench_moect import MoECTTrainingAlgorithm, OrthogonalMoECTMergingAlgorithm
+
+    t0 = time.perf_counter()
+    params = {**MERGE_PARAMS, "gate_mode": mode, "seed": seed}
+    if mode in ("hidden", "cheap_embed"):
+        params["prompts"] = prompts
+    merged = OrthogonalMoECTMergingAlgorithm(**params).run(make_pool(base_dir, experts, "float32"))
+    merge_s = time.perf_counter() - t0
+    steps = settings["steps"]
+    trainer = MoECTTrainingAlgorithm(
+        train_sources=train_sources,
+        stage=settings["stage"],
+        max_steps=steps,
+        learning_rate=settings["learning_rate"],
+        lr_scheduler="constant",
+        batch_size=settings["batch_size"],
+        seq_len=settings["seq_len"],
+        max_tokens_per_source=settings["train_tokens_per_language"],
+        seed=seed,
+        log_every=max(steps // 4, 1),
+    )
+    t1 = time.perf_counter()
+    model = trainer.run(make_pool(base_dir, {}, "float32", in_memory={"_pretrained_": merged}))
+    train_s = time.perf_counter() - t1
+    report = taskpool.evaluate_model(model, label=f"{mode} seed {seed}")
+    routing = report.get("routing") or {}
+    overall = routing.get("overall") or {}
+    record = (report.get("model") or {}).get("moe_ct") or {}
+    return {
+        "gate_mode": mode,
+        "seed": seed,
+        "settings": settings,
+        "history": [{k: h.get(k) for k in ("step", *HISTORY_KEYS)} for h in trainer.history],
+        "eval": {
+            "perplexity": report["perplexity"],
+            "overall_perplexity": report["overall_perplexity"],
+            **{k: overall.get(k) for k in HEADLINE_METRICS},
+            **specialisation(routing.get("per_source_shares") or {}, record.get("experts")),
+            "per_source_shares": routing.get("per_source_shares"),
+            "experts": record.get("experts"),
+        },
+        "merge_seconds": merge_s,
+        "train_seconds": train_s,
+        "seconds": time.perf_counter() - t0,
+    }

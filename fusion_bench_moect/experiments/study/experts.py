@@ -147,32 +147,96 @@ def train_expert(
     Does nothing (returns the existing marker) when the expert is already built with the
     same settings, unless ``force``.
     """
-    import lightning as L
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fusion_bench_moect.eval.text import load_debian_reference
-    from fusion_bench_moect.training import token_windows
 
     target = expert_dir(lang, root)
     if not force and is_built(lang, settings, root):
         log.info("Expert %s is up to date: %s", lang, target)
         return _read_marker(target)  # type: ignore[return-value]
-    base_dir = Path(base_dir) if base_dir is not None else base_model_dir()
-    if not (base_dir / "config.json").exists():
-        raise FileNotFoundError(
-            f"No base model at {base_dir}; prepare it with: python -m fusion_bench_moect.assets.smollm2"
-        )
+    base_dir = _checked_base_dir(base_dir)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    windows = _train_windows(lang, tokenizer, settings)
+    ppl_before = heldout_perplexity(model, base_dir, lang, settings.eval_tokens)
+
+    trainable = _trainable(model, settings.train_target)
+    module, losses, train_seconds, device = _fine_tune(
+        model, trainable, windows, settings, accelerator, lang
+    )
+    ppl_after = heldout_perplexity(module, base_dir, lang, settings.eval_tokens)
+    marker = {
+        "format": MARKER_FORMAT,
+        "language": lang,
+        "settings": dataclasses.asdict(settings),
+        "base_model": str(base_dir),
+        "train_split": "train",
+        "train_windows": len(windows),
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        **_loss_summary(losses),
+        "heldout_tokens": settings.eval_tokens,
+        "heldout_perplexity_base": ppl_before,
+        "heldout_perplexity_expert": ppl_after,
+        "heldout_perplexity_change": ppl_after / ppl_before - 1.0,
+        "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - started,
+        "accelerator": device,
+    }
+    _save_atomically(module, tokenizer, target, marker)
+    log.info(
+        "Expert %s saved to %s: held-out ppl %.3f -> %.3f (%.1f%%), %.0f s",
+        lang,
+        target,
+        ppl_before,
+        ppl_after,
+        100 * marker["heldout_perplexity_change"],
+        marker["seconds"],
+    )
+    return marker
+
+
+def _train_windows(lang: str, tokenizer: Any, settings: ExpertSettings) -> torch.Tensor:
+    """Token windows of the train split of the Debian Reference in ``lang``."""
+    from fusion_bench_moect.eval.text import load_debian_reference
+    from fusion_bench_moect.training import token_windows
+
     docs = load_debian_reference(lang, split="train")
     windows = token_windows(
         tokenizer, [d.text for d in docs], settings.seq_len, settings.max_train_tokens
     )
     log.info("Expert %s: %d training windows of %d tokens", lang, len(windows), settings.seq_len)
-    ppl_before = heldout_perplexity(model, base_dir, lang, settings.eval_tokens)
+    return windows
 
-    trainable = _trainable(model, settings.train_target)
+
+def _checked_base_dir(base_dir: str | os.PathLike | None) -> Path:
+    base_dir = Path(base_dir) if base_dir is not None else base_model_dir()
+    if not (base_dir / "config.json").exists():
+        raise FileNotFoundError(
+            f"No base model at {base_dir}; prepare it with: python -m fusion_bench_moect.cli.smollm2"
+        )
+    return base_dir
+
+
+def _loss_summary(losses: list[float]) -> dict[str, Any]:
+    return {
+        "losses": losses,
+        "first_loss": losses[0] if losses else None,
+        "last10_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+    }
+
+
+def _fine_tune(
+    model: torch.nn.Module,
+    trainable: list[torch.nn.Parameter],
+    windows: torch.Tensor,
+    settings: ExpertSettings,
+    accelerator: str,
+    lang: str,
+) -> tuple[torch.nn.Module, list[float], float, str]:
+    """Train ``trainable`` on random ``windows`` with Lightning Fabric; returns the model (on
+    CPU, in ``settings.dtype``, eval mode), the losses, the seconds and the device used."""
+    import lightning as L
+
     fabric = L.Fabric(accelerator=accelerator, devices=1, precision="32-true")
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
     warm = max(int(settings.warmup_steps), 1)
@@ -206,37 +270,7 @@ def train_expert(
     module = model.module if hasattr(model, "module") else model
     module.eval()
     module = module.to("cpu", dtype=getattr(torch, settings.dtype))
-    ppl_after = heldout_perplexity(module, base_dir, lang, settings.eval_tokens)
-    marker = {
-        "format": MARKER_FORMAT,
-        "language": lang,
-        "settings": dataclasses.asdict(settings),
-        "base_model": str(base_dir),
-        "train_split": "train",
-        "train_windows": len(windows),
-        "trainable_parameters": sum(p.numel() for p in trainable),
-        "losses": losses,
-        "first_loss": losses[0] if losses else None,
-        "last10_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-        "heldout_tokens": settings.eval_tokens,
-        "heldout_perplexity_base": ppl_before,
-        "heldout_perplexity_expert": ppl_after,
-        "heldout_perplexity_change": ppl_after / ppl_before - 1.0,
-        "train_seconds": train_seconds,
-        "seconds": time.perf_counter() - started,
-        "accelerator": str(fabric.device),
-    }
-    _save_atomically(module, tokenizer, target, marker)
-    log.info(
-        "Expert %s saved to %s: held-out ppl %.3f -> %.3f (%.1f%%), %.0f s",
-        lang,
-        target,
-        ppl_before,
-        ppl_after,
-        100 * marker["heldout_perplexity_change"],
-        marker["seconds"],
-    )
-    return marker
+    return module, losses, train_seconds, str(fabric.device)
 
 
 def _save_atomically(model: Any, tokenizer: Any, target: Path, marker: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ import torch
 
 from fusion_bench_moect.eval.routing import HEADLINE_METRICS
 
+from ..runs import RunLog
 from .common import STUDY_MERGE, ensure_dir, gain_retained, make_pool, make_taskpool, specialisation
 
 log = logging.getLogger(__name__)
@@ -198,8 +199,6 @@ def run_grid(
 
     ``sources`` replaces the held-out Debian Reference sources (``{lang: spec}``, keys
     ``en`` + the expert languages), e.g. for tests."""
-    from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
-
     out = ensure_dir(out_dir)
     row_dir = ensure_dir(out / "rows")
     langs = ["en", *[lang for lang in experts if lang != "en"]]
@@ -216,55 +215,23 @@ def run_grid(
         "sources": {k: str(v) for k, v in sources.items()},
         "experts": dict(experts),
     }
-    started = time.perf_counter()
-    refs_path = out / "references.json"
-    refs = None
-    if resume and refs_path.exists():
-        saved = json.loads(refs_path.read_text())
-        if saved.get("settings") == settings:
-            refs = saved["references"]
-    if refs is None:
-        refs = reference_reports(taskpool, base_dir, experts, dtype)
-        refs_path.write_text(json.dumps({"settings": settings, "references": refs}, indent=1))
-    results: list[dict[str, Any]] = []
-
-    def dump() -> dict[str, Any]:
-        data = {
-            "settings": settings,
-            "references": refs,
-            "rows": sorted(results, key=lambda r: r.get("index", 0)),
-            "complete": len(results) == len(rows),
-            "planned_rows": len(rows),
-            "seconds": time.perf_counter() - started,
-        }
-        (out / "grid.json").write_text(json.dumps(data, indent=1))
-        return data
-
+    runs = RunLog(
+        out / "grid.json",
+        {"settings": settings, "references": None},
+        "rows",
+        len(rows),
+        order=lambda r: r.get("index", 0),
+    )
+    refs = _references(out / "references.json", settings, resume, taskpool, base_dir, experts)
+    runs.header["references"] = refs
     for i, row in enumerate(priority_order(rows), 1):
         path = row_dir / (_key(row).replace(" ", "_").replace("@", "-") + ".json")
-        if resume and path.exists():
-            saved = json.loads(path.read_text())
-            if saved.get("settings") == settings and saved.get("params") == row["params"]:
-                results.append({**saved, "index": row.get("index", 0)})
-                continue
-        t0 = time.perf_counter()
-        pool = make_pool(base_dir, experts, dtype)
-        algo = OrthogonalMoECTMergingAlgorithm(**row["params"])
-        model = algo.run(pool)
-        merge_s = time.perf_counter() - t0
-        report = taskpool.evaluate_model(model, label=row["name"])
-        result = {
-            "index": row.get("index", 0),
-            "name": row["name"],
-            "group": row["group"],
-            "params": dict(row["params"]),
-            "settings": settings,
-            "metrics": row_metrics(report, refs, list(experts)),
-            "merge_seconds": merge_s,
-            "seconds": time.perf_counter() - t0,
-        }
-        path.write_text(json.dumps(result, indent=1))
-        results.append(result)
+        saved = RunLog.finished(path, settings=settings, params=row["params"]) if resume else None
+        if saved is not None:
+            runs.keep({**saved, "index": row.get("index", 0)})
+            continue
+        result = _merge_and_evaluate(row, base_dir, experts, dtype, taskpool, refs, settings)
+        runs.record(path, result)
         m = result["metrics"]
         log.info(
             "[%d/%d] %s: en %+.2f%%, gain retained %.3f, anchor share %s, %.0f s",
@@ -276,6 +243,51 @@ def run_grid(
             m.get("mean_anchor_share"),
             result["seconds"],
         )
-        del model, algo, pool
-        dump()
-    return dump()
+    return runs.dump()
+
+
+def _references(
+    path: Path,
+    settings: Mapping[str, Any],
+    resume: bool,
+    taskpool: Any,
+    base_dir: str,
+    experts: Mapping[str, str],
+) -> dict[str, Any]:
+    """The dense references' reports: saved ones with the same settings, else evaluated."""
+    saved = RunLog.finished(path, settings=settings) if resume else None
+    if saved is not None:
+        return saved["references"]
+    refs = reference_reports(taskpool, base_dir, experts, settings["dtype"])
+    path.write_text(json.dumps({"settings": settings, "references": refs}, indent=1))
+    return refs
+
+
+def _merge_and_evaluate(
+    row: Mapping[str, Any],
+    base_dir: str,
+    experts: Mapping[str, str],
+    dtype: str,
+    taskpool: Any,
+    refs: Mapping[str, Any],
+    settings: Mapping[str, Any],
+) -> dict[str, Any]:
+    """One grid row: merge with its parameters, evaluate, compute its metrics."""
+    from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
+
+    t0 = time.perf_counter()
+    model = OrthogonalMoECTMergingAlgorithm(**row["params"]).run(
+        make_pool(base_dir, experts, dtype)
+    )
+    merge_s = time.perf_counter() - t0
+    report = taskpool.evaluate_model(model, label=row["name"])
+    return {
+        "index": row.get("index", 0),
+        "name": row["name"],
+        "group": row["group"],
+        "params": dict(row["params"]),
+        "settings": settings,
+        "metrics": row_metrics(report, refs, list(experts)),
+        "merge_seconds": merge_s,
+        "seconds": time.perf_counter() - t0,
+    }

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fusion_bench_moect.eval.plots import pyplot
+from fusion_bench_moect.eval.plots import figure, pyplot
 
 from .common import ensure_dir, fmt, mean_std
 
@@ -176,7 +176,14 @@ def grid_section(grid: Mapping[str, Any]) -> list[str]:
 
 def claims_section(grid: Mapping[str, Any], collapse: Mapping[str, Any] | None) -> list[str]:
     by = _by_name(grid)
-    lines = []
+    lines = _claim2_lines(by) + _claim3_lines(by, grid)
+    if collapse:
+        lines += collapse_section(collapse)
+    return lines
+
+
+def _claim2_lines(by: Mapping[str, list[dict[str, Any]]]) -> list[str]:
+    lines: list[str] = []
     rows = []
     for name in CLAIM_ROWS:
         reps = by.get(name, [])
@@ -209,43 +216,50 @@ def claims_section(grid: Mapping[str, Any], collapse: Mapping[str, Any] | None) 
             ),
             "",
         ]
-    rows = []
-    for with_aux, without in AUX_PAIRS:
-        a, b = by.get(with_aux, []), by.get(without, [])
-        if not a or not b:
-            continue
-        seeds_a = {r["params"]["seed"]: r for r in a}
-        seeds_b = {r["params"]["seed"]: r for r in b}
-        common = sorted(set(seeds_a) & set(seeds_b))
-        diffs = [
-            seeds_a[s]["metrics"]["mean_anchor_share"] - seeds_b[s]["metrics"]["mean_anchor_share"]
-            for s in common
-            if seeds_a[s]["metrics"].get("mean_anchor_share") is not None
-            and seeds_b[s]["metrics"].get("mean_anchor_share") is not None
-        ]
-        en_diffs = [
-            seeds_a[s]["metrics"]["forgetting_en"] - seeds_b[s]["metrics"]["forgetting_en"]
-            for s in common
-        ]
-        gain_diffs = [
-            seeds_a[s]["metrics"]["gain_retained"] - seeds_b[s]["metrics"]["gain_retained"]
-            for s in common
-            if seeds_a[s]["metrics"].get("gain_retained") is not None
-            and seeds_b[s]["metrics"].get("gain_retained") is not None
-        ]
-        rows.append(
-            [
-                with_aux.split(" ")[0],
-                str(len(common)),
-                _pm([seeds_b[s]["metrics"].get("mean_anchor_share") for s in common]),
-                _pm([seeds_a[s]["metrics"].get("mean_anchor_share") for s in common]),
-                _pm(diffs, 4),
-                _pm([seeds_b[s]["metrics"].get("anchor_share_en") for s in common]),
-                _pm([seeds_a[s]["metrics"].get("anchor_share_en") for s in common]),
-                _pm(en_diffs, pct=True),
-                _pm(gain_diffs),
-            ]
-        )
+    return lines
+
+
+def _aux_pair_row(setting: str, a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[str]:
+    """One Claim-3 row: the aux-1.1 rows ``a`` against the aux-1.0 rows ``b``, paired by seed."""
+    seeds_a = {r["params"]["seed"]: r for r in a}
+    seeds_b = {r["params"]["seed"]: r for r in b}
+    common = sorted(set(seeds_a) & set(seeds_b))
+    diffs = [
+        seeds_a[s]["metrics"]["mean_anchor_share"] - seeds_b[s]["metrics"]["mean_anchor_share"]
+        for s in common
+        if seeds_a[s]["metrics"].get("mean_anchor_share") is not None
+        and seeds_b[s]["metrics"].get("mean_anchor_share") is not None
+    ]
+    en_diffs = [
+        seeds_a[s]["metrics"]["forgetting_en"] - seeds_b[s]["metrics"]["forgetting_en"]
+        for s in common
+    ]
+    gain_diffs = [
+        seeds_a[s]["metrics"]["gain_retained"] - seeds_b[s]["metrics"]["gain_retained"]
+        for s in common
+        if seeds_a[s]["metrics"].get("gain_retained") is not None
+        and seeds_b[s]["metrics"].get("gain_retained") is not None
+    ]
+    return [
+        setting,
+        str(len(common)),
+        _pm([seeds_b[s]["metrics"].get("mean_anchor_share") for s in common]),
+        _pm([seeds_a[s]["metrics"].get("mean_anchor_share") for s in common]),
+        _pm(diffs, 4),
+        _pm([seeds_b[s]["metrics"].get("anchor_share_en") for s in common]),
+        _pm([seeds_a[s]["metrics"].get("anchor_share_en") for s in common]),
+        _pm(en_diffs, pct=True),
+        _pm(gain_diffs),
+    ]
+
+
+def _claim3_lines(by: Mapping[str, list[dict[str, Any]]], grid: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    rows = [
+        _aux_pair_row(with_aux.split(" ")[0], by[with_aux], by[without])
+        for with_aux, without in AUX_PAIRS
+        if by.get(with_aux) and by.get(without)
+    ]
     if rows:
         anchor_bal = next(
             (r["metrics"].get("anchor_balanced_share") for r in grid.get("rows", [])), None
@@ -271,8 +285,6 @@ def claims_section(grid: Mapping[str, Any], collapse: Mapping[str, Any] | None) 
             f"(Balanced anchor share = {fmt(anchor_bal)}: the anchor is 1 of the routed experts.)",
             "",
         ]
-    if collapse:
-        lines += collapse_section(collapse)
     return lines
 
 
@@ -341,7 +353,15 @@ def plot_tradeoff(grid: Mapping[str, Any], path: Path) -> Path:
     panels = [("forgetting_en", "English held-out (Debian Reference, in-domain)")]
     if any("forgetting_en_gpl3" in r["metrics"] for r in grid.get("rows", [])):
         panels.append(("forgetting_en_gpl3", "English out-of-domain (GPL-3)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
+    size = (7 * len(panels), 5.5)
+    with figure(path, dpi=120, ncols=len(panels), figsize=size, squeeze=False) as (fig, axes):
+        _draw_tradeoff(plt, fig, axes, panels, grid)
+    return path
+
+
+def _draw_tradeoff(
+    plt: Any, fig: Any, axes: Any, panels: list[tuple[str, str]], grid: Mapping[str, Any]
+) -> None:
     markers = {
         "constant": "o",
         "u_shaped": "s",
@@ -375,15 +395,15 @@ def plot_tradeoff(grid: Mapping[str, Any], path: Path) -> Path:
         "black * = MoE-CT off; red x = ablations; grey = extra router seeds)",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def plot_strategies(grid: Mapping[str, Any], path: Path) -> Path:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    with figure(path, dpi=120, ncols=3, figsize=(13, 4)) as (_, axes):
+        _draw_strategies(axes, grid)
+    return path
+
+
+def _draw_strategies(axes: Any, grid: Mapping[str, Any]) -> None:
     series: dict[str, list[tuple[float, dict[str, Any]]]] = {}
     for row in grid.get("rows", []):
         if row["group"] != "main" or not row["params"]["moe_ct_mode"]:
@@ -408,49 +428,47 @@ def plot_strategies(grid: Mapping[str, Any], path: Path) -> Path:
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def plot_collapse(collapse: Mapping[str, Any], path: Path) -> Path:
-    plt = pyplot()
     keys = (
         ("mean_cv", "CV of expert load"),
         ("mean_max_violation", "MaxVio"),
         ("mean_router_entropy", "router entropy"),
         ("mean_anchor_share", "anchor share"),
     )
-    fig, axes = plt.subplots(1, len(keys), figsize=(15, 3.6))
     modes: dict[str, list[dict[str, Any]]] = {}
     for run in collapse.get("runs", []):
         modes.setdefault(run["gate_mode"], []).append(run)
-    for ax, (key, label) in zip(axes, keys, strict=True):
-        for mode, runs in modes.items():
-            steps = [h["step"] for h in runs[0]["history"]]
-            means, stds = [], []
-            for i in range(len(steps)):
-                mean, std = mean_std([r["history"][i].get(key) for r in runs])
-                means.append(math.nan if mean is None else mean)
-                stds.append(0.0 if std is None else std)
-            (line,) = ax.plot(steps, means, label=f"{mode} (n={len(runs)})")
-            ax.fill_between(
-                steps,
-                [m - s for m, s in zip(means, stds, strict=True)],
-                [m + s for m, s in zip(means, stds, strict=True)],
-                color=line.get_color(),
-                alpha=0.2,
-            )
-        ax.set_xlabel("step")
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("moe_ct_training: routing balance on the training batches (mean ± std over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, dpi=120, ncols=len(keys), figsize=(15, 3.6)) as (fig, axes):
+        for ax, (key, label) in zip(axes, keys, strict=True):
+            _draw_balance(ax, modes, key, label)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(
+            "moe_ct_training: routing balance on the training batches (mean ± std over seeds)"
+        )
     return path
+
+
+def _draw_balance(ax: Any, modes: Mapping[str, list[dict[str, Any]]], key: str, label: str) -> None:
+    for mode, runs in modes.items():
+        steps = [h["step"] for h in runs[0]["history"]]
+        means, stds = [], []
+        for i in range(len(steps)):
+            mean, std = mean_std([r["history"][i].get(key) for r in runs])
+            means.append(math.nan if mean is None else mean)
+            stds.append(0.0 if std is None else std)
+        (line,) = ax.plot(steps, means, label=f"{mode} (n={len(runs)})")
+        ax.fill_between(
+            steps,
+            [m - s for m, s in zip(means, stds, strict=True)],
+            [m + s for m, s in zip(means, stds, strict=True)],
+            color=line.get_color(),
+            alpha=0.2,
+        )
+    ax.set_xlabel("step")
+    ax.set_title(label, fontsize=10)
+    ax.grid(alpha=0.3)
 
 
 # ------------------------------------------------------------------- files
@@ -482,15 +500,14 @@ def write_csvs(grid: Mapping[str, Any], collapse: Mapping[str, Any] | None, fold
                     )
 
 
-def generated_block(
+def _run_notes(
     grid: Mapping[str, Any],
     collapse: Mapping[str, Any] | None,
-    markers: Mapping[str, Mapping[str, Any]],
-    img_rel: str,
     timings: Mapping[str, float],
-    label: str = "",
-) -> str:
-    lines = [BEGIN, "", "## Results", ""]
+    label: str,
+) -> list[str]:
+    """The run's label, timings and, for an unfinished run, what is missing."""
+    lines: list[str] = []
     if label:
         lines += [f"**Run:** {label}", ""]
     if timings:
@@ -512,6 +529,19 @@ def generated_block(
             f"{collapse.get('planned_runs')} planned runs finished (seed-major order).",
             "",
         ]
+    return lines
+
+
+def generated_block(
+    grid: Mapping[str, Any],
+    collapse: Mapping[str, Any] | None,
+    markers: Mapping[str, Mapping[str, Any]],
+    img_rel: str,
+    timings: Mapping[str, float],
+    label: str = "",
+) -> str:
+    lines = [BEGIN, "", "## Results", ""]
+    lines += _run_notes(grid, collapse, timings, label)
     lines += experts_section(markers)
     if grid.get("rows"):
         lines += references_section(grid)
