@@ -214,12 +214,7 @@ def make_plan(
         )
         for name in _group_names(config, source_names)
     ]
-    _check_routing(config, len(groups), hidden_size)
-    num = len(groups) * g
-    for note in llama_cpp_notes(
-        architecture, num, config.experts_per_token, config.shared_expert_share
-    ):
-        log.warning(note)
+    _check_routing(config, architecture, len(groups), hidden_size)
     anchor_groups = _anchor_groups(config, [grp.name for grp in groups])
     return MoEPlan(
         architecture=architecture,
@@ -336,8 +331,11 @@ def _group_names(config: MoECTConfig, source_names: Sequence[str]) -> list[str]:
     return [f"expert_{r}" for r in range(total // g)]
 
 
-def _check_routing(config: MoECTConfig, num_groups: int, hidden_size: int) -> None:
-    """Top-k within the expert count; enough dimensions for orthogonal router rows."""
+def _check_routing(
+    config: MoECTConfig, architecture: str, num_groups: int, hidden_size: int
+) -> None:
+    """Top-k within the expert count; enough dimensions for orthogonal router rows; what
+    llama.cpp would get wrong (warnings)."""
     g, k = config.granularity, config.experts_per_token
     num = num_groups * g
     if not 1 <= k <= num:
@@ -349,6 +347,8 @@ def _check_routing(config: MoECTConfig, num_groups: int, hidden_size: int) -> No
             k,
             g,
         )
+    for note in llama_cpp_notes(architecture, num, k, config.shared_expert_share):
+        log.warning(note)
     if config.gate_mode == "orthogonal" and num_groups > hidden_size:
         raise ValueError(
             f"gate_mode 'orthogonal' needs at most hidden_size={hidden_size} distinct router rows "

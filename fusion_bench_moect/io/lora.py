@@ -9,7 +9,6 @@ into experts and are reported by name.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .sources import SourceError, TensorSource
+from .sources import SourceError, TensorSource, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +113,7 @@ class LoraSource(TensorSource):
 
     def _read_config(self) -> dict[str, Any]:
         file = self.directory / ADAPTER_CONFIG
-        try:
-            cfg = json.loads(file.read_text())
-        except (OSError, ValueError) as err:
-            raise SourceError(f"Adapter '{self.name}': cannot read {file} ({err}).") from err
-        if not isinstance(cfg, dict):
-            raise SourceError(f"Adapter '{self.name}': {file} is not a JSON object.")
+        cfg = read_json_object(file, f"Adapter '{self.name}'")
         kind = cfg.get("peft_type")
         if kind != "LORA":
             raise SourceError(
@@ -170,35 +164,9 @@ class LoraSource(TensorSource):
                 "it cannot make an expert. Target the FFN modules when training the adapter."
             )
         fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
-        alpha = float(cfg.get("lora_alpha", 8))
-        alpha_pattern = cfg.get("alpha_pattern") or {}
-        rslora = bool(cfg.get("use_rslora"))
-        self._updates: dict[str, tuple[str, str, float]] = {}
-        for module, ab in sorted(pairs.items()):
-            if set(ab) != {"A", "B"}:
-                raise SourceError(
-                    f"Adapter '{self.name}': module '{module}' has lora_{''.join(ab)} but not "
-                    "both lora_A and lora_B; the adapter is incomplete."
-                )
-            weight_key = f"{module}.weight"
-            if weight_key not in self.base.keys():
-                raise SourceError(
-                    f"Adapter '{self.name}' adapts '{module}', which the base does not have; "
-                    "it was trained on another model."
-                )
-            (r, fan_in), (fan_out, r_b) = shapes[ab["A"]], shapes[ab["B"]]
-            out_f, in_f = self.base.shape(weight_key)
-            if fan_in_fan_out:
-                out_f, in_f = in_f, out_f
-            if r != r_b or (fan_out, fan_in) != (out_f, in_f):
-                raise SourceError(
-                    f"Adapter '{self.name}': the update of '{module}' is ({fan_out} x {r_b}) @ "
-                    f"({r} x {fan_in}) but the base weight is {out_f} x {in_f}; the adapter was "
-                    "trained on another model."
-                )
-            lora_alpha = float(_pattern_value(alpha_pattern, module, alpha))
-            scaling = lora_alpha / math.sqrt(r) if rslora else lora_alpha / r
-            self._updates[weight_key] = (ab["A"], ab["B"], scaling)
+        self._updates: dict[str, tuple[str, str, float]] = dict(
+            self._update(module, ab, shapes, cfg) for module, ab in sorted(pairs.items())
+        )
         self.fan_in_fan_out = fan_in_fan_out
         if ignored:
             log.warning(
@@ -208,6 +176,41 @@ class LoraSource(TensorSource):
                 len(ignored),
                 ", ".join(sorted(ignored)[:6]) + (", ..." if len(ignored) > 6 else ""),
             )
+
+    def _update(
+        self,
+        module: str,
+        ab: dict[str, str],
+        shapes: dict[str, tuple[int, ...]],
+        cfg: dict[str, Any],
+    ) -> tuple[str, tuple[str, str, float]]:
+        """The base weight one (lora_A, lora_B) pair updates, its keys and its scaling, checked
+        against the base."""
+        if set(ab) != {"A", "B"}:
+            raise SourceError(
+                f"Adapter '{self.name}': module '{module}' has lora_{''.join(ab)} but not "
+                "both lora_A and lora_B; the adapter is incomplete."
+            )
+        weight_key = f"{module}.weight"
+        if weight_key not in self.base.keys():
+            raise SourceError(
+                f"Adapter '{self.name}' adapts '{module}', which the base does not have; "
+                "it was trained on another model."
+            )
+        (r, fan_in), (fan_out, r_b) = shapes[ab["A"]], shapes[ab["B"]]
+        out_f, in_f = self.base.shape(weight_key)
+        if cfg.get("fan_in_fan_out"):
+            out_f, in_f = in_f, out_f
+        if r != r_b or (fan_out, fan_in) != (out_f, in_f):
+            raise SourceError(
+                f"Adapter '{self.name}': the update of '{module}' is ({fan_out} x {r_b}) @ "
+                f"({r} x {fan_in}) but the base weight is {out_f} x {in_f}; the adapter was "
+                "trained on another model."
+            )
+        alpha = float(cfg.get("lora_alpha", 8))
+        lora_alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, alpha))
+        scaling = lora_alpha / math.sqrt(r) if cfg.get("use_rslora") else lora_alpha / r
+        return weight_key, (ab["A"], ab["B"], scaling)
 
     @property
     def adapted_keys(self) -> list[str]:

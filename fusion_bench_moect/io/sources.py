@@ -241,14 +241,22 @@ def read_config_json(name: str, path: str | os.PathLike) -> JsonConfig:
     Raises:
         SourceError: If it is missing or not a JSON object.
     """
-    file = Path(path) / "config.json"
+    return JsonConfig(**read_json_object(Path(path) / "config.json", f"Model '{name}'"))
+
+
+def read_json_object(file: Path, owner: str) -> dict[str, Any]:
+    """A JSON file holding an object.
+
+    Raises:
+        SourceError: ``"<owner>: cannot read <file> (...)"`` or ``"... is not a JSON object"``.
+    """
     try:
         data = json.loads(file.read_text())
     except (OSError, ValueError) as err:
-        raise SourceError(f"Model '{name}': cannot read {file} ({err}).") from err
+        raise SourceError(f"{owner}: cannot read {file} ({err}).") from err
     if not isinstance(data, dict):
-        raise SourceError(f"Model '{name}': {file} is not a JSON object.")
-    return JsonConfig(**data)
+        raise SourceError(f"{owner}: {file} is not a JSON object.")
+    return data
 
 
 def open_directory(name: str, path: str | os.PathLike, config: Any = None) -> SafetensorsSource:
