@@ -74,7 +74,7 @@ class MoEPlan:
     seed: int
     #: Decoder layers that become MoE (sorted); the others keep the base FFN, dense.
     moe_layers: list[int] = field(default_factory=list)
-    #: Qwen2-MoE: the FFNs concatenated into the shared expert.
+    #: Qwen2-MoE: the FFNs concatenated into the shared expert (none for other families).
     shared_ffns: tuple[SharedFFN, ...] = BASE_SHARED
 
     @property
@@ -115,7 +115,7 @@ class MoEPlan:
                 f", MoE in {len(self.moe_layers)} of {self.num_layers} layers "
                 f"({', '.join(map(str, self.moe_layers))})"
             )
-        if self.shared_ffns != BASE_SHARED:
+        if self.shared_ffns not in ((), BASE_SHARED):
             line += f", shared expert = {' + '.join(f.name for f in self.shared_ffns)}"
         return line
 
@@ -243,14 +243,15 @@ def parse_shared_experts(
     """The FFNs of the shared expert from ``shared_experts``.
 
     Each entry is a pool name (``_pretrained_`` for the base) or a mapping
-    ``{source: name, residual_scale: r}``; None means the base alone.
+    ``{source: name, residual_scale: r}``; None means the base alone (and no FFN at all for
+    an output without a shared expert).
 
     Raises:
         ValueError: For an output without a shared expert, an unknown or repeated name, or a
             malformed entry.
     """
     if entries is None:
-        return BASE_SHARED
+        return BASE_SHARED if has_shared else ()
     if not has_shared:
         raise ValueError(
             "shared_experts needs an output with a shared expert: set architecture: qwen2_moe "

@@ -185,6 +185,11 @@ def test_shared_expert_from_several_models(saved, real_ids):
     assert max_diff(moe0, dense, real_ids) < TOL
 
 
+def test_families_without_a_shared_expert_record_none(saved):
+    _, record = engine({"_pretrained_": saved(make_model("llama"))}, "mixtral", num_experts=2)
+    assert record["shared_experts"] == [] and record["moe_layers"] == [0, 1]
+
+
 def test_bad_shared_experts(saved):
     path = saved(make_model("llama"))
     for value, arch, match in [
