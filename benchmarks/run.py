@@ -497,7 +497,7 @@ def main() -> int:
     try:
         if args.only in (None, "compare"):
             report["compare"] = [
-                compare(args, work, experts, small=i == 0) for i, experts in enumerate(args.experts)
+                compare(args, work, experts, small=experts <= 8) for experts in args.experts
             ]
             for result in report["compare"]:
                 log("\n" + compare_table(result) + "\n")
