@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training throughput and peak memory: moe_ct_training vs FusionBench's FullFinetuneSFT.
 
-    .venv/bin/python benchmarks/training.py                 # 5 rounds, ~10 min on 2 CPU cores
+    .venv/bin/python benchmarks/training.py                 # 5 rounds, ~5 min on 2 idle CPU cores
     .venv/bin/python benchmarks/training.py --rounds 5 --steps 3 --seq-len 64
 
 The same job for every row: SmolLM2-135M-Instruct upcycled to 4 half-size experts (granularity 2, top-2, float32),
