@@ -309,15 +309,8 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         """Train the pool's ``_pretrained_`` MoE and return it (also saved when asked)."""
         self._check_settings()
         model, tokenizer = self._load(modelpool)
-        fabric = self.fabric
-        record = moe_ct_record(model) or {}
-        anchors = (
-            list(self.anchor_experts)
-            if self.anchor_experts is not None
-            else list(record.get("anchor_experts", []))
-        )
-        plan = plan_training(model, self.stage, anchors)
-        fsdp = _is_fsdp(fabric)
+        plan = self._plan(model)
+        fsdp = _is_fsdp(self.fabric)
         if fsdp and self.eval_sources:
             raise ValueError(
                 "Evaluation during training (eval_sources) is not supported under FSDP yet; "
@@ -325,6 +318,39 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
             )
         if self.save_checkpoint:
             check_destination(self.save_checkpoint, self.overwrite)
+        windows, sampler, steps_per_epoch, total = self._data(model, tokenizer, plan)
+        evaluator = self._evaluator(tokenizer)
+        set_model_aux_coefficient(model, 0.0)  # the loop adds the (ramped) aux loss itself
+        model, optimizer, scheduler, loader, experts, trainable_names = self._setup(
+            model, plan, windows, sampler, total
+        )
+        position = {"step": 0, "epoch": 0, "skip": 0}
+        self.history, self.evaluations = [], []
+        if self.ckpt_path:
+            position = self._resume(model, optimizer, scheduler, trainable_names)
+        elif evaluator is not None:
+            self._evaluate(evaluator, model, 0)
+
+        self._train(
+            model, optimizer, scheduler, loader, sampler, plan, AnchorGuard(plan), experts,
+            position, total, steps_per_epoch, evaluator, tokenizer, trainable_names, fsdp,
+        )  # fmt: skip
+        return self._finish(model, tokenizer, fsdp)
+
+    def _plan(self, model: nn.Module) -> TrainingPlan:
+        record = moe_ct_record(model) or {}
+        anchors = (
+            list(self.anchor_experts)
+            if self.anchor_experts is not None
+            else list(record.get("anchor_experts", []))
+        )
+        return plan_training(model, self.stage, anchors)
+
+    def _data(
+        self, model: nn.Module, tokenizer: Any, plan: TrainingPlan
+    ) -> tuple[torch.Tensor, WindowBatchSampler, int, int]:
+        """Windows, this rank's batch sampler, optimiser steps per epoch and in all."""
+        fabric = self.fabric
         windows, per_source = load_windows(
             tokenizer,
             self._sources(self.train_sources),
@@ -347,7 +373,6 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
                 f"fewer than accumulate_grad_batches={accumulate}; add text or lower the batch."
             )
         total = self._total_steps(steps_per_epoch)
-        evaluator = self._evaluator(tokenizer)
         if fabric.is_global_zero:
             log.info(
                 "moe_ct_training: stage %s, %d steps (%d per epoch) x %d processes x %d "
@@ -362,8 +387,18 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
                 per_source,
                 plan.anchors or "none",
             )
+        return windows, sampler, steps_per_epoch, total
 
-        set_model_aux_coefficient(model, 0.0)  # the loop adds the (ramped) aux loss itself
+    def _setup(
+        self,
+        model: nn.Module,
+        plan: TrainingPlan,
+        windows: torch.Tensor,
+        sampler: WindowBatchSampler,
+        total: int,
+    ) -> tuple[Any, Any, Any, Any, list[nn.Parameter], set[str]]:
+        """Freeze for the stage, then hand model, optimiser and loader to Fabric."""
+        fabric = self.fabric
         trainable = apply_requires_grad(model, plan, self.stage)
         if fabric.is_global_zero:
             log.info(
@@ -371,7 +406,6 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
                 sum(p.numel() for p in trainable),
                 sum(p.numel() for p in model.parameters()),
             )
-        guard = AnchorGuard(plan)
         names = {id(p): n for n, p in model.named_parameters()}
         expert_names = {names[id(p)] for p in plan.experts}
         trainable_names = {names[id(p)] for p in trainable}
@@ -383,19 +417,13 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
             DataLoader(WindowDataset(windows), batch_sampler=sampler),
             use_distributed_sampler=False,
         )
+        # names again: Fabric's wrappers may have replaced the parameter objects
         experts = [p for n, p in model.named_parameters() if _clean_name(n) in expert_names]
-        position = {"step": 0, "epoch": 0, "skip": 0}
-        self.history, self.evaluations = [], []
-        if self.ckpt_path:
-            position = self._resume(model, optimizer, scheduler, trainable_names)
-        elif evaluator is not None:
-            self._evaluate(evaluator, model, 0)
+        return model, optimizer, scheduler, loader, experts, trainable_names
 
-        self._train(
-            model, optimizer, scheduler, loader, sampler, plan, guard, experts,
-            position, total, steps_per_epoch, evaluator, tokenizer, trainable_names, fsdp,
-        )  # fmt: skip
-
+    def _finish(self, model: Any, tokenizer: Any, fsdp: bool) -> nn.Module:
+        """Unfreeze, record the run in the config, save and plot."""
+        fabric = self.fabric
         module = model.module if hasattr(model, "module") else model
         module.eval()
         for param in module.parameters():
@@ -445,84 +473,107 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         trainable_names: set[str],
         fsdp: bool,
     ) -> None:
-        fabric = self.fabric
         accumulate = int(self.accumulate_grad_batches)
-        torch_scheduler = isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
         step, epoch, skip = position["step"], position["epoch"], position["skip"]
-        module = model.module if hasattr(model, "module") else model
-        fsdp_root = model._forward_module if fsdp else None
         model.train()
         bar = tqdm(
             total=total,
             initial=step,
             desc=f"moe_ct_training ({self.stage})",
-            disable=not fabric.is_global_zero,
+            disable=not self.fabric.is_global_zero,
             dynamic_ncols=True,
         )
         while step < total:
             sampler.set_epoch(epoch, skip)
             micro = skip
-            stats = self._new_stats(plan)
-            started = time.perf_counter()
+            stats, started = self._new_stats(plan), time.perf_counter()
             for batch in loader:
                 micro += 1
                 accumulating = micro % accumulate != 0
                 coef = aux_loss_coefficient(
                     step, float(self.router_aux_loss_coef), int(self.aux_loss_ramp_steps)
                 )
-                with fabric.no_backward_sync(model, enabled=accumulating):
+                with self.fabric.no_backward_sync(model, enabled=accumulating):
                     loss = self._forward(model, batch, coef, stats)
-                    fabric.backward(loss / accumulate)
+                    self.fabric.backward(loss / accumulate)
                 if accumulating:
                     continue
-                if self.stage == "router_then_experts" and step < int(self.router_warmup_steps):
-                    for param in experts:  # router warm-up: experts get no update
-                        param.grad = None
-                if not fsdp:
-                    guard.zero_grads(module)
-                if self.gradient_clip_val:
-                    self.clip_gradients_if_needed(model, optimizer)
-                if scheduler is not None and not torch_scheduler:
-                    scheduler.step()  # FusionBench's schedulers set this step's rate
-                optimizer.step()
-                if torch_scheduler:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                guard.restore(module, fsdp_root)
+                self._optimizer_step(model, optimizer, scheduler, guard, experts, step, fsdp)
                 step += 1
                 record = self._finish_stats(
                     stats, step, coef, optimizer, time.perf_counter() - started
                 )
-                self.history.append(record)
-                fabric.log_dict(  # None: a metric without meaning here (no anchors)
-                    {f"train/{k}": v for k, v in record.items() if k != "step" and v is not None},
-                    step=step,
-                )
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                if step % max(int(self.log_every), 1) == 0 or step == 1:
-                    self._log_line(record)
+                self._report(record, bar)
                 done_epoch = micro >= steps_per_epoch * accumulate
-                if evaluator is not None and (
-                    step == total or (int(self.eval_every) > 0 and step % int(self.eval_every) == 0)
-                ):
-                    self._evaluate(evaluator, model, step)
-                if int(self.checkpoint_every) > 0 and step % int(self.checkpoint_every) == 0:
-                    state_position = {
-                        "step": step,
-                        "epoch": epoch + 1 if done_epoch else epoch,
-                        "skip": 0 if done_epoch else micro,
-                    }
-                    self._save_step(
-                        model, optimizer, scheduler, tokenizer, state_position,
-                        trainable_names, fsdp,
-                    )  # fmt: skip
-                stats = self._new_stats(plan)
-                started = time.perf_counter()
+                self._periodic(
+                    model, optimizer, scheduler, evaluator, tokenizer, trainable_names, fsdp, total,
+                    {"step": step, "epoch": epoch + done_epoch, "skip": 0 if done_epoch else micro},
+                )  # fmt: skip
+                stats, started = self._new_stats(plan), time.perf_counter()
                 if step >= total or done_epoch:
                     break
             epoch, skip = epoch + 1, 0
         bar.close()
+
+    def _periodic(
+        self,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        evaluator: Any,
+        tokenizer: Any,
+        trainable_names: set[str],
+        fsdp: bool,
+        total: int,
+        position: dict[str, int],
+    ) -> None:
+        """Evaluation and resumable checkpoints when their step comes."""
+        step = position["step"]
+        every = int(self.eval_every)
+        if evaluator is not None and (step == total or (every > 0 and step % every == 0)):
+            self._evaluate(evaluator, model, step)
+        if int(self.checkpoint_every) > 0 and step % int(self.checkpoint_every) == 0:
+            self._save_step(model, optimizer, scheduler, tokenizer, position, trainable_names, fsdp)
+
+    def _optimizer_step(
+        self,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        guard: AnchorGuard,
+        experts: list[nn.Parameter],
+        step: int,
+        fsdp: bool,
+    ) -> None:
+        """One update from the accumulated gradients; anchors come back unchanged."""
+        module = model.module if hasattr(model, "module") else model
+        if self.stage == "router_then_experts" and step < int(self.router_warmup_steps):
+            for param in experts:  # router warm-up: experts get no update
+                param.grad = None
+        if not fsdp:
+            guard.zero_grads(module)
+        if self.gradient_clip_val:
+            self.clip_gradients_if_needed(model, optimizer)
+        torch_scheduler = isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+        if scheduler is not None and not torch_scheduler:
+            scheduler.step()  # FusionBench's schedulers set this step's rate
+        optimizer.step()
+        if torch_scheduler:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        guard.restore(module, model._forward_module if fsdp else None)
+
+    def _report(self, record: dict[str, Any], bar: Any) -> None:
+        self.history.append(record)
+        step = record["step"]
+        self.fabric.log_dict(  # None: a metric without meaning here (no anchors)
+            {f"train/{k}": v for k, v in record.items() if k != "step" and v is not None},
+            step=step,
+        )
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        if step % max(int(self.log_every), 1) == 0 or step == 1:
+            self._log_line(record)
 
     def _forward(
         self, model: Any, batch: torch.Tensor, coef: float, stats: dict[str, Any]
