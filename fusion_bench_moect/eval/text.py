@@ -32,7 +32,7 @@ import glob
 import gzip
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -273,6 +273,26 @@ def expand_paths(pattern: str | os.PathLike) -> list[Path]:
     raise FileNotFoundError(f"Text source {expanded!r} does not exist.")
 
 
+def source_kind(
+    spec: Mapping[str, Any],
+    kinds: Sequence[str],
+    what: str,
+    error: type[Exception] = ValueError,
+) -> str:
+    """The one key of ``kinds`` that a source mapping uses.
+
+    Raises:
+        error: When the mapping has none, or more than one, of ``kinds``.
+    """
+    found = [k for k in kinds if k in spec]
+    if len(found) != 1:
+        names = ", ".join(repr(k) for k in kinds[:-1]) + f" or {kinds[-1]!r}"
+        raise error(
+            f"A {what} source mapping needs exactly one of {names}; got keys {sorted(spec)}."
+        )
+    return found[0]
+
+
 def load_source(spec: str | os.PathLike | Mapping[str, Any]) -> list[TextDocument]:
     """Load the documents of one named text source.
 
@@ -295,13 +315,7 @@ def load_source(spec: str | os.PathLike | Mapping[str, Any]) -> list[TextDocumen
         return [TextDocument(str(p), read_text_file(p)) for p in expand_paths(spec)]
     if not isinstance(spec, Mapping):
         raise ValueError(f"A text source must be a path/glob or a mapping, got {spec!r}.")
-    kinds = [k for k in ("debian_reference", "path", "paths", "text") if k in spec]
-    if len(kinds) != 1:
-        raise ValueError(
-            "A text source mapping needs exactly one of 'debian_reference', 'path', 'paths' "
-            f"or 'text'; got keys {sorted(spec)}."
-        )
-    kind = kinds[0]
+    kind = source_kind(spec, ("debian_reference", "path", "paths", "text"), "text")
     if kind == "debian_reference":
         return load_debian_reference(
             str(spec["debian_reference"]),

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..eval.text import expand_paths, html_paragraphs, load_debian_reference
+from ..eval.text import expand_paths, html_paragraphs, load_debian_reference, source_kind
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +137,8 @@ def iter_documents(spec: Any) -> Iterator[tuple[str, Iterator[str]]]:
         raise TrainingDataError(
             f"A training source must be a path/glob or a mapping, got {spec!r}."
         )
-    kinds = [k for k in ("debian_reference", "path", "paths", "jsonl", "text") if k in spec]
-    if len(kinds) != 1:
-        raise TrainingDataError(
-            "A training source mapping needs exactly one of 'debian_reference', 'path', "
-            f"'paths', 'jsonl' or 'text'; got keys {sorted(spec)}."
-        )
-    kind = kinds[0]
+    kinds = ("debian_reference", "path", "paths", "jsonl", "text")
+    kind = source_kind(spec, kinds, "training", TrainingDataError)
     if kind == "debian_reference":
         for doc in load_debian_reference(
             str(spec["debian_reference"]),
