@@ -35,8 +35,10 @@ def test_grid_rows_design():
     assert names[0] == "off" and len(names) == 13
     ablations = [r["name"] for r in rows if r["group"] == "ablation"]
     assert "u_shaped@0.8 aux1.0" in ablations and "constant@0.8 qwen2_moe" in ablations
+    sweep = [r["params"]["router_aux_scale"] for r in rows if r["group"] == "aux-sweep"]
+    assert sweep == [1.5, 2.0, 3.0]
     seeded = [r for r in rows if r["group"].endswith("-seed")]
-    assert len(seeded) == 5 and all(r["params"]["seed"] == 1 for r in seeded)
+    assert len(seeded) == 8 and all(r["params"]["seed"] == 1 for r in seeded)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +117,7 @@ def test_grid_and_collapse_and_report_on_tiny_models(tiny_models, tmp_path):
         tmp_path / "collapse",
         gate_modes=("orthogonal", "hidden"),
         seeds=(0,),
+        aux_loss_coefs=(0.01, 0.0),
         steps=2,
         batch_size=1,
         seq_len=16,
@@ -125,11 +128,25 @@ def test_grid_and_collapse_and_report_on_tiny_models(tiny_models, tmp_path):
         train_sources=sources,
         prompts=prompts,
     )
-    assert len(collapse["runs"]) == 2
+    assert len(collapse["runs"]) == 4
+    assert [(r["gate_mode"], r["aux_loss_coef"]) for r in collapse["runs"]] == [
+        ("orthogonal", 0.01),
+        ("orthogonal", 0.0),
+        ("hidden", 0.01),
+        ("hidden", 0.0),
+    ]
     assert len(collapse["runs"][0]["history"]) == 2
+    curve = collapse["runs"][0]["curve"]
+    assert [c["step"] for c in curve] == [0, 1, 2]
+    assert all(-1.0 <= c["specialisation"] <= 1.0 and c["mean_cv"] >= 0 for c in curve)
+    # without the load-balancing loss the logged aux loss carries no weight in the loss
+    off = collapse["runs"][1]["history"]
+    assert all(h["loss"] == pytest.approx(h["lm_loss"], abs=1e-6) for h in off)
     doc = tmp_path / "study.md"
     write_report(grid, collapse, {}, doc, tmp_path / "img", timings={"grid": 1.0})
     text = doc.read_text()
+    assert "orthogonal, no aux loss" in text and "Held-out routing during training" in text
+    assert (tmp_path / "img" / "collapse_curves.png").exists()
     assert "<!-- BEGIN GENERATED -->" in text and "u_shaped@0.8" in text
     assert (tmp_path / "img" / "forgetting_vs_plasticity.png").exists()
     assert json.loads((tmp_path / "img" / "results.json").read_text())["grid"]
@@ -169,3 +186,44 @@ def test_train_expert_fine_tunes_the_mlp_and_resumes(tiny_models, tmp_path):
     assert marker["trainable_parameters"] == 2 * 3 * 32 * 64  # 2 layers x gate/up/down (MLP only)
     assert is_built("de", settings, tmp_path)
     assert train_expert("de", settings, base_dir=tiny_models["base"], root=tmp_path) == marker
+
+
+def test_trained_runs_merge_then_train_router_then_experts(tiny_models, tmp_path):
+    from fusion_bench_moect.experiments.study.trained import POINTS, run_trained, trained_rows
+
+    experts = {"de": tiny_models["de"]}
+    text = {
+        "en": "The package manager installs software and keeps the system up to date. " * 8,
+        "de": "Die Paketverwaltung installiert Software und hält das System aktuell. " * 8,
+    }
+    sources = {lang: {"text": t} for lang, t in text.items()}
+    rows = trained_rows([7], ["off", "u_shaped@0.8"])
+    assert [(r["name"], r["params"]["seed"]) for r in rows] == [("off", 7), ("u_shaped@0.8", 7)]
+    kwargs = dict(
+        router_steps=2,
+        experts_steps=3,
+        batch_size=1,
+        seq_len=16,
+        train_tokens_per_language=200,
+        eval_tokens=40,
+        window_length=20,
+        eval_sources=sources,
+        train_sources=sources,
+    )
+    result = run_trained(tiny_models["base"], experts, tmp_path, rows, **kwargs)
+    assert result["complete"] and len(result["runs"]) == 2
+    run = result["runs"][1]
+    assert list(run["points"]) == list(POINTS)
+    assert [len(run["histories"][s]) for s in ("router", "experts")] == [2, 3]
+    # each stage changes the model, so the held-out numbers move
+    ppl = [run["points"][p]["ppl_de"] for p in POINTS]
+    assert ppl[0] != ppl[1] != ppl[2]
+    again = run_trained(tiny_models["base"], experts, tmp_path, rows, resume=True, **kwargs)
+    assert [r["points"] for r in again["runs"]] == [r["points"] for r in result["runs"]]
+    from fusion_bench_moect.experiments.study.report import write_report
+
+    doc = write_report(None, None, {}, tmp_path / "study.md", tmp_path / "img", trained=result)
+    assert "Claim 2 after continued training" in doc.read_text()
+    assert (tmp_path / "img" / "trained.png").exists()
+    with pytest.raises(ValueError, match="Unknown grid rows"):
+        trained_rows([1], ["u_shaped@0.9"])

@@ -1,4 +1,4 @@
-"""Reproduce the MoE-CT study: experts -> merge grid -> collapse runs -> docs/study.md.
+"""Reproduce the MoE-CT study: experts -> merge grid -> trained rows -> collapse runs -> docs/study.md.
 
 Usage::
 
@@ -7,7 +7,8 @@ Usage::
     python -m fusion_bench_moect.cli.study --parts grid,collapse --resume
 
 ``--quick`` trains its own small experts (in ``<cache>/experts-quick``), runs a handful
-of grid rows and 2 seeds x 4 gate modes of a few steps, on fewer evaluation tokens, and
+of grid rows, 2 trained rows of a few steps and 2 seeds x 2 gate modes x aux loss on/off of
+a few steps, on fewer evaluation tokens, and
 writes to ``outputs/study-quick`` (``--doc``/``--img-dir`` to put it elsewhere) so that it
 never overwrites the full run's document.
 """
@@ -30,12 +31,13 @@ import torch
 from ..experiments.study import collapse as collapse_mod
 from ..experiments.study import experts as experts_mod
 from ..experiments.study import grid as grid_mod
+from ..experiments.study import trained as trained_mod
 from ..experiments.study.report import write_report
 from ..paths import cache_root
 
 log = logging.getLogger("fusion_bench_moect.study")
 
-PARTS = ("experts", "grid", "collapse", "report")
+PARTS = ("experts", "grid", "trained", "collapse", "report")
 
 
 def _parse_ints(text: str) -> list[int]:
@@ -65,12 +67,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="K/N: run every N-th grid row (priority order) from K, e.g. to run 2 processes "
         "in parallel; then collect with --parts grid --resume",
     )
+    parser.add_argument(
+        "--trained-rows",
+        default=None,
+        help=f"grid rows trained after the merge (default {','.join(trained_mod.TRAINED_ROWS)})",
+    )
+    parser.add_argument("--router-steps", type=int, default=None, help="router stage steps")
+    parser.add_argument("--experts-steps", type=int, default=None, help="experts stage steps")
+    parser.add_argument("--router-lr", type=float, default=5e-4)
+    parser.add_argument("--experts-lr", type=float, default=1e-4)
     parser.add_argument("--collapse-seeds", default=None)
     parser.add_argument("--collapse-steps", type=int, default=None)
     parser.add_argument("--collapse-eval-tokens", type=int, default=None)
     parser.add_argument("--collapse-batch-size", type=int, default=2)
     parser.add_argument("--collapse-seq-len", type=int, default=64)
-    parser.add_argument("--collapse-modes", default=",".join(collapse_mod.GATE_MODES))
+    parser.add_argument("--collapse-lr", type=float, default=2e-4, help="constant learning rate")
+    parser.add_argument(
+        "--collapse-modes",
+        default=",".join(collapse_mod.CLAIM_GATE_MODES),
+        help=f"gate modes, of {','.join(collapse_mod.GATE_MODES)}",
+    )
+    parser.add_argument(
+        "--collapse-aux",
+        default=",".join(f"{c:g}" for c in collapse_mod.AUX_LOSS_COEFS),
+        help="load-balancing loss coefficients (0 = off)",
+    )
     parser.add_argument("--label", default="", help="a line describing the run, in the doc")
     experts_mod.add_arguments(parser)
     return parser
@@ -93,6 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid = _part(
         "grid" in parts, run.out / "grid" / "grid.json", timings, lambda: _run_grid(run, args)
     )
+    trained = _part(
+        "trained" in parts,
+        run.out / "trained" / "trained.json",
+        timings,
+        lambda: _run_trained(run, args),
+    )
     collapse = _part(
         "collapse" in parts,
         run.out / "collapse" / "collapse.json",
@@ -101,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if grid and grid.get("rows"):
         timings["grid (sum of row times)"] = sum(r.get("seconds", 0.0) for r in grid["rows"])
+    if trained and trained.get("runs"):
+        timings["trained (sum of run times)"] = sum(r.get("seconds", 0.0) for r in trained["runs"])
     if collapse and collapse.get("runs"):
         timings["collapse (sum of run times)"] = sum(
             r.get("seconds", 0.0) for r in collapse["runs"]
@@ -114,7 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
             f"{'GPU' if torch.cuda.is_available() else 'CPU'}"
         )
-        path = write_report(grid, collapse, markers, run.doc, run.img, timings, label)
+        path = write_report(
+            grid, collapse, markers, run.doc, run.img, timings, label, trained=trained
+        )
         print(f"Report: {path}  (plots and data in {run.img})")
     return 0
 
@@ -142,7 +173,12 @@ def _resolve(args: argparse.Namespace) -> SimpleNamespace:
         collapse_seeds=_parse_ints(args.collapse_seeds)
         if args.collapse_seeds
         else ([0, 1] if quick else [0, 1, 2]),
-        collapse_steps=args.collapse_steps or (6 if quick else 10),
+        collapse_steps=args.collapse_steps or (6 if quick else 200),
+        trained_rows=[r for r in args.trained_rows.split(",") if r]
+        if args.trained_rows
+        else (["off", "u_shaped@0.8"] if quick else list(trained_mod.TRAINED_ROWS)),
+        router_steps=args.router_steps or (3 if quick else 40),
+        experts_steps=args.experts_steps or (3 if quick else 40),
         settings=settings,
         experts_root=experts_root,
         langs=langs,
@@ -204,6 +240,25 @@ def _run_grid(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _run_trained(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]:
+    rows = trained_mod.trained_rows(run.focus_seeds or [42], run.trained_rows)
+    log.info("Trained: %d runs", len(rows))
+    return trained_mod.run_trained(
+        run.base_dir,
+        run.experts,
+        run.out / "trained",
+        rows,
+        router_steps=run.router_steps,
+        experts_steps=run.experts_steps,
+        router_lr=args.router_lr,
+        experts_lr=args.experts_lr,
+        batch_size=args.collapse_batch_size,
+        seq_len=args.collapse_seq_len,
+        eval_tokens=run.eval_tokens,
+        resume=args.resume,
+    )
+
+
 def _run_collapse(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]:
     return collapse_mod.run_collapse(
         run.base_dir,
@@ -214,7 +269,10 @@ def _run_collapse(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, A
         steps=run.collapse_steps,
         batch_size=args.collapse_batch_size,
         seq_len=args.collapse_seq_len,
+        learning_rate=args.collapse_lr,
+        aux_loss_coefs=[float(c) for c in args.collapse_aux.split(",") if c.strip()],
         eval_tokens=args.collapse_eval_tokens or (256 if run.quick else 512),
+        curve_eval_tokens=128 if run.quick else 256,
         resume=args.resume,
     )
 

@@ -213,7 +213,7 @@ class MoETextTaskPool(BaseTaskPool):
                     break
                 if not document.text.strip():
                     continue
-                ids = tokenizer(document.text, add_special_tokens=False).input_ids
+                ids = tokenizer(document.text, add_special_tokens=False, verbose=False).input_ids
                 if budget is not None:
                     ids = ids[:budget]
                     budget -= len(ids)
@@ -304,17 +304,27 @@ class MoETextTaskPool(BaseTaskPool):
             report["distinct_router_rows"] = distinct
             if alphas is not None and layer_index < len(alphas):
                 report["alpha"] = float(alphas[layer_index])
-        per_source = {
-            name: summarize_layers(acc.layer_reports(anchors, self.dead_expert_threshold))
-            for name, acc in routing.items()
-        }
+        per_source, per_source_shares = {}, {}
+        for name, acc in routing.items():
+            source_layers = acc.layer_reports(anchors, self.dead_expert_threshold)
+            per_source[name] = summarize_layers(source_layers)
+            # which experts take this source's tokens (specialisation), averaged over layers
+            per_source_shares[name] = [
+                sum(layer["shares"][j] for layer in source_layers) / len(source_layers)
+                for j in range(moe.num_experts)
+            ]
         overall = summarize_layers(layers)
         overall["tokens"] = pooled.num_tokens
         overall["balanced_share"] = 1.0 / moe.num_experts
         if anchors:
             overall["anchor_experts"] = anchors
             overall["anchor_balanced_share"] = len(set(anchors)) / moe.num_experts
-        return {"overall": overall, "per_source": per_source, "layers": layers}
+        return {
+            "overall": overall,
+            "per_source": per_source,
+            "per_source_shares": per_source_shares,
+            "layers": layers,
+        }
 
     def _model_info(self, model: nn.Module, moe: MoEInfo | None) -> dict[str, Any]:
         config = getattr(model, "config", None)

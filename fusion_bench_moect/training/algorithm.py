@@ -687,12 +687,14 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         if fabric.is_global_zero:
             module = model.module if hasattr(model, "module") else model
             report = evaluator.evaluate_model(module, label=f"step {step}")
-            overall = (report.get("routing") or {}).get("overall") or {}
+            routing = report.get("routing") or {}
+            overall = routing.get("overall") or {}
             entry = {
                 "step": step,
                 "perplexity": report["perplexity"],
                 "overall_perplexity": report["overall_perplexity"],
                 **{k: overall.get(k) for k in BALANCE_KEYS},
+                "per_source_shares": routing.get("per_source_shares"),
             }
             self.evaluations.append(entry)
             fabric.log_dict(

@@ -187,7 +187,7 @@ def pack_documents(
         before = len(ids)
         for chunk in chunks:
             if chunk.strip():
-                ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+                ids.extend(tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"])
             if max_tokens is not None and len(ids) >= max_tokens:
                 break
         if len(ids) == before:

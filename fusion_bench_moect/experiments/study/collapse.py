@@ -29,6 +29,10 @@ from .common import STUDY_MERGE, ensure_dir, make_pool, make_taskpool, specialis
 log = logging.getLogger(__name__)
 
 GATE_MODES = ("orthogonal", "random", "uniform_random", "hidden")
+#: The gate modes the claim compares (the default of a full run).
+CLAIM_GATE_MODES = ("orthogonal", "random")
+#: Load-balancing loss on (the trainer's default) and off (collapse is likelier).
+AUX_LOSS_COEFS = (0.01, 0.0)
 HISTORY_KEYS = ("loss", "lm_loss", "aux_loss", *STEP_METRICS)
 #: The fixed merge settings of every run.
 MERGE_PARAMS: dict[str, Any] = STUDY_MERGE.pick(
@@ -74,21 +78,27 @@ def run_collapse(
     seq_len: int = 128,
     learning_rate: float = 1e-4,
     stage: str = "experts",
+    aux_loss_coefs: Sequence[float] = (0.01,),
     train_tokens_per_language: int = 20_000,
     eval_tokens: int = 1024,
+    curve_eval_tokens: int = 256,
+    curve_points: int = 4,
     window_length: int = 256,
     resume: bool = False,
     eval_sources: Mapping[str, Any] | None = None,
     train_sources: Mapping[str, Any] | None = None,
     prompts: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """Run every (gate mode, seed); write ``collapse.json`` in ``out_dir``.
+    """Run every (gate mode, load-balancing loss coefficient, seed); write
+    ``collapse.json`` in ``out_dir``.
 
     ``eval_sources``, ``train_sources`` and ``prompts`` (``{lang: [...]}``, ``en`` for the
     base expert) replace the Debian Reference defaults, e.g. for tests."""
     out = ensure_dir(out_dir)
     run_dir = ensure_dir(out / "runs")
     langs = ["en", *[lang for lang in experts if lang != "en"]]
+    if eval_sources is None:
+        eval_sources = {lang: {"debian_reference": lang, "split": "heldout"} for lang in langs}
     taskpool = make_taskpool(base_dir, langs, eval_tokens, window_length, eval_sources)
     train_sources, raw_prompts = _training_inputs(langs, train_sources, prompts)
     settings = {
@@ -98,16 +108,24 @@ def run_collapse(
         "seq_len": seq_len,
         "learning_rate": learning_rate,
         "stage": stage,
+        "aux_loss_coefs": [float(c) for c in aux_loss_coefs],
         "train_tokens_per_language": train_tokens_per_language,
         "eval_tokens_per_language": eval_tokens,
+        "curve_eval_tokens_per_language": curve_eval_tokens,
+        "curve_eval_every": max(steps // max(curve_points, 1), 1),
         "window_length": window_length,
         "languages": langs,
         "experts": dict(experts),
     }
     modes = list(gate_modes)
     header = {"settings": settings, "prompts": raw_prompts}
+    coefs = [float(c) for c in aux_loss_coefs]
     runs = RunLog(
-        out / "collapse.json", header, "runs", len(modes) * len(seeds), order=_run_order(modes)
+        out / "collapse.json",
+        header,
+        "runs",
+        len(modes) * len(seeds) * len(coefs),
+        order=_run_order(modes, coefs),
     )
     run_one = functools.partial(
         _merge_train_evaluate,
@@ -115,19 +133,29 @@ def run_collapse(
         experts=experts,
         taskpool=taskpool,
         train_sources=train_sources,
+        eval_sources=eval_sources,
         prompts={("_pretrained_" if k == "en" else k): v for k, v in raw_prompts.items()},
         settings=settings,
     )
     # seed-major order: a run cut short still has every gate mode for the first seeds
     for seed in seeds:
-        for mode in modes:
-            _run_or_resume(runs, run_dir / f"{mode}_seed{seed}.json", mode, seed, resume, run_one)
+        for coef in coefs:
+            for mode in modes:
+                path = run_dir / f"{mode}_aux{coef:g}_seed{seed}.json"
+                _run_or_resume(runs, path, (mode, coef), seed, resume, run_one)
     return runs.dump()
 
 
-def _run_order(modes: Sequence[str]) -> Callable[[dict[str, Any]], tuple[int, int]]:
-    """Sort key of the summary's runs: gate mode (in ``modes`` order), then seed."""
-    return lambda run: (list(modes).index(run["gate_mode"]), run["seed"])
+def _run_order(
+    modes: Sequence[str], coefs: Sequence[float]
+) -> Callable[[dict[str, Any]], tuple[int, int, int]]:
+    """Sort key of the summary's runs: gate mode (in ``modes`` order), loss coefficient
+    (in ``coefs`` order), then seed."""
+    return lambda run: (
+        list(modes).index(run["gate_mode"]),
+        list(coefs).index(run.get("aux_loss_coef", 0.01)),
+        run["seed"],
+    )
 
 
 def _training_inputs(
@@ -145,23 +173,25 @@ def _training_inputs(
 def _run_or_resume(
     runs: RunLog,
     path: Path,
-    mode: str,
+    variant: tuple[str, float],
     seed: int,
     resume: bool,
-    run_one: Callable[[str, int], dict[str, Any]],
+    run_one: Callable[[str, float, int], dict[str, Any]],
 ) -> None:
     """Keep the run saved at ``path`` (``resume``, same settings) or do it now."""
+    mode, coef = variant
     saved = RunLog.finished(path, settings=runs.header["settings"]) if resume else None
     if saved is not None:
         runs.keep(saved)
         return
-    result = run_one(mode, seed)
+    result = run_one(mode, coef, seed)
     runs.record(path, result)
     log.info(
-        "[%d/%d] %s seed %d: CV %.3f -> %.3f, eval ppl %.3f, %.0f s",
+        "[%d/%d] %s aux %g seed %d: CV %.3f -> %.3f, eval ppl %.3f, %.0f s",
         len(runs.results),
         runs.planned,
         mode,
+        coef,
         seed,
         result["history"][0]["mean_cv"] or float("nan"),
         result["history"][-1]["mean_cv"] or float("nan"),
@@ -172,15 +202,18 @@ def _run_or_resume(
 
 def _merge_train_evaluate(
     mode: str,
+    aux_loss_coef: float,
     seed: int,
     base_dir: str,
     experts: Mapping[str, str],
     taskpool: Any,
     train_sources: Mapping[str, Any],
+    eval_sources: Mapping[str, Any],
     prompts: Mapping[str, Any],
     settings: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """One run: merge with ``gate_mode`` ``mode``, train ``settings["steps"]`` steps, evaluate."""
+    """One run: merge with ``gate_mode`` ``mode``, train ``settings["steps"]`` steps with
+    load-balancing loss coefficient ``aux_loss_coef``, evaluate."""
     from fusion_bench_moect import MoECTTrainingAlgorithm, OrthogonalMoECTMergingAlgorithm
 
     t0 = time.perf_counter()
@@ -196,24 +229,31 @@ def _merge_train_evaluate(
         max_steps=steps,
         learning_rate=settings["learning_rate"],
         lr_scheduler="constant",
+        router_aux_loss_coef=aux_loss_coef,
         batch_size=settings["batch_size"],
         seq_len=settings["seq_len"],
         max_tokens_per_source=settings["train_tokens_per_language"],
         seed=seed,
         log_every=max(steps // 4, 1),
+        # held-out routing during training: the specialisation curve
+        eval_sources=eval_sources,
+        eval_every=settings["curve_eval_every"],
+        eval_max_tokens_per_source=settings["curve_eval_tokens_per_language"],
     )
     t1 = time.perf_counter()
     model = trainer.run(make_pool(base_dir, {}, "float32", in_memory={"_pretrained_": merged}))
     train_s = time.perf_counter() - t1
-    report = taskpool.evaluate_model(model, label=f"{mode} seed {seed}")
+    report = taskpool.evaluate_model(model, label=f"{mode} aux {aux_loss_coef:g} seed {seed}")
     routing = report.get("routing") or {}
     overall = routing.get("overall") or {}
     record = (report.get("model") or {}).get("moe_ct") or {}
     return {
         "gate_mode": mode,
+        "aux_loss_coef": aux_loss_coef,
         "seed": seed,
         "settings": settings,
         "history": [{k: h.get(k) for k in ("step", *HISTORY_KEYS)} for h in trainer.history],
+        "curve": [_curve_point(e, record.get("experts")) for e in trainer.evaluations],
         "eval": {
             "perplexity": report["perplexity"],
             "overall_perplexity": report["overall_perplexity"],
@@ -225,4 +265,14 @@ def _merge_train_evaluate(
         "merge_seconds": merge_s,
         "train_seconds": train_s,
         "seconds": time.perf_counter() - t0,
+    }
+
+
+def _curve_point(evaluation: Mapping[str, Any], experts: Sequence[str] | None) -> dict[str, Any]:
+    """One held-out evaluation during training: step, perplexity, balance, specialisation."""
+    return {
+        "step": evaluation["step"],
+        "overall_perplexity": evaluation["overall_perplexity"],
+        **{k: evaluation.get(k) for k in HEADLINE_METRICS if k in evaluation},
+        **specialisation(evaluation.get("per_source_shares") or {}, experts),
     }

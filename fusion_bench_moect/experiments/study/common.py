@@ -54,8 +54,11 @@ def make_taskpool(
     window_length: int = 256,
     sources: Mapping[str, Any] | None = None,
 ) -> Any:
-    """The package's ``MoETextTaskPool`` on the held-out Debian Reference chapters."""
-    return _study_taskpool_class()(
+    """The package's ``MoETextTaskPool`` on the held-out Debian Reference chapters (its
+    routing report gives each source's mean expert shares, ``per_source_shares``)."""
+    from fusion_bench_moect.eval.taskpool import MoETextTaskPool
+
+    return MoETextTaskPool(
         sources=dict(sources)
         if sources is not None
         else {lang: {"debian_reference": lang, "split": "heldout"} for lang in langs},
@@ -67,29 +70,6 @@ def make_taskpool(
         plots=False,
         show_progress=False,
     )
-
-
-def _study_taskpool_class() -> type:
-    from fusion_bench_moect.eval.taskpool import MoETextTaskPool
-
-    class StudyTaskPool(MoETextTaskPool):
-        """``MoETextTaskPool`` that also reports each source's mean expert shares
-        (``routing.per_source_shares``: {source: [share of expert j, averaged over layers]})."""
-
-        def _routing_report(self, moe: Any, routing: Any, record: Any) -> dict[str, Any]:
-            report = super()._routing_report(moe, routing, record)
-            anchors = list((record or {}).get("anchor_experts") or [])
-            shares = {}
-            for name, acc in routing.items():
-                layers = acc.layer_reports(anchors, self.dead_expert_threshold)
-                shares[name] = [
-                    sum(layer["shares"][j] for layer in layers) / len(layers)
-                    for j in range(len(layers[0]["shares"]))
-                ]
-            report["per_source_shares"] = shares
-            return report
-
-    return StudyTaskPool
 
 
 def specialisation(
@@ -132,6 +112,25 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
         return mean, None
     var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
     return mean, math.sqrt(var)
+
+
+def pm(values: Sequence[float | None], digits: int = 3, pct: bool = False) -> str:
+    """``mean ± std`` of the finite values (``pct``: as a signed percentage)."""
+    mean, std = mean_std(values)
+    if mean is None:
+        return "n/a"
+    if pct:
+        s = f"{100 * mean:+.2f}%"
+        return s if std is None else f"{s} ± {100 * std:.2f}"
+    s = f"{mean:.{digits}f}"
+    return s if std is None else f"{s} ± {std:.{digits}f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -3,19 +3,20 @@
 Each expert is the dense base model fine-tuned with Lightning Fabric on the **train**
 split of the Debian Reference in its language (``load_debian_reference(lang, "train")``;
 the held-out chapters 4, 8 and 12 are never trained on). By default only the FFN (MLP)
-weights train, on short windows, so that an expert takes a few minutes on a 2-core CPU;
-Fabric uses a GPU when there is one (``--accelerator auto``).
+weights train (the part MoE-CT takes from an expert), hard enough (150 steps at lr 1e-3)
+that each expert gains a lot on its language and forgets English, in about 8 minutes on a
+2-core CPU; Fabric uses a GPU when there is one (``--accelerator auto``).
 
 Every expert is a Hugging Face directory with the tokenizer,
 ``$FUSION_BENCH_MOECT_CACHE/experts/smollm2-<lang>``, written atomically (temp dir +
 rename), with a marker ``moect_expert.json`` recording the settings, the base model, the
 training losses and the held-out perplexity of the base and of the expert on the expert's
-own language. A run whose marker matches the requested settings does nothing (``--force``
+own language and on English (in-domain and out-of-domain: the forgetting). A run whose marker matches the requested settings does nothing (``--force``
 rebuilds).
 
 Usage::
 
-    python -m fusion_bench_moect.cli.study --parts experts [--langs de,fr,es] [--steps 40] [--force]
+    python -m fusion_bench_moect.cli.study --parts experts [--langs de,fr,es] [--steps 150] [--force]
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from fusion_bench_moect.paths import cache_root
 log = logging.getLogger(__name__)
 
 MARKER = "moect_expert.json"
-MARKER_FORMAT = 1
+MARKER_FORMAT = 2
 DEFAULT_LANGS = ("de", "fr", "es")
 TRAIN_TARGETS = ("mlp", "all")
 
@@ -72,10 +73,10 @@ class ExpertSettings:
         dtype: Dtype the expert is saved in (the base is stored in bfloat16).
     """
 
-    steps: int = 40
+    steps: int = 150
     batch_size: int = 4
     seq_len: int = 128
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     warmup_steps: int = 10
     train_target: str = "mlp"
     max_train_tokens: int = 200_000
@@ -102,15 +103,24 @@ def is_built(lang: str, settings: ExpertSettings, root: str | os.PathLike | None
     )
 
 
-def heldout_perplexity(
+def heldout_perplexities(
     model: torch.nn.Module, tokenizer_dir: str | os.PathLike, lang: str, tokens: int
-) -> float:
-    """Perplexity of ``model`` on the first ``tokens`` held-out tokens of ``lang``
-    (through the package's ``MoETextTaskPool``)."""
+) -> dict[str, float]:
+    """Perplexity of ``model`` on the first ``tokens`` held-out tokens of ``lang`` and of
+    the two English texts (``en``: held-out Debian Reference, in-domain; ``en_gpl3``:
+    Debian's GPL-3, out-of-domain), through the package's ``MoETextTaskPool``."""
     from fusion_bench_moect.eval.taskpool import MoETextTaskPool
 
+    from .grid import OUT_OF_DOMAIN_EN
+
+    sources: dict[str, Any] = {
+        lang: {"debian_reference": lang, "split": "heldout"},
+        "en": {"debian_reference": "en", "split": "heldout"},
+    }
+    if Path(OUT_OF_DOMAIN_EN).exists():
+        sources["en_gpl3"] = OUT_OF_DOMAIN_EN
     pool = MoETextTaskPool(
-        sources={lang: {"debian_reference": lang, "split": "heldout"}},
+        sources=sources,
         max_tokens_per_source=tokens,
         window_length=256,
         batch_size=4,
@@ -119,7 +129,7 @@ def heldout_perplexity(
         plots=False,
         show_progress=False,
     )
-    return float(pool.evaluate_model(model, label=lang)["perplexity"][lang])
+    return {k: float(v) for k, v in pool.evaluate_model(model, label=lang)["perplexity"].items()}
 
 
 def _trainable(model: torch.nn.Module, target: str) -> list[torch.nn.Parameter]:
@@ -158,13 +168,13 @@ def train_expert(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     windows = _train_windows(lang, tokenizer, settings)
-    ppl_before = heldout_perplexity(model, base_dir, lang, settings.eval_tokens)
+    ppl_before = heldout_perplexities(model, base_dir, lang, settings.eval_tokens)
 
     trainable = _trainable(model, settings.train_target)
     module, losses, train_seconds, device = _fine_tune(
         model, trainable, windows, settings, accelerator, lang
     )
-    ppl_after = heldout_perplexity(module, base_dir, lang, settings.eval_tokens)
+    ppl_after = heldout_perplexities(module, base_dir, lang, settings.eval_tokens)
     marker = {
         "format": MARKER_FORMAT,
         "language": lang,
@@ -175,21 +185,28 @@ def train_expert(
         "trainable_parameters": sum(p.numel() for p in trainable),
         **_loss_summary(losses),
         "heldout_tokens": settings.eval_tokens,
-        "heldout_perplexity_base": ppl_before,
-        "heldout_perplexity_expert": ppl_after,
-        "heldout_perplexity_change": ppl_after / ppl_before - 1.0,
+        "heldout_perplexity_base": ppl_before[lang],
+        "heldout_perplexity_expert": ppl_after[lang],
+        "heldout_perplexity_change": ppl_after[lang] / ppl_before[lang] - 1.0,
+        # English forgetting of the dense expert (> 0: worse than the base).
+        "english_perplexity_base": {k: v for k, v in ppl_before.items() if k != lang},
+        "english_perplexity_expert": {k: v for k, v in ppl_after.items() if k != lang},
+        "english_forgetting": {
+            k: ppl_after[k] / v - 1.0 for k, v in ppl_before.items() if k != lang
+        },
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - started,
         "accelerator": device,
     }
     _save_atomically(module, tokenizer, target, marker)
     log.info(
-        "Expert %s saved to %s: held-out ppl %.3f -> %.3f (%.1f%%), %.0f s",
+        "Expert %s saved to %s: held-out ppl %.3f -> %.3f (%.1f%%), English forgetting %s, %.0f s",
         lang,
         target,
-        ppl_before,
-        ppl_after,
+        ppl_before[lang],
+        ppl_after[lang],
         100 * marker["heldout_perplexity_change"],
+        ", ".join(f"{k} {100 * v:+.1f}%" for k, v in marker["english_forgetting"].items()),
         marker["seconds"],
     )
     return marker

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("constant", "u_shaped", "linear_increase", "linear_decrease")
 BASE_ALPHAS = (0.5, 0.8, 1.0)
+#: router_aux_scale values of claim 3's sweep beyond the study's 1.0 and 1.1 rows.
+AUX_SWEEP = (1.5, 2.0, 3.0)
 #: The fixed merge settings of every row.
 DEFAULTS: dict[str, Any] = STUDY_MERGE.pick(
     "architecture",
@@ -72,7 +74,25 @@ def grid_rows(quick: bool = False, focus_seeds: Sequence[int] = ()) -> list[dict
         rows.append(
             _row(f"{strategy}@0.8 qwen2_moe", "ablation", architecture="qwen2_moe", **centre)
         )
-    focus = {"off", "constant@0.8", "u_shaped@0.8", "constant@0.8 aux1.0", "u_shaped@0.8 aux1.0"}
+    # Claim 3's limit: the anchor share as a function of router_aux_scale.
+    for scale in (3.0,) if quick else AUX_SWEEP:
+        rows.append(
+            _row(
+                f"u_shaped@0.8 aux{scale:g}",
+                "aux-sweep",
+                alpha_strategy="u_shaped",
+                base_alpha=0.8,
+                router_aux_scale=scale,
+            )
+        )
+    focus = {
+        "off",
+        "constant@0.8",
+        "u_shaped@0.8",
+        "constant@0.8 aux1.0",
+        "u_shaped@0.8 aux1.0",
+        *(f"u_shaped@0.8 aux{scale:g}" for scale in AUX_SWEEP),
+    }
     extra = []
     for seed in focus_seeds:
         if seed == DEFAULTS["seed"]:

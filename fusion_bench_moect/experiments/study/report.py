@@ -16,34 +16,30 @@ from typing import Any
 
 from fusion_bench_moect.eval.plots import figure, pyplot
 
-from .common import ensure_dir, fmt, mean_std
+from .common import ensure_dir, fmt, mean_std, pm, table
+from .report_training import (
+    collapse_groups,
+    curve_section,
+    plot_curves,
+    plot_sweep,
+    plot_trained,
+    sweep_rows,
+    sweep_section,
+    trained_section,
+)
 
 BEGIN = "<!-- BEGIN GENERATED -->"
 END = "<!-- END GENERATED -->"
 
 CLAIM_ROWS = ("off", "constant@0.8", "u_shaped@0.8")
+#: English texts of the forgetting bar, and the bar (perplexity vs the base).
+ENGLISH_TEXTS = ("en", "en_gpl3")
+FORGETTING_BAR = 0.15
 AUX_PAIRS = (("u_shaped@0.8", "u_shaped@0.8 aux1.0"), ("constant@0.8", "constant@0.8 aux1.0"))
 
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:+.2f}%"
-
-
-def _pm(values: Sequence[float | None], digits: int = 3, pct: bool = False) -> str:
-    mean, std = mean_std(values)
-    if mean is None:
-        return "n/a"
-    if pct:
-        s = f"{100 * mean:+.2f}%"
-        return s if std is None else f"{s} ± {100 * std:.2f}"
-    s = f"{mean:.{digits}f}"
-    return s if std is None else f"{s} ± {std:.{digits}f}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return lines
 
 
 def _by_name(grid: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -71,13 +67,14 @@ def experts_section(markers: Mapping[str, Mapping[str, Any]]) -> list[str]:
                 fmt(m["heldout_perplexity_base"]),
                 fmt(m["heldout_perplexity_expert"]),
                 _pct(m["heldout_perplexity_change"]),
+                *[_pct((m.get("english_forgetting") or {}).get(k)) for k in ENGLISH_TEXTS],
                 f"{m['seconds']:.0f}",
             ]
         )
     return [
         "### Language experts",
         "",
-        *_table(
+        *table(
             [
                 "expert",
                 "steps x batch x seq",
@@ -88,15 +85,26 @@ def experts_section(markers: Mapping[str, Mapping[str, Any]]) -> list[str]:
                 "held-out ppl base",
                 "held-out ppl expert",
                 "change",
+                "English (Debian Ref.) vs base",
+                "English out-of-domain (GPL-3) vs base",
                 "seconds",
             ],
             rows,
         ),
         "",
-        "(Own-language held-out perplexity measured at build time, bf16 expert, "
-        f"{next(iter(markers.values()))['heldout_tokens']} tokens.)",
+        "(Held-out perplexity of the expert's own language and English forgetting of the dense "
+        "expert, measured at build time, bf16 expert, "
+        f"{next(iter(markers.values()))['heldout_tokens']} tokens per text. Bar: each expert "
+        f"at least {100 * FORGETTING_BAR:.0f}% worse than the base on both English texts "
+        f"({_bar_verdict(markers)}).)",
         "",
     ]
+
+
+def _bar_verdict(markers: Mapping[str, Mapping[str, Any]]) -> str:
+    forgetting = [(m.get("english_forgetting") or {}) for m in markers.values()]
+    met = all(f.get(k, -1.0) >= FORGETTING_BAR for f in forgetting for k in ENGLISH_TEXTS)
+    return "met by every expert" if met else "**not met**"
 
 
 def references_section(grid: Mapping[str, Any]) -> list[str]:
@@ -106,7 +114,7 @@ def references_section(grid: Mapping[str, Any]) -> list[str]:
     return [
         "### Dense references (held-out perplexity)",
         "",
-        *_table(["model", *langs], rows),
+        *table(["model", *langs], rows),
         "",
     ]
 
@@ -168,15 +176,20 @@ def grid_section(grid: Mapping[str, Any]) -> list[str]:
             lines += [
                 f"### {title}",
                 "",
-                *_table(header, [_grid_row_cells(r, langs) for r in rows]),
+                *table(header, [_grid_row_cells(r, langs) for r in rows]),
                 "",
             ]
     return lines
 
 
-def claims_section(grid: Mapping[str, Any], collapse: Mapping[str, Any] | None) -> list[str]:
+def claims_section(
+    grid: Mapping[str, Any],
+    collapse: Mapping[str, Any] | None,
+    trained: Mapping[str, Any] | None = None,
+) -> list[str]:
     by = _by_name(grid)
-    lines = _claim2_lines(by) + _claim3_lines(by, grid)
+    lines = _claim2_lines(by) + trained_section(trained or {})
+    lines += _claim3_lines(by, grid) + sweep_section(by)
     if collapse:
         lines += collapse_section(collapse)
     return lines
@@ -193,17 +206,17 @@ def _claim2_lines(by: Mapping[str, list[dict[str, Any]]]) -> list[str]:
             [
                 name,
                 str(len(reps)),
-                _pm([r["metrics"].get("forgetting_en") for r in reps], pct=True),
-                _pm([r["metrics"].get("forgetting_en_gpl3") for r in reps], pct=True),
-                _pm([r["metrics"].get("gain_retained") for r in reps]),
-                _pm([r["metrics"].get("mean_anchor_share") for r in reps]),
+                pm([r["metrics"].get("forgetting_en") for r in reps], pct=True),
+                pm([r["metrics"].get("forgetting_en_gpl3") for r in reps], pct=True),
+                pm([r["metrics"].get("gain_retained") for r in reps]),
+                pm([r["metrics"].get("mean_anchor_share") for r in reps]),
             ]
         )
     if rows:
         lines += [
             "### Claim 2: forgetting vs plasticity (mean ± std over router seeds)",
             "",
-            *_table(
+            *table(
                 [
                     "row",
                     "seeds",
@@ -243,13 +256,13 @@ def _aux_pair_row(setting: str, a: list[dict[str, Any]], b: list[dict[str, Any]]
     return [
         setting,
         str(len(common)),
-        _pm([seeds_b[s]["metrics"].get("mean_anchor_share") for s in common]),
-        _pm([seeds_a[s]["metrics"].get("mean_anchor_share") for s in common]),
-        _pm(diffs, 4),
-        _pm([seeds_b[s]["metrics"].get("anchor_share_en") for s in common]),
-        _pm([seeds_a[s]["metrics"].get("anchor_share_en") for s in common]),
-        _pm(en_diffs, pct=True),
-        _pm(gain_diffs),
+        pm([seeds_b[s]["metrics"].get("mean_anchor_share") for s in common]),
+        pm([seeds_a[s]["metrics"].get("mean_anchor_share") for s in common]),
+        pm(diffs, 4),
+        pm([seeds_b[s]["metrics"].get("anchor_share_en") for s in common]),
+        pm([seeds_a[s]["metrics"].get("anchor_share_en") for s in common]),
+        pm(en_diffs, pct=True),
+        pm(gain_diffs),
     ]
 
 
@@ -267,7 +280,7 @@ def _claim3_lines(by: Mapping[str, list[dict[str, Any]]], grid: Mapping[str, Any
         lines += [
             "### Claim 3: router_aux_scale 1.0 vs 1.1 (paired by router seed)",
             "",
-            *_table(
+            *table(
                 [
                     "setting",
                     "seeds",
@@ -294,9 +307,7 @@ def _last(history: Sequence[Mapping[str, Any]], key: str, n: int = 5) -> float |
 
 
 def collapse_section(collapse: Mapping[str, Any]) -> list[str]:
-    modes: dict[str, list[dict[str, Any]]] = {}
-    for run in collapse.get("runs", []):
-        modes.setdefault(run["gate_mode"], []).append(run)
+    modes = collapse_groups(collapse)
     s = collapse["settings"]
     rows = []
     for mode, runs in modes.items():
@@ -305,30 +316,32 @@ def collapse_section(collapse: Mapping[str, Any]) -> list[str]:
             [
                 mode,
                 str(len(runs)),
-                _pm([x[0].get("mean_cv") for x in h]),
-                _pm([_last(x, "mean_cv") for x in h]),
-                _pm([_last(x, "mean_max_violation") for x in h]),
-                _pm([_last(x, "mean_router_entropy") for x in h]),
-                _pm([_last(x, "dead_experts") for x in h], 1),
-                _pm([_last(x, "mean_anchor_share") for x in h]),
-                _pm([r["eval"].get("mean_cv") for r in runs]),
-                _pm([r["eval"].get("dead_experts") for r in runs], 1),
-                _pm([r["eval"].get("specialisation") for r in runs]),
-                _pm([r["eval"].get("overall_perplexity") for r in runs]),
+                pm([x[0].get("mean_cv") for x in h]),
+                pm([_last(x, "mean_cv") for x in h]),
+                pm([_last(x, "mean_max_violation") for x in h]),
+                pm([_last(x, "mean_router_entropy") for x in h]),
+                pm([_last(x, "dead_experts") for x in h], 1),
+                pm([_last(x, "mean_anchor_share") for x in h]),
+                pm([r["eval"].get("mean_cv") for r in runs]),
+                pm([r["eval"].get("dead_experts") for r in runs], 1),
+                pm([r["eval"].get("specialisation") for r in runs]),
+                pm([r["eval"].get("overall_perplexity") for r in runs]),
             ]
         )
     return [
-        "### Claim 1: expert collapse under continued training, per gate mode (mean ± std over seeds)",
+        "### Claim 1: expert collapse under continued training, per gate mode and "
+        "load-balancing loss (mean ± std over seeds)",
         "",
         f"`moe_ct_training` stage `{s['stage']}`, {s['steps']} steps x {s['batch_size']} x "
-        f"{s['seq_len']} tokens, lr {s['learning_rate']:g}, mixed {'/'.join(s['languages'])} "
+        f"{s['seq_len']} tokens, constant lr {s['learning_rate']:g}, mixed "
+        f"{'/'.join(s['languages'])} "
         "train text; merge = u_shaped@0.8, base expert, aux 1.1. Training-batch metrics at "
         "step 1 (before any update) and averaged over the last 5 steps; held-out metrics "
         f"after training ({s['eval_tokens_per_language']} tokens per language).",
         "",
-        *_table(
+        *table(
             [
-                "gate mode",
+                "gate mode, aux loss",
                 "seeds",
                 "CV step 1",
                 "CV last 5",
@@ -344,6 +357,7 @@ def collapse_section(collapse: Mapping[str, Any]) -> list[str]:
             rows,
         ),
         "",
+        *curve_section(collapse),
     ]
 
 
@@ -437,17 +451,24 @@ def plot_collapse(collapse: Mapping[str, Any], path: Path) -> Path:
         ("mean_router_entropy", "router entropy"),
         ("mean_anchor_share", "anchor share"),
     )
-    modes: dict[str, list[dict[str, Any]]] = {}
-    for run in collapse.get("runs", []):
-        modes.setdefault(run["gate_mode"], []).append(run)
+    modes = collapse_groups(collapse)
     with figure(path, dpi=120, ncols=len(keys), figsize=(15, 3.6)) as (fig, axes):
         for ax, (key, label) in zip(axes, keys, strict=True):
             _draw_balance(ax, modes, key, label)
         axes[0].legend(fontsize=7)
         fig.suptitle(
-            "moe_ct_training: routing balance on the training batches (mean ± std over seeds)"
+            "moe_ct_training: routing balance on the training batches (mean ± std over seeds; "
+            "moving average over 10 steps when longer than 40)"
         )
     return path
+
+
+def _moving_average(values: Sequence[float], window: int = 10) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        part = [v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
+        out.append(sum(part) / len(part) if part else math.nan)
+    return out
 
 
 def _draw_balance(ax: Any, modes: Mapping[str, list[dict[str, Any]]], key: str, label: str) -> None:
@@ -458,6 +479,8 @@ def _draw_balance(ax: Any, modes: Mapping[str, list[dict[str, Any]]], key: str, 
             mean, std = mean_std([r["history"][i].get(key) for r in runs])
             means.append(math.nan if mean is None else mean)
             stds.append(0.0 if std is None else std)
+        if len(steps) > 40:  # one training batch is noisy
+            means, stds = _moving_average(means), _moving_average(stds)
         (line,) = ax.plot(steps, means, label=f"{mode} (n={len(runs)})")
         ax.fill_between(
             steps,
@@ -492,11 +515,12 @@ def write_csvs(grid: Mapping[str, Any], collapse: Mapping[str, Any] | None, fold
         with open(folder / "collapse.csv", "w", newline="") as fh:
             w = csv.writer(fh)
             keys = [k for k in collapse["runs"][0]["history"][0] if k != "step"]
-            w.writerow(["gate_mode", "seed", "step", *keys])
+            w.writerow(["gate_mode", "aux_loss_coef", "seed", "step", *keys])
             for run in collapse["runs"]:
                 for h in run["history"]:
                     w.writerow(
-                        [run["gate_mode"], run["seed"], h["step"], *[h.get(k) for k in keys]]
+                        [run["gate_mode"], run.get("aux_loss_coef", 0.01), run["seed"], h["step"]]
+                        + [h.get(k) for k in keys]
                     )
 
 
@@ -539,6 +563,7 @@ def generated_block(
     img_rel: str,
     timings: Mapping[str, float],
     label: str = "",
+    trained: Mapping[str, Any] | None = None,
 ) -> str:
     lines = [BEGIN, "", "## Results", ""]
     lines += _run_notes(grid, collapse, timings, label)
@@ -556,7 +581,7 @@ def generated_block(
             "- its share on English tokens).",
             "",
         ]
-        lines += claims_section(grid, collapse)
+        lines += claims_section(grid, collapse, trained)
         lines += grid_section(grid)
         lines += [
             f"![forgetting vs plasticity]({img_rel}/forgetting_vs_plasticity.png)",
@@ -564,10 +589,17 @@ def generated_block(
             f"![strategies]({img_rel}/strategies.png)",
             "",
         ]
-    elif collapse:
-        lines += collapse_section(collapse)
+        if trained and trained.get("runs"):
+            lines += [f"![claim 2 after training]({img_rel}/trained.png)", ""]
+        if len(sweep_rows(_by_name(grid))) >= 3:
+            lines += [f"![router_aux_scale sweep]({img_rel}/aux_sweep.png)", ""]
+    else:
+        lines += trained_section(trained or {})
+        lines += collapse_section(collapse) if collapse else []
     if collapse and collapse.get("runs"):
         lines += [f"![collapse]({img_rel}/collapse_balance.png)", ""]
+        if any(r.get("curve") for r in collapse["runs"]):
+            lines += [f"![held-out curves]({img_rel}/collapse_curves.png)", ""]
     lines += [
         f"Raw data: [`{img_rel}/results.json`]({img_rel}/results.json), "
         f"[`grid.csv`]({img_rel}/grid.csv), [`collapse.csv`]({img_rel}/collapse.csv).",
@@ -594,6 +626,7 @@ def write_report(
     img_dir: str | Path,
     timings: Mapping[str, float] | None = None,
     label: str = "",
+    trained: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write plots/CSVs/JSON into ``img_dir`` and the generated block of ``doc_path``."""
     grid = grid or {"rows": [], "settings": {}}
@@ -602,8 +635,14 @@ def write_report(
     if grid.get("rows"):
         plot_tradeoff(grid, img / "forgetting_vs_plasticity.png")
         plot_strategies(grid, img / "strategies.png")
+        if len(sweep_rows(_by_name(grid))) >= 3:
+            plot_sweep(_by_name(grid), img / "aux_sweep.png")
+    if trained and trained.get("runs"):
+        plot_trained(trained, img / "trained.png")
     if collapse and collapse.get("runs"):
         plot_collapse(collapse, img / "collapse_balance.png")
+        if any(r.get("curve") for r in collapse["runs"]):
+            plot_curves(collapse, img / "collapse_curves.png")
     write_csvs(grid, collapse, img)
     (img / "results.json").write_text(
         json.dumps(
@@ -612,6 +651,7 @@ def write_report(
                 "timings_seconds": dict(timings or {}),
                 "experts": markers,
                 "grid": grid,
+                "trained": trained,
                 "collapse": collapse,
             },
             indent=1,
@@ -621,7 +661,7 @@ def write_report(
         rel = str(Path(img).resolve().relative_to(doc_path.parent.resolve()))
     except ValueError:
         rel = str(Path(img).resolve())
-    block = generated_block(grid, collapse, markers, rel, timings or {}, label)
+    block = generated_block(grid, collapse, markers, rel, timings or {}, label, trained)
     if doc_path.exists() and BEGIN in (text := doc_path.read_text()) and END in text:
         head, rest = text.split(BEGIN, 1)
         tail = rest.split(END, 1)[1]

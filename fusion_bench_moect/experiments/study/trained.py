@@ -1,0 +1,203 @@
+"""Claim 2 on the trained model: forgetting and plasticity after continued training.
+
+The seed's claim (the U-shaped schedule protects the base while keeping the experts' gains)
+is about the model users go on to train. For each claim row and router seed: merge with
+``moe_ct_upcycling``, evaluate, run a ``router`` stage of ``moe_ct_training`` (routers
+only), evaluate, then an ``experts`` stage (routers + non-anchor experts, anchors frozen:
+the MoE-CT / MoE-LPR recipe), evaluate. Training text is the train split of the Debian
+Reference in English and every expert language, mixed; every evaluation uses the grid's
+held-out tokens and metrics (``grid.row_metrics``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fusion_bench_moect.eval.routing import STEP_METRICS
+
+from ..runs import RunLog
+from .common import ensure_dir, make_pool, make_taskpool
+from .grid import OUT_OF_DOMAIN_EN, _key, _references, grid_rows, row_metrics
+
+log = logging.getLogger(__name__)
+
+#: The rows the claim compares: MoE-CT off, the schedules at base_alpha 0.8, the base
+#: expert off.
+TRAINED_ROWS = (
+    "off",
+    "constant@0.8",
+    "u_shaped@0.8",
+    "linear_increase@0.8",
+    "u_shaped@0.8 no-base",
+)
+#: Evaluation points of every run, in order.
+POINTS = ("merged", "router", "experts")
+
+
+def trained_rows(seeds: Sequence[int], names: Sequence[str] = TRAINED_ROWS) -> list[dict[str, Any]]:
+    """The grid rows named ``names``, once per router seed."""
+    by_name = {row["name"]: row for row in grid_rows(quick=False)}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"Unknown grid rows {unknown}; valid: {', '.join(by_name)}.")
+    return [
+        {**by_name[n], "params": {**by_name[n]["params"], "seed": seed}, "index": i}
+        for i, (seed, n) in enumerate((s, n) for s in seeds for n in names)
+    ]
+
+
+def run_trained(
+    base_dir: str,
+    experts: Mapping[str, str],
+    out_dir: str | Path,
+    rows: Sequence[Mapping[str, Any]],
+    router_steps: int = 40,
+    experts_steps: int = 40,
+    router_lr: float = 5e-4,
+    experts_lr: float = 1e-4,
+    batch_size: int = 2,
+    seq_len: int = 64,
+    train_tokens_per_language: int = 20_000,
+    eval_tokens: int = 512,
+    window_length: int = 256,
+    resume: bool = False,
+    eval_sources: Mapping[str, Any] | None = None,
+    train_sources: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Merge, then train a router stage and an experts stage, evaluating after each;
+    write ``trained.json`` in ``out_dir``.
+
+    ``eval_sources`` and ``train_sources`` replace the Debian Reference defaults (tests)."""
+    out = ensure_dir(out_dir)
+    run_dir = ensure_dir(out / "runs")
+    langs = ["en", *[lang for lang in experts if lang != "en"]]
+    if eval_sources is None:
+        eval_sources = {lang: {"debian_reference": lang, "split": "heldout"} for lang in langs}
+        if Path(OUT_OF_DOMAIN_EN).exists():
+            eval_sources["en_gpl3"] = OUT_OF_DOMAIN_EN
+    if train_sources is None:
+        train_sources = {lang: {"debian_reference": lang, "split": "train"} for lang in langs}
+    taskpool = make_taskpool(base_dir, langs, eval_tokens, window_length, eval_sources)
+    settings = {
+        "router_stage": {"steps": router_steps, "learning_rate": router_lr},
+        "experts_stage": {"steps": experts_steps, "learning_rate": experts_lr},
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "train_tokens_per_language": train_tokens_per_language,
+        "eval_tokens_per_language": eval_tokens,
+        "window_length": window_length,
+        "dtype": "float32",
+        "languages": langs,
+        "sources": {k: str(v) for k, v in eval_sources.items()},
+        "experts": dict(experts),
+    }
+    runs = RunLog(
+        out / "trained.json",
+        {"settings": settings, "references": None},
+        "runs",
+        len(rows),
+        order=lambda r: r.get("index", 0),
+    )
+    refs = _references(out / "references.json", settings, resume, taskpool, base_dir, experts)
+    runs.header["references"] = refs
+    run_one = functools.partial(
+        _merge_train_evaluate,
+        base_dir=base_dir,
+        experts=experts,
+        taskpool=taskpool,
+        refs=refs,
+        train_sources=train_sources,
+        settings=settings,
+    )
+    for i, row in enumerate(rows, 1):
+        path = run_dir / (_key(row).replace(" ", "_").replace("@", "-") + ".json")
+        saved = RunLog.finished(path, settings=settings, params=row["params"]) if resume else None
+        if saved is not None:
+            runs.keep(saved)
+            continue
+        result = run_one(row)
+        runs.record(path, result)
+        pts = result["points"]
+        log.info(
+            "[%d/%d] %s: en %s, gain retained %s (merged -> router -> experts), %.0f s",
+            i,
+            len(rows),
+            _key(row),
+            " -> ".join(f"{100 * pts[p].get('forgetting_en', math.nan):+.2f}%" for p in POINTS),
+            " -> ".join(f"{pts[p].get('gain_retained') or math.nan:.3f}" for p in POINTS),
+            result["seconds"],
+        )
+    return runs.dump()
+
+
+def _train(
+    model: Any, stage: str, seed: int, base_dir: str, sources: Any, settings: Mapping[str, Any]
+) -> tuple[Any, list[dict[str, Any]]]:
+    """One ``moe_ct_training`` stage (``router`` or ``experts``) on ``model``; returns the
+    trained model and its per-step history."""
+    from fusion_bench_moect import MoECTTrainingAlgorithm
+
+    stage_settings = settings[f"{stage}_stage"]
+    steps = stage_settings["steps"]
+    trainer = MoECTTrainingAlgorithm(
+        train_sources=sources,
+        stage=stage,
+        max_steps=steps,
+        learning_rate=stage_settings["learning_rate"],
+        lr_scheduler="constant",
+        batch_size=settings["batch_size"],
+        seq_len=settings["seq_len"],
+        max_tokens_per_source=settings["train_tokens_per_language"],
+        seed=seed,
+        log_every=max(steps // 2, 1),
+    )
+    pool = make_pool(base_dir, {}, "float32", in_memory={"_pretrained_": model})
+    trained = trainer.run(pool)
+    keys = ("step", "loss", "lm_loss", "aux_loss", *STEP_METRICS)
+    return trained, [{k: h.get(k) for k in keys} for h in trainer.history]
+
+
+def _merge_train_evaluate(
+    row: Mapping[str, Any],
+    base_dir: str,
+    experts: Mapping[str, str],
+    taskpool: Any,
+    refs: Mapping[str, Any],
+    train_sources: Mapping[str, Any],
+    settings: Mapping[str, Any],
+) -> dict[str, Any]:
+    """One run: merge with the row's parameters, then the two stages; metrics at each point."""
+    from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
+
+    t0 = time.perf_counter()
+    seed = row["params"]["seed"]
+    model = OrthogonalMoECTMergingAlgorithm(**row["params"]).run(
+        make_pool(base_dir, experts, "float32")
+    )
+    points: dict[str, Any] = {}
+    histories: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    for point in POINTS:
+        if point != "merged":
+            t1 = time.perf_counter()
+            model, histories[point] = _train(model, point, seed, base_dir, train_sources, settings)
+            seconds[f"{point}_train"] = time.perf_counter() - t1
+        report = taskpool.evaluate_model(model, label=f"{row['name']} seed {seed} {point}")
+        points[point] = row_metrics(report, refs, list(experts))
+    return {
+        "index": row.get("index", 0),
+        "name": row["name"],
+        "group": row["group"],
+        "params": dict(row["params"]),
+        "settings": settings,
+        "points": points,
+        "histories": histories,
+        "stage_seconds": seconds,
+        "seconds": time.perf_counter() - t0,
+    }
