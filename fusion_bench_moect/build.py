@@ -416,6 +416,7 @@ class MoEEngine:
         overwrite: bool = False,
         max_shard_bytes: int | None = None,
         config: Any = None,
+        fused_order: bool = False,
     ) -> list[float]:
         """Write the MoE model as a Hugging Face checkpoint without building it in memory.
 
@@ -435,6 +436,9 @@ class MoEEngine:
                 overlap with the work); default ``output_config()``. ``base.config`` may then
                 be a plain ``JsonConfig``: the tensor names derived from it are checked against
                 this config before anything is moved into place.
+            fused_order: Write each layer's experts in transformers 5's fused order (see
+                ``arch.hub_layer_tensors``), so that ``io.mapped`` can map the checkpoint
+                back as a model without copies; holds one layer's experts at a time.
 
         Returns:
             The router condition number of every layer (also in the record).
@@ -447,8 +451,8 @@ class MoEEngine:
         with engine_threads():
             write_hub_checkpoint(
                 directory,
-                self.hub_specs(non_ffn),
-                self._hub_tensors(non_ffn, conds),
+                self.hub_specs(non_ffn, fused_order),
+                self._hub_tensors(non_ffn, conds, fused_order),
                 lambda: self._final_config(config, names, params, conds),
                 tokenizer=tokenizer,
                 tokenizer_dir=tokenizer_dir,
@@ -459,7 +463,7 @@ class MoEEngine:
         return conds
 
     def hub_specs(
-        self, non_ffn: Sequence[NonFFNTensor]
+        self, non_ffn: Sequence[NonFFNTensor], fused_order: bool = False
     ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(name, shape, dtype) of every tensor ``stream`` writes, in the same order.
 
@@ -493,12 +497,13 @@ class MoEEngine:
                 [expert] * plan.num_experts,
                 shared,
                 shared_gate,
+                fused_order,
             )
             specs += [(name, tuple(t.shape), t.dtype) for name, t in layer_tensors]
         return specs
 
     def _hub_tensors(
-        self, non_ffn: Sequence[NonFFNTensor], conds: list[float]
+        self, non_ffn: Sequence[NonFFNTensor], conds: list[float], fused_order: bool = False
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """The output as (hub name, tensor) pairs, experts one by one; appends every layer's
         router condition number to ``conds`` on the way."""
@@ -508,7 +513,12 @@ class MoEEngine:
             if isinstance(item, MoELayer):
                 conds.append(condition_number(item.router[:: self.plan.granularity]))
                 yield from self.arch.hub_layer_tensors(
-                    item.index, item.router, item.experts(), item.shared, item.shared_gate
+                    item.index,
+                    item.router,
+                    item.experts(),
+                    item.shared,
+                    item.shared_gate,
+                    fused_order,
                 )
             else:
                 yield item

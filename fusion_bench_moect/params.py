@@ -269,7 +269,10 @@ class MoECTConfig:
         parse=int,
     )
     save_checkpoint: str | None = _param(
-        None, "directory for the Hugging Face checkpoint (written atomically)", flag=None
+        None,
+        "directory for the Hugging Face checkpoint (written atomically; run() then returns "
+        "the written files, mapped)",
+        flag=None,
     )
     overwrite: bool = _param(False, "replace a non-empty save_checkpoint directory", check=_bool)
     streaming: bool = _param(

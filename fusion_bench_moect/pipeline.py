@@ -90,7 +90,9 @@ def run_pipeline(config: MoECTConfig, inputs: ModelInputs) -> BuildResult:
         check_destination(config.save_checkpoint, config.overwrite)
     with _opened(inputs) as (base, sources):
         engine = prepare_engine(config, inputs, base, sources)
-        if config.streaming:
+        if config.save_checkpoint:
+            # Stream to disk; the in-memory model is then the written files, mapped.
+            written: dict[str, Any] = {}
             conds = engine.stream(
                 config.save_checkpoint,
                 params=config.record(),
@@ -99,12 +101,21 @@ def run_pipeline(config: MoECTConfig, inputs: ModelInputs) -> BuildResult:
                 base_dir=inputs.directory(BASE_EXPERT),
                 overwrite=config.overwrite,
                 max_shard_bytes=inputs.max_shard_bytes,
-                config=_deferred_config(inputs, engine),
+                config=_recorded_config(inputs, engine, written),
+                fused_order=not config.streaming,
             )
             _log_conditions(conds)
-            return BuildResult(None, conds)
-        model = engine.build_model()
-    return _finish_in_memory(config, inputs, engine, model)
+            if config.streaming:
+                return BuildResult(None, conds)
+        else:
+            model = engine.build_model()
+    if config.save_checkpoint:
+        from .io.mapped import mapped_model
+
+        return BuildResult(
+            mapped_model(config.save_checkpoint, engine.arch, written["config"]), conds
+        )
+    return _finish_in_memory(config, engine, model)
 
 
 def prepare_engine(
@@ -135,27 +146,14 @@ def prepare_engine(
 
 
 def _finish_in_memory(
-    config: MoECTConfig, inputs: ModelInputs, engine: MoEEngine, model: torch.nn.Module
+    config: MoECTConfig, engine: MoEEngine, model: torch.nn.Module
 ) -> BuildResult:
-    """Record the router condition numbers in the model's config; save it when asked."""
-    plan, arch = engine.plan, engine.arch
+    """Record the router condition numbers in the model's config."""
+    plan = engine.plan
     with engine_threads():
         conds = [_router_condition(model, layer, plan) for layer in plan.moe_layers]
     model.config.moe_ct = plan.record(config.record(), conds)
     _log_conditions(conds)
-    if config.save_checkpoint:
-        from .io.streaming import save_model_checkpoint
-
-        kwargs = {"max_shard_bytes": inputs.max_shard_bytes} if inputs.max_shard_bytes else {}
-        with engine_threads():
-            save_model_checkpoint(
-                model,
-                arch,
-                config.save_checkpoint,
-                inputs.tokenizer,
-                overwrite=config.overwrite,
-                **kwargs,
-            )
     return BuildResult(model, conds)
 
 
@@ -265,10 +263,21 @@ def log_plan(plan: MoEPlan, dtype: torch.dtype) -> None:
     )
 
 
-def _deferred_config(inputs: ModelInputs, engine: MoEEngine) -> Callable[[], Any] | None:
-    if inputs.output_config is None:
-        return None
-    return lambda: inputs.output_config(engine.plan, engine.arch, engine.dtype)
+def _recorded_config(
+    inputs: ModelInputs, engine: MoEEngine, written: dict[str, Any]
+) -> Callable[[], Any]:
+    """The output config, made after the tensors are written (``inputs.output_config`` or
+    the engine's), also kept in ``written["config"]``."""
+
+    def make() -> Any:
+        if inputs.output_config is not None:
+            config = inputs.output_config(engine.plan, engine.arch, engine.dtype)
+        else:
+            config = engine.output_config()
+        written["config"] = config
+        return config
+
+    return make
 
 
 def _log_conditions(conds: Sequence[float]) -> None:

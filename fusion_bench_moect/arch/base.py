@@ -195,6 +195,7 @@ class OutputArchitecture(ABC):
         experts: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
         shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         shared_gate: torch.Tensor | None = None,
+        fused_order: bool = False,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """One MoE layer as (hub name, tensor) pairs: the per-expert layout every consumer loads.
 
@@ -204,59 +205,30 @@ class OutputArchitecture(ABC):
             experts: Per expert, in order: (gate (I_e, H), up (I_e, H), down (H, I_e)).
             shared: Qwen2-MoE: the shared expert's (gate, up, down).
             shared_gate: Qwen2-MoE: (1, H) weight of the shared expert's gate.
+            fused_order: Every expert's gate and up first, then every down: in a file, the
+                bytes of transformers 5's fused ``gate_up_proj`` and ``down_proj`` are then
+                contiguous (``io.mapped``). Holds the layer's experts until all are yielded.
         """
         prefix = self.hub_block_prefix(layer)
         yield f"{prefix}.gate.weight", router
-        names = self.expert_proj_names
-        for j, triple in enumerate(experts):
-            for proj, tensor in zip(names, triple, strict=True):
-                yield f"{prefix}.experts.{j}.{proj}.weight", tensor
+        gate, up, down = self.expert_proj_names
+        if fused_order:
+            experts = list(experts)
+            for j, (g, u, _) in enumerate(experts):
+                yield f"{prefix}.experts.{j}.{gate}.weight", g
+                yield f"{prefix}.experts.{j}.{up}.weight", u
+            for j, (_, _, d) in enumerate(experts):
+                yield f"{prefix}.experts.{j}.{down}.weight", d
+        else:
+            for j, triple in enumerate(experts):
+                for proj, tensor in zip((gate, up, down), triple, strict=True):
+                    yield f"{prefix}.experts.{j}.{proj}.weight", tensor
         if self.has_shared_expert:
             if shared is None or shared_gate is None:
                 raise ValueError(f"The {self.name} output needs a shared expert and its gate.")
             for proj, tensor in zip(("gate_proj", "up_proj", "down_proj"), shared, strict=True):
                 yield f"{prefix}.shared_expert.{proj}.weight", tensor
             yield f"{prefix}.shared_expert_gate.weight", shared_gate
-
-    def module_hub_tensors(
-        self, layer: int, decoder_layer: nn.Module
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """The hub tensors of a built decoder layer's MoE block, in either transformers layout,
-        as views of its parameters (no copies)."""
-        from ..inspection import expert_triples
-
-        block = self.moe_block(decoder_layer)
-        triples = expert_triples(block)
-        shared = shared_gate = None
-        if self.has_shared_expert:
-            mlp = block.shared_expert
-            shared = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-            shared_gate = block.shared_expert_gate.weight
-        yield from self.hub_layer_tensors(layer, block.gate.weight, triples, shared, shared_gate)
-
-    def model_hub_tensors(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor a checkpoint of ``model`` holds, under its hub name, without copies.
-
-        Non-MoE tensors keep their state-dict names; each MoE block is written per expert; a
-        tied ``lm_head`` is left out (it is the embedding).
-        """
-        layers = model.model.layers
-        block_prefixes = [
-            f"model.layers.{i}.{_child_name(layer, self.moe_block(layer))}."
-            for i, layer in enumerate(layers)
-        ]
-        tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        emitted: set[int] = set()
-        for key, tensor in model.state_dict().items():
-            if key == "lm_head.weight" and tied:
-                continue
-            layer = _layer_index(key)
-            if layer is not None and key.startswith(block_prefixes[layer]):
-                if layer not in emitted:
-                    emitted.add(layer)
-                    yield from self.module_hub_tensors(layer, layers[layer])
-                continue
-            yield key, tensor
 
     def moe_block(self, decoder_layer: nn.Module) -> nn.Module:
         """The MoE block of a decoder layer in either transformers layout."""
@@ -309,20 +281,6 @@ def legacy_config_fields(config: dict[str, Any]) -> dict[str, Any]:
         if config.get("model_type") in ("qwen2_moe", "qwen3_moe"):
             extra["num_experts"] = config["num_local_experts"]
     return extra
-
-
-def _child_name(parent: nn.Module, child: nn.Module) -> str:
-    for name, module in parent.named_children():
-        if module is child:
-            return name
-    raise ValueError(f"{type(child).__name__} is not a direct child of {type(parent).__name__}.")
-
-
-def _layer_index(key: str) -> int | None:
-    if not key.startswith("model.layers."):
-        return None
-    head = key[len("model.layers.") :].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
 
 
 def set_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -277,37 +277,3 @@ def copy_tokenizer_files(source: str | os.PathLike, destination: str | os.PathLi
             shutil.copyfile(path, Path(destination) / name)
             copied.append(name)
     return copied
-
-
-def save_model_checkpoint(
-    model: torch.nn.Module,
-    arch: Any,
-    directory: str | os.PathLike,
-    tokenizer: Any = None,
-    overwrite: bool = False,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-) -> Path:
-    """Save an MoE model built in memory, in the hub layout, straight from its parameters.
-
-    Unlike ``save_pretrained`` under transformers 5 (which first splits every fused expert
-    tensor into per-expert copies) this writes views of the model's own memory: saving adds
-    no copy of the model to the peak.
-    """
-    tensors = list(arch.model_hub_tensors(model))
-    specs = [(name, tuple(t.shape), t.dtype) for name, t in tensors]
-    generation_config = None
-    can_generate = getattr(model, "can_generate", None)
-    if getattr(model, "generation_config", None) is not None and (
-        can_generate is None or can_generate()
-    ):
-        generation_config = model.generation_config
-    return write_hub_checkpoint(
-        directory,
-        specs,
-        iter(tensors),
-        model.config,
-        tokenizer=tokenizer,
-        generation_config=generation_config,
-        overwrite=overwrite,
-        max_shard_bytes=max_shard_bytes,
-    )

@@ -1,0 +1,74 @@
+"""run() with save_checkpoint streams the MoE to disk and returns the written files mapped
+copy-on-write (io/mapped.py): the same model as the in-memory build, without a copy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model, perturbed, pool, train_tokenizer
+from test_streaming import CASES, read_tensors, reload
+
+from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
+from fusion_bench_moect.inspection import expert_triples, moe_block
+
+
+@pytest.mark.parametrize("family, arch, dtype, extra", CASES)
+def test_saved_run_returns_the_checkpoint_mapped(
+    tmp_path, saved, real_ids, family, arch, dtype, extra
+):
+    dense = make_model(family, layers=3)
+    train_tokenizer(tmp_path / "tok")
+    models = {"_pretrained_": saved(dense), "ft": saved(perturbed(dense, 1))}
+    common = dict(architecture=arch, granularity=2, experts_per_token=2, dtype=dtype, **extra)
+    built = OrthogonalMoECTMergingAlgorithm(**common).run(
+        pool(models, tokenizer=str(tmp_path / "tok"))
+    )
+    out = tmp_path / "moe"
+    mapped = OrthogonalMoECTMergingAlgorithm(save_checkpoint=str(out), **common).run(
+        pool(models, tokenizer=str(tmp_path / "tok"))
+    )
+
+    # the same weights, config record and logits as the model built in memory
+    assert not mapped.training
+    expected, got = built.state_dict(), mapped.state_dict()
+    assert sorted(expected) == sorted(got)
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+    built_record = {k: v for k, v in built.config.moe_ct.items() if k != "params"}
+    assert {k: v for k, v in mapped.config.moe_ct.items() if k != "params"} == built_record
+    with torch.no_grad():
+        logits = mapped(real_ids).logits
+        assert torch.equal(logits, built(real_ids).logits)
+        assert torch.equal(logits, reload(out)(real_ids).logits)
+
+    # no copies: the experts and the router of a layer live in one file mapping
+    block = moe_block(mapped.model.layers[1])
+    experts = block.experts
+    first = next(expert_triples(block))[0]  # expert 0's gate projection, a parameter view
+    if hasattr(experts, "gate_up_proj"):
+        assert experts.gate_up_proj.is_contiguous() and experts.down_proj.is_contiguous()
+    storage = block.gate.weight.untyped_storage().data_ptr()
+    assert first.untyped_storage().data_ptr() == storage
+
+    # changing a weight (training) leaves the file as written
+    on_disk = read_tensors(out)
+    with torch.no_grad():
+        first.add_(1.0)
+    assert all(torch.equal(t, on_disk[k]) for k, t in read_tensors(out).items())
+
+
+def test_layers_across_shards_are_copied_correctly(tmp_path, saved, real_ids, monkeypatch):
+    from fusion_bench_moect.io import streaming
+
+    base = saved(make_model("llama", layers=3))
+    built = OrthogonalMoECTMergingAlgorithm(num_experts=4, dtype="float32").run(
+        pool({"_pretrained_": base})
+    )
+    monkeypatch.setattr(streaming, "DEFAULT_MAX_SHARD_BYTES", 150_000)
+    out = tmp_path / "moe"
+    mapped = OrthogonalMoECTMergingAlgorithm(
+        num_experts=4, dtype="float32", save_checkpoint=str(out)
+    ).run(pool({"_pretrained_": base}))
+    assert len(list(out.glob("*.safetensors"))) > 2
+    with torch.no_grad():
+        assert torch.equal(mapped(real_ids).logits, built(real_ids).logits)
