@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"grid rows trained after the merge (default {','.join(trained_mod.TRAINED_ROWS)})",
     )
     parser.add_argument("--router-steps", type=int, default=None, help="router stage steps")
+    parser.add_argument("--trained-batch-size", type=int, default=2)
     parser.add_argument("--experts-steps", type=int, default=None, help="experts stage steps")
     parser.add_argument("--router-lr", type=float, default=5e-4)
     parser.add_argument("--experts-lr", type=float, default=1e-4)
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--collapse-batch-size", type=int, default=2)
     parser.add_argument("--collapse-seq-len", type=int, default=64)
     parser.add_argument("--collapse-lr", type=float, default=2e-4, help="constant learning rate")
+    parser.add_argument(
+        "--collapse-stage",
+        default="router",
+        choices=("router", "experts"),
+        help="moe_ct_training stage of the collapse runs (router: the stage the init affects)",
+    )
     parser.add_argument(
         "--collapse-modes",
         default=",".join(collapse_mod.CLAIM_GATE_MODES),
@@ -177,8 +184,8 @@ def _resolve(args: argparse.Namespace) -> SimpleNamespace:
         trained_rows=[r for r in args.trained_rows.split(",") if r]
         if args.trained_rows
         else (["off", "u_shaped@0.8"] if quick else list(trained_mod.TRAINED_ROWS)),
-        router_steps=args.router_steps or (3 if quick else 40),
-        experts_steps=args.experts_steps or (3 if quick else 40),
+        router_steps=args.router_steps or (3 if quick else 30),
+        experts_steps=args.experts_steps or (3 if quick else 30),
         settings=settings,
         experts_root=experts_root,
         langs=langs,
@@ -252,7 +259,7 @@ def _run_trained(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, An
         experts_steps=run.experts_steps,
         router_lr=args.router_lr,
         experts_lr=args.experts_lr,
-        batch_size=args.collapse_batch_size,
+        batch_size=args.trained_batch_size,
         seq_len=args.collapse_seq_len,
         eval_tokens=run.eval_tokens,
         resume=args.resume,
@@ -270,6 +277,7 @@ def _run_collapse(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, A
         batch_size=args.collapse_batch_size,
         seq_len=args.collapse_seq_len,
         learning_rate=args.collapse_lr,
+        stage=args.collapse_stage,
         aux_loss_coefs=[float(c) for c in args.collapse_aux.split(",") if c.strip()],
         eval_tokens=args.collapse_eval_tokens or (256 if run.quick else 512),
         curve_eval_tokens=128 if run.quick else 256,

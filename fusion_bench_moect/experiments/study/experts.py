@@ -111,16 +111,10 @@ def heldout_perplexities(
     Debian's GPL-3, out-of-domain), through the package's ``MoETextTaskPool``."""
     from fusion_bench_moect.eval.taskpool import MoETextTaskPool
 
-    from .grid import OUT_OF_DOMAIN_EN
+    from .grid import heldout_sources
 
-    sources: dict[str, Any] = {
-        lang: {"debian_reference": lang, "split": "heldout"},
-        "en": {"debian_reference": "en", "split": "heldout"},
-    }
-    if Path(OUT_OF_DOMAIN_EN).exists():
-        sources["en_gpl3"] = OUT_OF_DOMAIN_EN
     pool = MoETextTaskPool(
-        sources=sources,
+        sources=heldout_sources([lang, "en"]),
         max_tokens_per_source=tokens,
         window_length=256,
         batch_size=4,

@@ -222,10 +222,7 @@ def run_grid(
     out = ensure_dir(out_dir)
     row_dir = ensure_dir(out / "rows")
     langs = ["en", *[lang for lang in experts if lang != "en"]]
-    if sources is None:
-        sources = {lang: {"debian_reference": lang, "split": "heldout"} for lang in langs}
-        if Path(OUT_OF_DOMAIN_EN).exists():
-            sources["en_gpl3"] = OUT_OF_DOMAIN_EN
+    sources = heldout_sources(langs) if sources is None else sources
     taskpool = make_taskpool(base_dir, langs, eval_tokens, window_length, sources)
     settings = {
         "eval_tokens_per_language": eval_tokens,
@@ -235,17 +232,12 @@ def run_grid(
         "sources": {k: str(v) for k, v in sources.items()},
         "experts": dict(experts),
     }
-    runs = RunLog(
-        out / "grid.json",
-        {"settings": settings, "references": None},
-        "rows",
-        len(rows),
-        order=lambda r: r.get("index", 0),
+    runs = referenced_run_log(
+        out / "grid.json", "rows", len(rows), settings, resume, taskpool, base_dir, experts
     )
-    refs = _references(out / "references.json", settings, resume, taskpool, base_dir, experts)
-    runs.header["references"] = refs
+    refs = runs.header["references"]
     for i, row in enumerate(priority_order(rows), 1):
-        path = row_dir / (_key(row).replace(" ", "_").replace("@", "-") + ".json")
+        path = row_path(row_dir, row)
         saved = RunLog.finished(path, settings=settings, params=row["params"]) if resume else None
         if saved is not None:
             runs.keep({**saved, "index": row.get("index", 0)})
@@ -264,6 +256,47 @@ def run_grid(
             result["seconds"],
         )
     return runs.dump()
+
+
+def heldout_sources(langs: Sequence[str]) -> dict[str, Any]:
+    """The held-out Debian Reference chapters of ``langs`` plus, when installed, the GPL-3
+    text as out-of-domain English (``en_gpl3``)."""
+    sources: dict[str, Any] = {
+        lang: {"debian_reference": lang, "split": "heldout"} for lang in langs
+    }
+    if Path(OUT_OF_DOMAIN_EN).exists():
+        sources["en_gpl3"] = OUT_OF_DOMAIN_EN
+    return sources
+
+
+def row_path(folder: Path, row: Mapping[str, Any]) -> Path:
+    """Where a row's result is saved (one JSON file per row and seed)."""
+    return folder / (_key(row).replace(" ", "_").replace("@", "-") + ".json")
+
+
+def referenced_run_log(
+    summary: Path,
+    runs_key: str,
+    planned: int,
+    settings: Mapping[str, Any],
+    resume: bool,
+    taskpool: Any,
+    base_dir: str,
+    experts: Mapping[str, str],
+) -> RunLog:
+    """A run log whose header holds the settings and the dense references' reports (saved
+    next to ``summary`` as ``references.json``, reused by ``resume`` when the settings match)."""
+    runs = RunLog(
+        summary,
+        {"settings": settings, "references": None},
+        runs_key,
+        planned,
+        order=lambda r: r.get("index", 0),
+    )
+    runs.header["references"] = _references(
+        summary.parent / "references.json", settings, resume, taskpool, base_dir, experts
+    )
+    return runs
 
 
 def _references(

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,33 +195,37 @@ def plot_sweep(by_name: Mapping[str, list[dict[str, Any]]], path: Path) -> Path:
     with figure(path, dpi=120, ncols=2, figsize=(11, 4)) as (_, axes):
         for label, get in series:
             stats = [mean_std([get(r["metrics"]) for r in reps]) for _, reps in sweep]
-            axes[0].errorbar(
-                [s for s, _ in sweep],
-                [math.nan if m is None else m for m, _ in stats],
-                yerr=[0.0 if d is None else d for _, d in stats],
-                marker="o",
-                capsize=3,
-                label=label,
-            )
+            _errorbar(axes[0], [s for s, _ in sweep], stats, label)
         axes[0].set_xlabel("router_aux_scale (anchor router row multiplier)")
         axes[0].set_title("anchor (base expert) share of top-k slots", fontsize=10)
         axes[0].legend(fontsize=7)
         for key, label in (("forgetting_en", "English in-domain"), ("forgetting_en_gpl3", "GPL-3")):
             stats = [mean_std([r["metrics"].get(key) for r in reps]) for _, reps in sweep]
-            axes[1].errorbar(
-                [s for s, _ in sweep],
-                [math.nan if m is None else 100 * m for m, _ in stats],
-                yerr=[0.0 if d is None else 100 * d for _, d in stats],
-                marker="o",
-                capsize=3,
-                label=label,
-            )
+            _errorbar(axes[1], [s for s, _ in sweep], stats, label, scale=100)
         axes[1].set_xlabel("router_aux_scale")
         axes[1].set_title("perplexity vs dense base (%)", fontsize=10)
         axes[1].legend(fontsize=7)
         for ax in axes:
             ax.grid(alpha=0.3)
     return path
+
+
+def _errorbar(
+    ax: Any,
+    xs: Sequence[float],
+    stats: Sequence[tuple[float | None, float | None]],
+    label: str,
+    scale: float = 1.0,
+) -> None:
+    """Means with ± std bars (``stats`` from ``mean_std``; missing values are gaps)."""
+    ax.errorbar(
+        list(xs),
+        [math.nan if m is None else scale * m for m, _ in stats],
+        yerr=[0.0 if d is None else scale * d for _, d in stats],
+        marker="o",
+        capsize=3,
+        label=label,
+    )
 
 
 # ------------------------------------------------------------ claim 1, curves
@@ -281,14 +285,7 @@ def plot_curves(collapse: Mapping[str, Any], path: Path) -> Path:
                 stats = [
                     mean_std([r["curve"][i].get(key) for r in runs]) for i in range(len(steps))
                 ]
-                ax.errorbar(
-                    steps,
-                    [math.nan if m is None else m for m, _ in stats],
-                    yerr=[0.0 if d is None else d for _, d in stats],
-                    marker="o",
-                    capsize=2,
-                    label=f"{name} (n={len(runs)})",
-                )
+                _errorbar(ax, steps, stats, f"{name} (n={len(runs)})")
             ax.set_xlabel("step")
             ax.set_title(label, fontsize=10)
             ax.grid(alpha=0.3)
