@@ -2,8 +2,10 @@
 the right virtual environment (each in its own process, so its peak RSS is its own).
 
     python benchmarks/jobs.py ours-api BASE OUT EXPERTS [--streaming] [--granularity G] [--topk K]
+                                       [--source NAME=DIR ...]
     python benchmarks/jobs.py fusionbench BASE OUT EXPERTS      # in .venv-tf4
     python benchmarks/jobs.py make-qwen3 DIR
+    python benchmarks/jobs.py make-finetunes BASE DIR N         # N fine-tune stand-ins
     python benchmarks/jobs.py check DENSE OUT [OUT ...]         # max |logit difference|
 
 The job commands print one JSON line on stdout (``{"baseline_rss": ...}``): the peak RSS of
@@ -31,13 +33,14 @@ def ours_api(args: argparse.Namespace) -> None:
 
     from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 
+    sources = dict(entry.split("=", 1) for entry in args.source)
     pool = CausalLMPool(
-        models={"_pretrained_": args.base},
+        models={"_pretrained_": args.base, **sources},
         tokenizer=args.base,
         model_kwargs={"torch_dtype": "bfloat16"},
     )
     algo = OrthogonalMoECTMergingAlgorithm(
-        num_experts=args.experts,
+        num_experts=None if sources else args.experts,
         experts_per_token=args.topk,
         granularity=args.granularity,
         gate_mode=args.gate_mode,
@@ -92,6 +95,32 @@ def make_qwen3(args: argparse.Namespace) -> None:
     model.save_pretrained(out)
 
 
+def make_finetunes(args: argparse.Namespace) -> None:
+    """``N`` stand-ins for fine-tunes of BASE (bf16): its FFN weights plus seeded noise of 1 %
+    of each tensor's std, saved with the tokenizer as ``DIR/ft1`` ... (the merge row times the
+    work, which does not depend on what the fine-tunes learned)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    for i in range(1, args.n + 1):
+        out = Path(args.dir) / f"ft{i}"
+        if (out / "config.json").is_file():
+            continue
+        model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.bfloat16)
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".mlp." in name:
+                    noise = torch.randn(param.shape, generator=gen) * param.float().std() * 0.01
+                    param.add_(noise.to(param.dtype))
+        model.save_pretrained(out)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(args.base) / name).is_file():
+                shutil.copyfile(Path(args.base) / name, out / name)
+
+
 def check(args: argparse.Namespace) -> None:
     """Max |logit difference| of each MoE output to the dense model, float32 compute, on real
     text (Debian's GPL-3) or, without a tokenizer, on fixed random token ids."""
@@ -137,8 +166,13 @@ def main() -> None:
         p.add_argument("--granularity", type=int, default=1)
         p.add_argument("--gate-mode", default="random")
         p.add_argument("--streaming", action="store_true")
+        p.add_argument("--source", action="append", default=[], help="NAME=DIR, repeatable")
     p = sub.add_parser("make-qwen3")
     p.add_argument("dir")
+    p = sub.add_parser("make-finetunes")
+    p.add_argument("base")
+    p.add_argument("dir")
+    p.add_argument("n", type=int)
     p = sub.add_parser("check")
     p.add_argument("dense")
     p.add_argument("outputs", nargs="+")
@@ -148,6 +182,7 @@ def main() -> None:
         "ours-api": ours_api,
         "fusionbench": fusionbench,
         "make-qwen3": make_qwen3,
+        "make-finetunes": make_finetunes,
         "check": check,
     }[args.command](args)
 

@@ -161,9 +161,13 @@ def copy_throughput(size: int, work: Path, rounds: int) -> float:
 # -- the jobs ----------------------------------------------------------------------------
 
 
-def mergekit_config(base: Path, experts: int, path: Path) -> Path:
+def mergekit_config(
+    base: Path, experts: int, path: Path, sources: dict[str, Path] | None = None
+) -> Path:
+    """mergekit-moe's config: ``experts`` copies of the base, or the base + ``sources``."""
     lines = [f"base_model: {base}", "gate_mode: random", "dtype: bfloat16", "experts_per_token: 2"]
-    lines += ["experts:"] + [f"  - source_model: {base}"] * experts
+    models = [base, *sources.values()] if sources else [base] * experts
+    lines += ["experts:"] + [f"  - source_model: {m}" for m in models]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -172,20 +176,33 @@ def mergekit_config(base: Path, experts: int, path: Path) -> Path:
 #: (10 GB at 32 experts) and mergekit's single-thread variant only gives a second reference.
 SMALL_ONLY = (MERGEKIT_1T, FUSIONBENCH)
 IMPORT_FUSIONBENCH = "import CausalLMPool + OrthogonalMoECTMergingAlgorithm only (no work)"
+#: The default paths: run() with save_checkpoint returns the model (the written files, mapped).
+API_SAVE = "ours: Python API run() (returns the model + saves)"
+CLI_SAVE = "ours: fusion_bench CLI (model + save)"
 
 
 def compare_jobs(
-    base: Path, work: Path, experts: int, small: bool = True
+    base: Path,
+    work: Path,
+    experts: int,
+    small: bool = True,
+    sources: dict[str, Path] | None = None,
 ) -> dict[str, tuple[list[str], Path, dict]]:
-    """name -> (command, output directory, extra environment). Ours and theirs alternate."""
+    """name -> (command, output directory, extra environment). Ours and theirs alternate.
+
+    With ``sources`` (fine-tunes of the base) the job is a merge: the base + the sources as
+    experts (ours with MoE-CT lerp, its default), without the FusionBench-only rows."""
     names = ("lean", "api", "mergekit", "mergekit1", "cli", "stream", "fb")
     out = {name: work / name for name in names}
-    mergekit_yml = str(mergekit_config(base, experts, work / "mergekit.yml"))
+    mergekit_yml = str(mergekit_config(base, experts, work / "mergekit.yml", sources))
+    size = ["--num-experts", str(experts)]
+    source_args = [f"--source={name}={path}" for name, path in (sources or {}).items()]
     fusion_bench = str(VENV / "bin" / "fusion_bench")
     jobs = {
         "ours: python -m fusion_bench_moect.upcycle (streaming)": (
             [py(VENV), "-m", "fusion_bench_moect.upcycle", str(base), str(out["lean"])]
-            + ["--num-experts", str(experts), "--gate-mode", "random", "--dtype", "bfloat16"],
+            + (source_args or size)
+            + ["--gate-mode", "random", "--dtype", "bfloat16"],
             out["lean"],
             {},
         ),
@@ -194,8 +211,9 @@ def compare_jobs(
             out["mergekit"],
             {},
         ),
-        "ours: Python API run() (in memory + save)": (
-            [py(VENV), str(JOBS), "ours-api", str(base), str(out["api"]), str(experts)],
+        API_SAVE: (
+            [py(VENV), str(JOBS), "ours-api", str(base), str(out["api"]), str(experts)]
+            + source_args,
             out["api"],
             {},
         ),
@@ -209,7 +227,7 @@ def compare_jobs(
             out["fb"],
             {},
         ),
-        "ours: fusion_bench CLI (in memory + save)": (
+        CLI_SAVE: (
             [
                 fusion_bench,
                 "method=moe_ct_upcycling",
@@ -228,11 +246,14 @@ def compare_jobs(
         ),
         "ours: Python API run(), streaming": (
             [py(VENV), str(JOBS), "ours-api", str(base), str(out["stream"]), str(experts)]
-            + ["--streaming"],
+            + ["--streaming", *source_args],
             out["stream"],
             {},
         ),
     }
+    if sources:
+        drop = (*SMALL_ONLY, CLI_SAVE)
+        return {name: job for name, job in jobs.items() if name not in drop}
     if small:
         jobs[IMPORT_FUSIONBENCH] = (
             [
@@ -260,11 +281,18 @@ def spread(values: list[float]) -> dict:
     }
 
 
-def compare(args: argparse.Namespace, work: Path, experts: int, small: bool) -> dict:
+def compare(
+    args: argparse.Namespace,
+    work: Path,
+    experts: int,
+    small: bool,
+    sources: dict[str, Path] | None = None,
+) -> dict:
     base = smollm2_dir()
-    jobs = compare_jobs(base, work, experts, small)
+    jobs = compare_jobs(base, work, experts, small, sources)
     runs: dict[str, list[dict]] = {name: [] for name in jobs}
-    log(f"== side by side: SmolLM2-135M bf16 -> {experts} experts, {args.rounds} rounds")
+    what = f"base + {len(sources)} fine-tunes" if sources else f"{experts} experts"
+    log(f"== side by side: SmolLM2-135M bf16 -> {what}, {args.rounds} rounds")
     for r in range(args.rounds):
         for name, (cmd, out, env) in jobs.items():
             result = measure(cmd, out, env=env)
@@ -295,15 +323,33 @@ def compare(args: argparse.Namespace, work: Path, experts: int, small: bool) -> 
         if out is not None:
             summary[name]["max_logit_diff"] = check.get(str(out))
             shutil.rmtree(out, ignore_errors=True)
+    job = f"SmolLM2-135M-Instruct bf16 -> {experts} experts, top-2, random gates, bf16, saved"
+    if sources:
+        job = (
+            f"merge: SmolLM2-135M-Instruct bf16 + {len(sources)} fine-tunes (stand-ins: FFN + 1 % "
+            f"noise) -> {len(sources) + 1} experts (base + fine-tunes; ours with MoE-CT lerp, "
+            "its default), top-2, random gates, bf16, saved; the logit check is against the "
+            "dense base, which a merge does not reproduce"
+        )
     return {
         "experts": experts,
-        "job": f"SmolLM2-135M-Instruct bf16 -> {experts} experts, top-2, random gates, bf16, saved",
+        "merge": bool(sources),
+        "job": job,
         "rounds": args.rounds,
         "base_bytes": base_bytes,
         "copy_throughput": throughput,
         "io_floor_s": floor,
         "tools": summary,
     }
+
+
+def merge_compare(args: argparse.Namespace, work: Path) -> dict:
+    """The merge table: the base + ``args.merge`` fine-tune stand-ins (made once in ``work``)."""
+    base = smollm2_dir()
+    folder = work / "finetunes"
+    measure([py(VENV), str(JOBS), "make-finetunes", str(base), str(folder), str(args.merge)], None)
+    sources = {f"ft{i}": folder / f"ft{i}" for i in range(1, args.merge + 1)}
+    return compare(args, work, args.merge + 1, small=False, sources=sources)
 
 
 def scaling(args: argparse.Namespace, work: Path) -> list[dict]:
@@ -403,13 +449,12 @@ def compare_table(result: dict) -> str:
             f"CausalLMPool): {tools[IMPORT_FUSIONBENCH]['wall']['median']:.2f} s median; every "
             "Python-API and fusion_bench CLI row carries it."
         )
-    api = tools["ours: Python API run() (in memory + save)"]
-    out_b, base_b = api["output_bytes"], result["base_bytes"]
+    api = tools[API_SAVE]
     above = api["peak_rss"] - api["baseline_rss"]
     lines.append(
-        f"Memory model of run() (in memory + save): peak {above / 1e9:.2f} GB above the "
-        f"interpreter's baseline ({api['baseline_rss'] / 1e9:.2f} GB) vs the bound output + 1.5 x "
-        f"base = {(out_b + 1.5 * base_b) / 1e9:.2f} GB."
+        f"Memory of run() with save_checkpoint (streamed, then the files mapped as the returned "
+        f"model): peak {above / 1e9:.2f} GB above the interpreter's baseline "
+        f"({api['baseline_rss'] / 1e9:.2f} GB) for {api['output_bytes'] / 1e9:.2f} GB written."
     )
     return "\n".join(lines)
 
@@ -482,6 +527,9 @@ def main() -> int:
         default=[4, 8, 16, 32, 64],
     )
     parser.add_argument("--scaling-rounds", type=int, default=1)
+    parser.add_argument(
+        "--merge", type=int, default=3, help="fine-tunes in the merge table (0 = no merge table)"
+    )
     parser.add_argument("--skip-setup", action="store_true")
     parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     args = parser.parse_args()
@@ -499,6 +547,8 @@ def main() -> int:
             report["compare"] = [
                 compare(args, work, experts, small=experts <= 8) for experts in args.experts
             ]
+            if args.merge:
+                report["compare"].append(merge_compare(args, work))
             for result in report["compare"]:
                 log("\n" + compare_table(result) + "\n")
         if args.only in (None, "scaling"):
