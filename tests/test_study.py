@@ -76,7 +76,7 @@ def tiny_models(tmp_path_factory):
 
 
 def test_grid_and_collapse_and_report_on_tiny_models(tiny_models, tmp_path):
-    from fusion_bench_moect.experiments.study.collapse import run_collapse
+    from fusion_bench_moect.experiments.study.collapse import combine_runs, run_collapse
     from fusion_bench_moect.experiments.study.grid import _row, run_grid
     from fusion_bench_moect.experiments.study.report import write_report
 
@@ -142,6 +142,40 @@ def test_grid_and_collapse_and_report_on_tiny_models(tiny_models, tmp_path):
     # without the load-balancing loss the logged aux loss carries no weight in the loss
     off = collapse["runs"][1]["history"]
     assert all(h["loss"] == pytest.approx(h["lm_loss"], abs=1e-6) for h in off)
+    # runs of a parallel invocation (another gate mode, one coefficient) join the report
+    kwargs = dict(
+        seeds=(0,),
+        steps=2,
+        batch_size=1,
+        seq_len=16,
+        train_tokens_per_language=200,
+        eval_tokens=40,
+        window_length=20,
+        eval_sources=sources,
+        train_sources=sources,
+        prompts=prompts,
+    )
+    run_collapse(
+        tiny_models["base"],
+        experts,
+        tmp_path / "other",
+        gate_modes=("uniform_random",),
+        aux_loss_coefs=(0.01,),
+        **kwargs,
+    )
+    both = combine_runs(collapse, [tmp_path / "other" / "collapse.json"])
+    assert [r["gate_mode"] for r in both["runs"]][-1] == "uniform_random"
+    assert len(both["runs"]) == 5 and both["complete"]
+    run_collapse(
+        tiny_models["base"],
+        experts,
+        tmp_path / "longer",
+        gate_modes=("random",),
+        **{**kwargs, "steps": 3},
+    )
+    with pytest.raises(ValueError, match="other settings"):
+        combine_runs(collapse, [tmp_path / "longer" / "collapse.json"])
+    collapse = both
     doc = tmp_path / "study.md"
     write_report(grid, collapse, {}, doc, tmp_path / "img", timings={"grid": 1.0})
     text = doc.read_text()

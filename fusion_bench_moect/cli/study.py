@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(f"{c:g}" for c in collapse_mod.AUX_LOSS_COEFS),
         help="load-balancing loss coefficients (0 = off)",
     )
+    parser.add_argument(
+        "--collapse-extra",
+        default=None,
+        help="other collapse.json files (comma-separated, e.g. from a parallel --out with "
+        "other --collapse-modes) whose runs the report adds",
+    )
     parser.add_argument("--label", default="", help="a line describing the run, in the doc")
     experts_mod.add_arguments(parser)
     return parser
@@ -133,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings,
         lambda: _run_collapse(run, args),
     )
+    if args.collapse_extra:
+        collapse = collapse_mod.combine_runs(
+            collapse, [Path(p) for p in args.collapse_extra.split(",") if p]
+        )
     if grid and grid.get("rows"):
         timings["grid (sum of row times)"] = sum(r.get("seconds", 0.0) for r in grid["rows"])
     if trained and trained.get("runs"):

@@ -276,3 +276,37 @@ def _curve_point(evaluation: Mapping[str, Any], experts: Sequence[str] | None) -
         **{k: evaluation.get(k) for k in HEADLINE_METRICS if k in evaluation},
         **specialisation(evaluation.get("per_source_shares") or {}, experts),
     }
+
+
+def combine_runs(
+    collapse: Mapping[str, Any] | None, extra: Sequence[Path]
+) -> dict[str, Any] | None:
+    """``collapse`` with the runs of the ``extra`` summaries added (a run of the same gate
+    mode, loss coefficient and seed is kept once, the first seen); each extra summary must
+    share the merge and training settings but for the lists of modes and coefficients."""
+    import json
+
+    def same(settings: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in settings.items() if k != "aux_loss_coefs"}
+
+    combined = dict(collapse) if collapse else None
+    for path in extra:
+        other = json.loads(Path(path).read_text())
+        if combined is None:
+            combined = dict(other)
+            continue
+        if same(other["settings"]) != same(combined["settings"]):
+            raise ValueError(
+                f"{path}: its collapse runs used other settings than {combined['settings']}; "
+                "only the gate modes and loss coefficients may differ."
+            )
+        seen = {(r["gate_mode"], r.get("aux_loss_coef"), r["seed"]) for r in combined["runs"]}
+        added = [
+            r
+            for r in other["runs"]
+            if (r["gate_mode"], r.get("aux_loss_coef"), r["seed"]) not in seen
+        ]
+        combined["runs"] = [*combined["runs"], *added]
+        combined["planned_runs"] = combined.get("planned_runs", 0) + other.get("planned_runs", 0)
+        combined["complete"] = bool(combined.get("complete")) and bool(other.get("complete"))
+    return combined
