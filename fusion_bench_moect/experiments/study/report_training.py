@@ -11,6 +11,7 @@ from typing import Any
 from fusion_bench_moect.eval.plots import figure
 
 from .common import fmt, mean_std, pm, table
+from .grid import AUX_SWEEP
 
 POINT_LABELS = {
     "merged": "merged",
@@ -21,9 +22,7 @@ POINT_LABELS = {
 SWEEP_ROWS = (
     ("u_shaped@0.8 aux1.0", 1.0),
     ("u_shaped@0.8", 1.1),
-    ("u_shaped@0.8 aux1.5", 1.5),
-    ("u_shaped@0.8 aux2.0", 2.0),
-    ("u_shaped@0.8 aux3.0", 3.0),
+    *((f"u_shaped@0.8 aux{scale:g}", scale) for scale in AUX_SWEEP),
 )
 
 
