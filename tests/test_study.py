@@ -111,13 +111,8 @@ def test_grid_and_collapse_and_report_on_tiny_models(tiny_models, tmp_path):
         r["metrics"] for r in grid["rows"]
     ]
 
-    collapse = run_collapse(
-        tiny_models["base"],
-        experts,
-        tmp_path / "collapse",
-        gate_modes=("orthogonal", "hidden"),
+    kwargs = dict(
         seeds=(0,),
-        aux_loss_coefs=(0.01, 0.0),
         steps=2,
         batch_size=1,
         seq_len=16,
@@ -127,6 +122,14 @@ def test_grid_and_collapse_and_report_on_tiny_models(tiny_models, tmp_path):
         eval_sources=sources,
         train_sources=sources,
         prompts=prompts,
+    )
+    collapse = run_collapse(
+        tiny_models["base"],
+        experts,
+        tmp_path / "collapse",
+        gate_modes=("orthogonal", "hidden"),
+        aux_loss_coefs=(0.01, 0.0),
+        **kwargs,
     )
     assert len(collapse["runs"]) == 4
     assert [(r["gate_mode"], r["aux_loss_coef"]) for r in collapse["runs"]] == [
@@ -143,18 +146,6 @@ def test_grid_and_collapse_and_report_on_tiny_models(tiny_models, tmp_path):
     off = collapse["runs"][1]["history"]
     assert all(h["loss"] == pytest.approx(h["lm_loss"], abs=1e-6) for h in off)
     # runs of a parallel invocation (another gate mode, one coefficient) join the report
-    kwargs = dict(
-        seeds=(0,),
-        steps=2,
-        batch_size=1,
-        seq_len=16,
-        train_tokens_per_language=200,
-        eval_tokens=40,
-        window_length=20,
-        eval_sources=sources,
-        train_sources=sources,
-        prompts=prompts,
-    )
     run_collapse(
         tiny_models["base"],
         experts,

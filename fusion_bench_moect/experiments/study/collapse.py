@@ -25,6 +25,7 @@ from fusion_bench_moect.eval.routing import HEADLINE_METRICS, STEP_METRICS
 
 from ..runs import RunLog
 from .common import STUDY_MERGE, ensure_dir, make_pool, make_taskpool, specialisation
+from .grid import train_split_sources
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def run_collapse(
         eval_sources = {lang: {"debian_reference": lang, "split": "heldout"} for lang in langs}
     taskpool = make_taskpool(base_dir, langs, eval_tokens, window_length, eval_sources)
     train_sources, raw_prompts = _training_inputs(langs, train_sources, prompts)
+    coefs = [float(c) for c in aux_loss_coefs]
     settings = {
         "merge": MERGE_PARAMS,
         "steps": steps,
@@ -108,7 +110,7 @@ def run_collapse(
         "seq_len": seq_len,
         "learning_rate": learning_rate,
         "stage": stage,
-        "aux_loss_coefs": [float(c) for c in aux_loss_coefs],
+        "aux_loss_coefs": coefs,
         "train_tokens_per_language": train_tokens_per_language,
         "eval_tokens_per_language": eval_tokens,
         "curve_eval_tokens_per_language": curve_eval_tokens,
@@ -119,7 +121,6 @@ def run_collapse(
     }
     modes = list(gate_modes)
     header = {"settings": settings, "prompts": raw_prompts}
-    coefs = [float(c) for c in aux_loss_coefs]
     runs = RunLog(
         out / "collapse.json",
         header,
@@ -166,7 +167,7 @@ def _training_inputs(
     """The training text per language and the ``hidden`` gates' prompts (``{lang: [...]}``),
     the train split of the Debian Reference unless given."""
     if train_sources is None:
-        train_sources = {lang: {"debian_reference": lang, "split": "train"} for lang in langs}
+        train_sources = train_split_sources(langs)
     return train_sources, dict(prompts) if prompts is not None else train_prompts(langs)
 
 

@@ -269,6 +269,12 @@ def heldout_sources(langs: Sequence[str]) -> dict[str, Any]:
     return sources
 
 
+def train_split_sources(langs: Sequence[str]) -> dict[str, Any]:
+    """The train split of the Debian Reference in every language of ``langs`` (continued
+    training's mixed text)."""
+    return {lang: {"debian_reference": lang, "split": "train"} for lang in langs}
+
+
 def row_path(folder: Path, row: Mapping[str, Any]) -> Path:
     """Where a row's result is saved (one JSON file per row and seed)."""
     return folder / (_key(row).replace(" ", "_").replace("@", "-") + ".json")

@@ -635,8 +635,9 @@ def write_report(
     if grid.get("rows"):
         plot_tradeoff(grid, img / "forgetting_vs_plasticity.png")
         plot_strategies(grid, img / "strategies.png")
-        if len(sweep_rows(_by_name(grid))) >= 3:
-            plot_sweep(_by_name(grid), img / "aux_sweep.png")
+        by_name = _by_name(grid)
+        if len(sweep_rows(by_name)) >= 3:
+            plot_sweep(by_name, img / "aux_sweep.png")
     if trained and trained.get("runs"):
         plot_trained(trained, img / "trained.png")
     if collapse and collapse.get("runs"):

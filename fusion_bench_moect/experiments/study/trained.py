@@ -23,7 +23,15 @@ from fusion_bench_moect.eval.routing import STEP_METRICS
 
 from ..runs import RunLog
 from .common import ensure_dir, make_pool, make_taskpool
-from .grid import _key, grid_rows, heldout_sources, referenced_run_log, row_metrics, row_path
+from .grid import (
+    _key,
+    grid_rows,
+    heldout_sources,
+    referenced_run_log,
+    row_metrics,
+    row_path,
+    train_split_sources,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +80,7 @@ def run_trained(
     run_dir = ensure_dir(out / "runs")
     langs = ["en", *[lang for lang in experts if lang != "en"]]
     eval_sources = heldout_sources(langs) if eval_sources is None else eval_sources
-    if train_sources is None:
-        train_sources = {lang: {"debian_reference": lang, "split": "train"} for lang in langs}
+    train_sources = train_split_sources(langs) if train_sources is None else train_sources
     taskpool = make_taskpool(base_dir, langs, eval_tokens, window_length, eval_sources)
     settings = {
         "router_stage": {"steps": router_steps, "learning_rate": router_lr},
