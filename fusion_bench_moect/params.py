@@ -18,11 +18,25 @@ import argparse
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .ops.schedules import ALPHA_STRATEGIES
+from .schema import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    markdown_table,
+    param,
+    plain,
+    run_checks,
+    signature,
+)
+from .schema import (
+    method_yaml as schema_yaml,
+)
 
 GATE_MODES = ("orthogonal", "random", "uniform_random", "hidden", "cheap_embed")
 #: Gate modes that need prompts, a tokenizer and a forward pass of the dense model.
@@ -64,56 +78,14 @@ def shared_entry(text: str) -> str | dict[str, Any]:
     return {"source": name, "residual_scale": float(scale)} if sep else text
 
 
-def _param(default: Any, doc: str, *, check: Callable[[str, Any], Any] | None = None, **cli):
-    """A schema field: default, one-line doc, check (returns the normalised value or raises
-    ValueError) and the lean CLI's option (``flag``, ``parse``, ``choices``, ``nargs``;
-    ``flag=None``: not an option there)."""
-    return field(default=default, metadata={"doc": doc, "check": check, "cli": cli})
-
-
-def _int(low: int | None = None, optional: bool = False) -> Callable[[str, Any], Any]:
-    def check(name: str, value: Any) -> Any:
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            if not (isinstance(value, float) and value.is_integer()):
-                raise ValueError(f"{name} must be an integer, got {value!r}.")
-            value = int(value)
-        if low is not None and value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}.")
-        return value
-
-    return check
+_param = param
+_int = check_int
+_bool = check_bool
+_choice = check_choice
 
 
 def _float(low: float, high: float, high_open: bool = False) -> Callable[[str, Any], Any]:
-    def check(name: str, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}.")
-        value = float(value)
-        inside = low <= value < high if high_open else low <= value <= high
-        if not inside:
-            raise ValueError(
-                f"{name} must lie in [{low:g}, {high:g}{')' if high_open else ']'}, got {value}."
-            )
-        return value
-
-    return check
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}.")
-    return value
-
-
-def _choice(choices: Sequence[str]) -> Callable[[str, Any], Any]:
-    def check(name: str, value: Any) -> Any:
-        if value not in choices:
-            raise ValueError(f"Unknown {name} {value!r}; valid: {', '.join(choices)}.")
-        return value
-
-    return check
+    return check_float(low, high, high_open=high_open)
 
 
 def _positive_or_null(name: str, value: Any) -> float | None:
@@ -283,10 +255,7 @@ class MoECTConfig:
     )
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            check = f.metadata["check"]
-            if check is not None:
-                object.__setattr__(self, f.name, check(f.name, getattr(self, f.name)))
+        run_checks(self)
 
     @classmethod
     def names(cls) -> list[str]:
@@ -295,7 +264,7 @@ class MoECTConfig:
 
     def record(self) -> dict[str, Any]:
         """Every parameter as a plain JSON-able value (the ``params`` of ``moe_ct``)."""
-        return {name: _plain(getattr(self, name)) for name in self.names()}
+        return {name: plain(getattr(self, name)) for name in self.names()}
 
     def pick(self, *names: str) -> dict[str, Any]:
         """Some parameters as a plain dict (e.g. the fixed settings of a study)."""
@@ -309,58 +278,30 @@ class MoECTConfig:
         return DEFAULT_ANCHOR_ROUTER_SCALE if has_anchor else 1.0
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def init_signature() -> inspect.Signature:
     """``(self, <every parameter with its default>, **kwargs)``: the algorithm's signature."""
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    for f in dataclasses.fields(MoECTConfig):
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default))
-    params.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
-    return inspect.Signature(params)
-
-
-def _yaml_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+    return signature(MoECTConfig)
 
 
 def method_yaml() -> str:
     """``config/method/moe_ct_upcycling.yaml``, FusionBench's banner included."""
-    rule = "# " + "=" * 77
-    lines = [
-        rule,
-        "# FusionBench Method Configuration: MoE-CT upcycling (fusion-bench-moect)",
-        rule,
-        "# Dense model (+ fine-tunes) -> Mixture-of-Experts. Generated from",
-        "# fusion_bench_moect/params.py (MoECTConfig); every parameter is documented in",
-        "# docs/algorithm.md.",
-        rule,
-        "_target_: fusion_bench_moect.OrthogonalMoECTMergingAlgorithm",
+    notes = [
+        "Dense model (+ fine-tunes) -> Mixture-of-Experts. Generated from",
+        "fusion_bench_moect/params.py (MoECTConfig); every parameter is documented in",
+        "docs/algorithm.md.",
     ]
-    for f in dataclasses.fields(MoECTConfig):
-        lines.append(f"{f.name}: {_yaml_value(f.default)}".ljust(27) + f"# {f.metadata['doc']}")
-    return "\n".join(lines) + "\n"
+    return schema_yaml(
+        MoECTConfig,
+        "fusion_bench_moect.OrthogonalMoECTMergingAlgorithm",
+        "MoE-CT upcycling (fusion-bench-moect)",
+        notes,
+        width=27,
+    )
 
 
 def parameter_table() -> str:
     """The Markdown parameter table of docs/algorithm.md."""
-    rows = ["| parameter | default | meaning |", "| --- | --- | --- |"]
-    for f in dataclasses.fields(MoECTConfig):
-        default = _yaml_value(f.default)
-        if isinstance(f.default, str):
-            default = f"`{default}`"
-        rows.append(f"| `{f.name}` | {default} | {f.metadata['doc'].replace('|', chr(92) + '|')} |")
-    return "\n".join(rows) + "\n"
+    return markdown_table(MoECTConfig)
 
 
 def add_cli_options(parser: argparse.ArgumentParser) -> None:

@@ -143,30 +143,57 @@ def test_a_model_object_trains_with_the_method_tokenizer(saved, tok_dir):
     assert algo.run(moe) is moe and len(algo.history) == 1
 
 
-def test_method_yaml_lists_every_parameter_with_its_default():
+def test_method_yaml_and_docs_table_are_generated_from_the_schema():
+    from fusion_bench_moect.training.config import method_yaml, parameter_table
+
+    root = Path(__file__).resolve().parents[1]
+    hint = 'regenerate: python -c "from fusion_bench_moect.training.config import method_yaml"'
+    assert (root / "config/method/moe_ct_training.yaml").read_text() == method_yaml(), hint
+    assert parameter_table() in (root / "docs/training.md").read_text()
     from omegaconf import OmegaConf
 
-    from fusion_bench_moect._config import to_plain
-
-    yaml = OmegaConf.load(
-        Path(__file__).resolve().parents[1] / "config/method/moe_ct_training.yaml"
-    )
-    assert yaml._target_ == "fusion_bench_moect.MoECTTrainingAlgorithm"
-    algo = MoECTTrainingAlgorithm()
-    params = set(algo._config_mapping.values()) - {"_program"}
-    params = {p for p in params if not p.startswith("_")}
-    assert params == set(yaml.keys()) - {"_target_"}
-    for name in params - {"train_sources"}:
-        assert to_plain(yaml[name]) == to_plain(getattr(algo, name)), name
+    yaml = OmegaConf.load(root / "config/method/moe_ct_training.yaml")
+    algo = MoECTTrainingAlgorithm(**{k: v for k, v in yaml.items() if k != "_target_"})
+    assert algo.training_config.train_sources["de"] == {"debian_reference": "de", "split": "train"}
 
 
 @pytest.mark.parametrize(
     "params, match",
     [
         ({"stage": "routers"}, "Unknown stage 'routers'"),
-        ({"stage": "experts", "anchor_experts": [0, 7]}, r"Anchor expert\(s\) \[7\] do not exist"),
         ({"stage": "router_then_experts"}, "router_warmup_steps >= 1"),
-        ({"max_steps": -1}, "Set max_steps or max_epochs"),
+        ({"max_steps": -1}, "both -1"),
+        ({"max_steps": 0}, r"max_steps must be >= 1 \(or -1 for no limit\), got 0"),
+        ({"learning_rate": -1e-3}, r"learning_rate must lie in \(0, inf\), got -0.001"),
+        ({"warmup_steps": 1.5}, "warmup_steps must be an integer"),
+        ({"min_learning_rate": 1.0}, "min_learning_rate=1.0 exceeds learning_rate"),
+        ({"optimizer": {"lr": 1}}, "optimizer must be null or a config with a _target_"),
+        ({"keep_last": 0}, "keep_last must be >= 1"),
+        ({"experts_implementation": "fast"}, "valid: eager, batched_mm, grouped_mm"),
+    ],
+)
+def test_bad_settings_fail_when_the_algorithm_is_made(params, match):
+    with pytest.raises(ValueError, match=match):
+        MoECTTrainingAlgorithm(train_sources=[{"text": "x"}], **params)
+
+
+def test_warm_up_starts_above_zero():
+    from fusion_bench_moect.training.config import TrainingConfig
+    from fusion_bench_moect.training.optim import build_scheduler
+
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    config = TrainingConfig(train_sources=["x"], warmup_steps=1, learning_rate=1e-3)
+    optimizer = torch.optim.AdamW(params, lr=1.0)
+    scheduler = build_scheduler(config, optimizer, total=4)
+    rates = [scheduler.step() for _ in range(4)]
+    assert rates[0] == pytest.approx(5e-4) and rates[1] == pytest.approx(1e-3)
+    assert all(r > 0 for r in rates) and rates[3] < rates[2] < rates[1]
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"stage": "experts", "anchor_experts": [0, 7]}, r"Anchor expert\(s\) \[7\] do not exist"),
         ({"seq_len": 100_000}, "fewer than one window of seq_len=100000"),
         ({"batch_size": 10_000, "seq_len": 8}, "fewer than one global batch"),
         ({"ckpt_path": "/nonexistent/step-000002"}, "not a complete moe_ct_training step"),

@@ -21,10 +21,9 @@ import torch
 from torch import nn
 
 from ..inspection import MoEInfo, decoder_layers, describe_moe
+from .config import STAGES
 
 log = logging.getLogger(__name__)
-
-STAGES = ("router", "experts", "router_then_experts")
 
 
 @dataclass
