@@ -24,11 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 def main(spec_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     strategy = spec["strategy"]
-    if strategy == "moe_fsdp":  # the shipped preset
+    if strategy == "moe_fsdp2":  # the shipped preset
         from hydra.utils import instantiate
         from omegaconf import OmegaConf
 
-        strategy = instantiate(OmegaConf.load(REPO / "config/fabric/strategy/moe_fsdp.yaml"))
+        strategy = instantiate(OmegaConf.load(REPO / "config/fabric/strategy/moe_fsdp2.yaml"))
     fabric = L.Fabric(
         accelerator="cpu", devices=spec["devices"], strategy=strategy, precision="32-true"
     )
@@ -41,13 +41,21 @@ def main(spec_path: str) -> None:
         model_kwargs={"torch_dtype": "float32"},
     )
     model = algo.run(pool)
-    states = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+    if spec["strategy"] == "moe_fsdp2":  # the whole model, gathered on rank 0
+        from fusion_bench_moect.training.sharding import full_state_dict
+
+        states = [full_state_dict(model)]
+    else:
+        states = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
     if spec["strategy"] == "ddp":  # every rank's weights, to show they agree
         gathered = [None] * fabric.world_size
         torch.distributed.all_gather_object(gathered, states[0])
         states = gathered
     if fabric.is_global_zero:
-        torch.save({"states": states, "history": algo.history}, spec["output"])
+        torch.save(
+            {"states": states, "history": algo.history, "evaluations": algo.evaluations},
+            spec["output"],
+        )
     fabric.barrier()
 
 

@@ -1,15 +1,29 @@
-"""The shipped Fabric presets: moe_fsdp wraps (and checkpoints) every MoE decoder layer,
-moe_ddp is plain DDP. Lightning runs FSDP on GPUs only, so on the CPU the FSDP preset is
-checked for construction and for the layers it wraps, not trained."""
+"""Sharded training (FSDP2 through Lightning's ModelParallelStrategy) on 2 CPU processes (gloo):
+the shipped preset shards every MoE decoder layer, trains to the DDP run's weights, keeps
+frozen weights bit-identical and resumes bit for bit from a sharded step checkpoint."""
 
 from __future__ import annotations
 
-import pytest
-from conftest import make_model, pool
-from hydra.utils import instantiate
+import functools
+import json
 
-from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
-from fusion_bench_moect.inspection import decoder_layers
+import pytest
+import torch
+from conftest import real_text
+from hydra.utils import instantiate
+from test_experts import expert_stacks
+from test_training import build, tok_dir  # noqa: F401 - fixture
+from test_training_ddp import _load, run_fabric, trainable_key
+
+from fusion_bench_moect.training.sharding import parallelize
+
+# the same arithmetic as DDP up to the order of float sums (reduce-scatter vs all-reduce)
+FSDP_TOLERANCE = 1e-6
+
+
+def timeless(history):
+    """A history without its wall-clock measure (tokens/s)."""
+    return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in history]
 
 
 def compose(*overrides):
@@ -24,26 +38,21 @@ def compose(*overrides):
         return hydra_compose("fabric_model_fusion", overrides=list(overrides))
 
 
-@pytest.mark.parametrize(
-    "family, arch", [("llama", "mixtral"), ("llama", "qwen2_moe"), ("qwen3", "qwen3_moe")]
-)
-def test_fsdp_preset_wraps_and_checkpoints_every_moe_decoder_layer(saved, family, arch):
-    from lightning.fabric.strategies import FSDPStrategy
+def test_fsdp2_preset_is_a_model_parallel_fabric_sharding_every_decoder_layer():
+    from lightning.fabric.strategies import ModelParallelStrategy
 
-    config = compose("fabric=moe_fsdp", "method=moe_ct_training")
-    assert config.fabric.precision == "bf16-mixed"
+    config = compose("fabric=moe_fsdp2", "method=moe_ct_training")
+    assert config.fabric.precision == "32-true"
     assert "TensorBoardLogger" in config.fabric.loggers._target_
     strategy = instantiate(config.fabric.strategy)
-    assert isinstance(strategy, FSDPStrategy)
-    wrapped = strategy._fsdp_kwargs["auto_wrap_policy"]
-    moe = OrthogonalMoECTMergingAlgorithm(architecture=arch, dtype="float32").run(
-        pool({"_pretrained_": saved(make_model(family))})
-    )
-    units = wrapped._run_policy(moe, ignored_modules=set(), root_kwargs={})
-    # FSDP units: exactly the decoder layers (experts sharded within them); the root too
-    assert set(units) - {moe} == set(decoder_layers(moe))
-    checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
-    assert set(checkpointed._run_policy(moe, set(), {})) == set(units)
+    assert isinstance(strategy, ModelParallelStrategy)
+    fn = strategy._parallelize_fn
+    assert isinstance(fn, functools.partial) and fn.func is parallelize
+    assert fn.keywords == {
+        "activation_checkpointing": False,
+        "mixed_precision": "auto",
+        "reshard_after_forward": True,
+    }
 
 
 def test_ddp_preset_builds_a_data_parallel_fabric():
@@ -51,3 +60,66 @@ def test_ddp_preset_builds_a_data_parallel_fabric():
     assert config.fabric.strategy == "ddp" and config.fabric.precision == "bf16-mixed"
     fabric = instantiate(config.fabric, precision="32-true", loggers=None)
     assert type(fabric.strategy).__name__ == "DDPStrategy"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_fsdp2_two_processes_train_like_ddp(saved, tok_dir, tmp_path, arch):  # noqa: F811
+    moe_dir, moe = build(saved, tok_dir, arch)
+    before = {k: v.detach().clone() for k, v in moe.state_dict().items()}
+    extra = {
+        "eval_sources": {"gpl": {"text": real_text()[::3]}},
+        "eval_window": 64,
+        "learning_rate": 1e-3,
+    }
+    ddp = run_fabric(tmp_path, moe_dir, tok_dir, 2, "ddp", **extra)
+    fsdp = run_fabric(tmp_path, moe_dir, tok_dir, 2, "moe_fsdp2", **extra)
+    reference, sharded = ddp["states"][0], fsdp["states"][0]
+    assert set(sharded) == set(reference)
+    worst = max((sharded[k] - reference[k]).abs().max().item() for k in reference)
+    print(f"{arch}: max |FSDP2(2) - DDP(2)| = {worst:.3g}")
+    assert worst < FSDP_TOLERANCE
+    for key, value in sharded.items():
+        if not trainable_key(key):
+            assert torch.equal(value, before[key]), key
+    for layer in range(2):  # anchor (expert 0) bit-identical, the others trained
+        pairs = zip(expert_stacks(moe, layer), expert_stacks(_load(moe, sharded), layer))
+        for stack_before, stack_after in pairs:
+            assert torch.equal(stack_before[0], stack_after[0])
+            assert not torch.equal(stack_before[1], stack_after[1])
+    # evaluation during training ran under sharding, on the same numbers as DDP's
+    evals = [(e["step"], e["perplexity"]["gpl"]) for e in fsdp["evaluations"]]
+    assert [s for s, _ in evals] == [0, 3]
+    for (_, mine), (_, theirs) in zip(
+        evals, [(e["step"], e["perplexity"]["gpl"]) for e in ddp["evaluations"]]
+    ):
+        assert mine == pytest.approx(theirs, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_from_a_sharded_step_checkpoint_is_bit_identical(saved, tok_dir, tmp_path):  # noqa: F811
+    moe_dir, _ = build(saved, tok_dir, "mixtral")
+    settings = dict(max_steps=4, checkpoint_every=2, checkpoint_dir=str(tmp_path / "ckpts"))
+    full = run_fabric(tmp_path / "a", moe_dir, tok_dir, 2, "moe_fsdp2", **settings)
+    step2 = tmp_path / "ckpts" / "step-000002"
+    files = sorted(p.name for p in step2.iterdir())
+    assert files == [
+        "optimizer-rank0.safetensors",
+        "optimizer-rank1.safetensors",
+        "rng-rank0.json",
+        "rng-rank1.json",
+        "trainable-rank0.safetensors",
+        "trainable-rank1.safetensors",
+        "trainer_state.json",
+    ]
+    assert json.loads((step2 / "trainer_state.json").read_text())["layout"]["sharded"] is True
+    resumed = run_fabric(
+        tmp_path / "b", moe_dir, tok_dir, 2, "moe_fsdp2",
+        **{**settings, "checkpoint_every": 0, "ckpt_path": str(step2)},
+    )  # fmt: skip
+    for key, value in full["states"][0].items():
+        assert torch.equal(value, resumed["states"][0][key]), key
+    assert timeless(resumed["history"]) == timeless(full["history"])
+    # a sharded checkpoint is refused by a run with another layout, before any training
+    with pytest.raises(AssertionError, match="another stage or parallel layout"):
+        run_fabric(tmp_path / "c", moe_dir, tok_dir, 2, "ddp", ckpt_path=str(step2))

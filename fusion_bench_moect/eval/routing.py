@@ -210,6 +210,8 @@ def distinct_row_condition(weight: torch.Tensor) -> tuple[float | None, int]:
         ``(sigma_max / sigma_min, number of distinct rows)``; the condition number is
         ``None`` when sigma_min is zero (linearly dependent rows).
     """
+    if hasattr(weight, "full_tensor"):  # an FSDP2 shard: gather it (every rank evaluates)
+        weight = weight.full_tensor()
     rows = torch.unique(weight.detach().to(device="cpu", dtype=torch.float32), dim=0)
     value = router_condition_number(rows)
     return (value if math.isfinite(value) else None), rows.shape[0]

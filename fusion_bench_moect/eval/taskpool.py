@@ -228,7 +228,9 @@ class MoETextTaskPool(BaseTaskPool):
         return windows
 
     # --------------------------------------------------------------- evaluation
-    @torch.inference_mode()
+    # no_grad, not inference_mode: FSDP2's gathered parameters made under inference mode
+    # could not be updated in place when training continues after an evaluation
+    @torch.no_grad()
     def _score(
         self, model: nn.Module, moe: MoEInfo | None, windows: dict[str, list[list[int]]], label: str
     ) -> tuple[dict[str, Any], dict[str, RoutingAccumulator]]:

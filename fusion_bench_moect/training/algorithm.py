@@ -34,14 +34,9 @@ from .losses import set_model_aux_coefficient
 from .metrics import Evaluator
 from .optim import build_optimizer, build_scheduler
 from .plots import plot_training_history
+from .sharding import is_sharded, set_experts_implementation
 
 log = logging.getLogger(__name__)
-
-
-def _is_fsdp(fabric: Any) -> bool:
-    from lightning.fabric.strategies import FSDPStrategy
-
-    return isinstance(fabric.strategy, FSDPStrategy)
 
 
 @auto_register_config
@@ -89,29 +84,19 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         """Train the pool's ``_pretrained_`` MoE and return it (also saved when asked)."""
         config = self.training_config
         if config.ckpt_path:
-            checkpoints.check_resumable(config.ckpt_path)
+            checkpoints.read_manifest(config.ckpt_path)
         if config.save_checkpoint:
             check_destination(config.save_checkpoint, config.overwrite)
         model, tokenizer = self._load(modelpool, config)
         plan = self._plan(model, config)
-        sharded = _is_fsdp(self.fabric)
-        if sharded and config.eval_sources:
-            raise ValueError(
-                "Evaluation during training (eval_sources) is not supported under FSDP yet; "
-                "evaluate the saved checkpoint with taskpool=moe_text_perplexity instead."
-            )
         windows, sampler, steps_per_epoch, total = self._data(model, tokenizer, plan, config)
         sources = _named(config.eval_sources)
         evaluator = Evaluator(config, tokenizer, sources) if sources else None
         set_model_aux_coefficient(model, 0.0)  # the loop adds the (ramped) aux loss itself
+        set_experts_implementation(model, config.experts_implementation)
         run = self._setup(model, plan, windows, sampler, config)
         run.scheduler = build_scheduler(config, run.optimizer, total)
-        run.total, run.steps_per_epoch, run.tokenizer, run.sharded = (
-            total,
-            steps_per_epoch,
-            tokenizer,
-            sharded,
-        )
+        run.total, run.steps_per_epoch, run.tokenizer = total, steps_per_epoch, tokenizer
         self.history, self.evaluations = run.history, run.evaluations
         position: Position = {"step": 0, "epoch": 0, "skip": 0}
         if config.ckpt_path:
@@ -221,7 +206,10 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
             )
         names = {id(p): n for n, p in model.named_parameters()}
         expert_names = {names[id(p)] for p in plan.experts}
+        trainable_names = {names[id(p)] for p in trainable}
         guard = AnchorGuard(plan)
+        resumable = config.checkpoint_every or config.ckpt_path
+        identity = checkpoints.model_identity(model, trainable_names) if resumable else {}
         model = fabric.setup_module(model)
         optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
         optimizer = fabric.setup_optimizers(optimizer)
@@ -235,9 +223,8 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         ]
         return TrainRun(
             model=model, optimizer=optimizer, scheduler=None, loader=loader, sampler=sampler,
-            plan=plan, guard=guard, experts=experts,
-            trainable={names[id(p)] for p in trainable}, total=0, steps_per_epoch=0,
-            tokenizer=None,
+            plan=plan, guard=guard, experts=experts, trainable=trainable_names, total=0,
+            steps_per_epoch=0, tokenizer=None, sharded=is_sharded(model), identity=identity,
         )  # fmt: skip
 
     def _finish(self, run: TrainRun, config: TrainingConfig) -> nn.Module:

@@ -149,8 +149,8 @@ class TrainingConfig:
     )
     experts_implementation: str | None = param(
         None,
-        "transformers 5 experts kernel: eager | batched_mm | grouped_mm; null = the fastest "
-        "measured for training (batched_mm on CPU, grouped_mm on GPU)",
+        "transformers 5 experts kernel: eager | batched_mm | grouped_mm; null = transformers' "
+        "default (grouped_mm: the fastest deterministic one measured, docs/benchmarks.md)",
         check=lambda n, v: None if v is None else check_choice(EXPERTS_IMPLEMENTATIONS)(n, v),
     )
     max_tokens_per_source: int | None = param(

@@ -8,7 +8,7 @@ Qwen2-MoE shared expert (and its gate) and every non-FFN weight never train.
 transformers 5 stacks the experts of a layer into 3-D tensors (``gate_up_proj``,
 ``down_proj`` of shape ``(E, ...)``), so an anchor is a row of a trainable tensor: its
 gradient rows are zeroed before clipping and its values are written back after every
-optimiser step (``AnchorGuard``), which also covers FSDP, where those tensors are sharded.
+optimiser step (``AnchorGuard``), also under FSDP2, where those tensors are sharded.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 
 from ..inspection import MoEInfo, decoder_layers, describe_moe
 from .config import STAGES
+from .sharding import local_rows
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def apply_requires_grad(model: nn.Module, plan: TrainingPlan, stage: str) -> lis
 
     ``router_then_experts`` unfreezes the experts from the start (DDP and FSDP fix the set of
     trainable parameters when they wrap the model); their gradients are dropped while the
-    router warm-up lasts (``drop_expert_grads``).
+    router warm-up lasts (``loop.TrainingLoop``).
     """
     for param in model.parameters():
         param.requires_grad_(False)
@@ -112,22 +113,19 @@ def apply_requires_grad(model: nn.Module, plan: TrainingPlan, stage: str) -> lis
     return trainable
 
 
-def drop_expert_grads(plan: TrainingPlan) -> None:
-    """Remove the experts' gradients (router warm-up): AdamW then leaves them untouched."""
-    for param in plan.experts:
-        param.grad = None
-
-
 class AnchorGuard:
     """Keeps the anchor rows of stacked expert tensors bit-identical.
 
     Built before the model is wrapped (it copies the anchor rows of the full tensors); the
-    parameters are then looked up by name in the wrapped model.
+    parameters are then looked up by name in the wrapped model. Under FSDP2 a stacked tensor
+    is sharded along the expert dimension, so each process zeroes and restores the anchor
+    rows it holds (``sharding.local_rows``).
     """
 
     def __init__(self, plan: TrainingPlan) -> None:
-        self.index = torch.tensor(plan.anchors, dtype=torch.long)
-        self.saved = {name: param.detach()[self.index].clone() for param, name in plan.pinned}
+        self.anchors = list(plan.anchors)
+        index = torch.tensor(self.anchors, dtype=torch.long)
+        self.saved = {name: param.detach()[index].clone() for param, name in plan.pinned}
 
     def __bool__(self) -> bool:
         return bool(self.saved)
@@ -142,25 +140,24 @@ class AnchorGuard:
             found.append((getattr(block.experts, attr), value))
         return found
 
-    def zero_grads(self, model: nn.Module) -> None:
-        """Zero the anchor rows' gradients (full, unsharded parameters only)."""
-        for param, value in self._targets(model):
-            if param.grad is not None and param.grad.shape[1:] == value.shape[1:]:
-                param.grad[self.index.to(param.grad.device)] = 0
+    def _local(self, start: int, rows: int) -> tuple[list[int], list[int]]:
+        """(rows of this process's part, rows of the saved values) of the anchors it holds."""
+        held = [(a - start, i) for i, a in enumerate(self.anchors) if start <= a < start + rows]
+        return [h[0] for h in held], [h[1] for h in held]
 
     @torch.no_grad()
-    def restore(self, model: nn.Module, fsdp_root: nn.Module | None = None) -> None:
-        """Write the saved anchor rows back (under FSDP: into the gathered full tensors)."""
-        if not self.saved:
-            return
-        if fsdp_root is not None:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    def zero_grads(self, model: nn.Module) -> None:
+        """Zero the anchor rows' gradients (before clipping, so they do not count)."""
+        for param, _ in self._targets(model):
+            if param.grad is not None:
+                grad, start = local_rows(param.grad)
+                mine, _ = self._local(start, grad.shape[0])
+                grad[mine] = 0
 
-            with FSDP.summon_full_params(fsdp_root, writeback=True):
-                self._write(model)
-        else:
-            self._write(model)
-
-    def _write(self, model: nn.Module) -> None:
+    @torch.no_grad()
+    def restore(self, model: nn.Module) -> None:
+        """Write the saved anchor rows back (after the optimiser step)."""
         for param, value in self._targets(model):
-            param[self.index.to(param.device)] = value.to(param.device, param.dtype)
+            data, start = local_rows(param.data)
+            mine, saved = self._local(start, data.shape[0])
+            data[mine] = value[saved].to(data.device, data.dtype)

@@ -45,7 +45,8 @@ class TrainRun:
         total: Optimiser steps in all.
         steps_per_epoch: Optimiser steps per pass over the data.
         tokenizer: The model's tokenizer.
-        sharded: Parameters are sharded over the processes (FSDP).
+        sharded: Parameters are sharded over the processes (FSDP2 DTensors).
+        identity: The starting model's identity (``checkpoints.model_identity``).
         history: One record per optimiser step.
         evaluations: One record per held-out evaluation.
     """
@@ -63,6 +64,7 @@ class TrainRun:
     steps_per_epoch: int
     tokenizer: Any
     sharded: bool = False
+    identity: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
 
@@ -167,8 +169,7 @@ class TrainingLoop:
         if config.stage == "router_then_experts" and step < config.router_warmup_steps:
             for param in run.experts:  # router warm-up: experts get no update
                 param.grad = None
-        if not run.sharded:
-            run.guard.zero_grads(run.module)
+        run.guard.zero_grads(run.module)
         if config.gradient_clip_val:
             self.clip(run.model, run.optimizer)
         before = scheduler_steps_before_optimizer(run.scheduler)
@@ -178,7 +179,7 @@ class TrainingLoop:
         if run.scheduler is not None and not before:
             run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-        run.guard.restore(run.module, run.model._forward_module if run.sharded else None)
+        run.guard.restore(run.module)
 
     def _report(self, record: dict[str, Any], bar: Any) -> None:
         self.run.history.append(record)
