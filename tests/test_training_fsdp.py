@@ -83,7 +83,9 @@ def test_fsdp2_two_processes_train_like_ddp(saved, tok_dir, tmp_path, arch):  # 
         if not trainable_key(key):
             assert torch.equal(value, before[key]), key
     for layer in range(2):  # anchor (expert 0) bit-identical, the others trained
-        pairs = zip(expert_stacks(moe, layer), expert_stacks(_load(moe, sharded), layer))
+        pairs = zip(
+            expert_stacks(moe, layer), expert_stacks(_load(moe, sharded), layer), strict=True
+        )
         for stack_before, stack_after in pairs:
             assert torch.equal(stack_before[0], stack_after[0])
             assert not torch.equal(stack_before[1], stack_after[1])
@@ -91,7 +93,7 @@ def test_fsdp2_two_processes_train_like_ddp(saved, tok_dir, tmp_path, arch):  # 
     evals = [(e["step"], e["perplexity"]["gpl"]) for e in fsdp["evaluations"]]
     assert [s for s, _ in evals] == [0, 3]
     for (_, mine), (_, theirs) in zip(
-        evals, [(e["step"], e["perplexity"]["gpl"]) for e in ddp["evaluations"]]
+        evals, [(e["step"], e["perplexity"]["gpl"]) for e in ddp["evaluations"]], strict=True
     ):
         assert mine == pytest.approx(theirs, rel=1e-5)
 

@@ -217,10 +217,8 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
             DataLoader(WindowDataset(windows), batch_sampler=sampler),
             use_distributed_sampler=False,
         )
-        # names again: Fabric's wrappers may have replaced the parameter objects
-        experts = [
-            p for n, p in model.named_parameters() if checkpoints.clean_name(n) in expert_names
-        ]
+        # names again, in the unwrapped model: FSDP2 replaced the parameter objects
+        experts = [p for n, p in model.module.named_parameters() if n in expert_names]
         return TrainRun(
             model=model, optimizer=optimizer, scheduler=None, loader=loader, sampler=sampler,
             plan=plan, guard=guard, experts=experts, trainable=trainable_names, total=0,

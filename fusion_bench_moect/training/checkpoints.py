@@ -42,14 +42,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "trainer_state.json"
 """Position, layout, schedule, history and model identity of a step checkpoint."""
 FORMAT = 2
-_PREFIXES = ("_forward_module.", "_checkpoint_wrapped_module.")
-
-
-def clean_name(name: str) -> str:
-    """A parameter name without the wrappers' prefixes."""
-    for prefix in _PREFIXES:
-        name = name.replace(prefix, "")
-    return name
 
 
 def model_identity(model: nn.Module, trainable: set[str]) -> dict[str, Any]:
@@ -85,10 +77,8 @@ def history_json(run: TrainRun) -> str:
 
 def save_model(fabric: Any, run: TrainRun, directory: Path) -> None:
     """The whole model as a Hugging Face directory (rank 0 writes; FSDP2 shards gathered)."""
-    state_dict = full_state_dict(run.model) if run.sharded else None
+    state_dict = full_state_dict(run.module) if run.sharded else None
     if fabric.is_global_zero:
-        if state_dict is not None:
-            state_dict = {clean_name(k): v for k, v in state_dict.items()}
         write_checkpoint(
             run.module,
             directory,
@@ -120,9 +110,7 @@ def _optimizer(run: TrainRun) -> torch.optim.Optimizer:
 
 
 def _trainable(run: TrainRun) -> dict[str, nn.Parameter]:
-    return {
-        clean_name(n): p for n, p in run.model.named_parameters() if clean_name(n) in run.trainable
-    }
+    return {n: p for n, p in run.module.named_parameters() if n in run.trainable}
 
 
 def _tensors(run: TrainRun) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

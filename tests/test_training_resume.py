@@ -1,0 +1,224 @@
+"""Exact resume from every entry point, lean step checkpoints, and resume refusals.
+
+Resumes end bit-identical to the uninterrupted run (weights, optimiser state, history but
+its wall-clock tokens/s): through the ``fusion_bench`` CLI with the default schedule after
+its warm-up (FusionBench's cosine schedule computes rates with numpy there), under 2 DDP
+processes, and across the router -> experts stage switch (test_training_ddp). A step
+checkpoint holds only the trainable tensors and their optimiser state; a bad ``ckpt_path``
+gets one line naming the problem, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import pool, real_text
+from safetensors.torch import load_file
+from test_cli import fusion_bench
+from test_training import build, tok_dir  # noqa: F401 - fixture
+from test_training_ddp import run_fabric
+from test_training_fsdp import timeless
+
+from fusion_bench_moect.training import MoECTTrainingAlgorithm
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        found.update(load_file(str(file)))
+    return found
+
+
+def history(directory: Path) -> dict:
+    saved = json.loads((directory / "training_history.json").read_text())
+    return {"train": timeless(saved["train"]), "eval": saved["eval"]}
+
+
+def cli_train(tmp_path, moe_dir, tok, out, *extra):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(real_text())
+    return fusion_bench(
+        tmp_path,
+        "method=moe_ct_training",
+        "method.stage=experts",
+        "method.max_steps=4",
+        "method.batch_size=2",
+        "method.seq_len=32",
+        "method.learning_rate=1e-2",
+        "~method.train_sources",
+        f"+method.train_sources={{corpus:'{corpus}'}}",
+        f"method.save_checkpoint={out}",
+        "modelpool=CausalLMPool/moe_ct_upcycle",
+        f"modelpool.models._pretrained_={moe_dir}",
+        f"modelpool.tokenizer={tok}",
+        "taskpool=dummy",
+        "fabric.accelerator=cpu",
+        "fabric.devices=1",
+        "fabric.loggers=null",
+        f"hydra.run.dir={tmp_path / 'logs'}",
+        *extra,
+    )
+
+
+@pytest.mark.slow
+def test_cli_resume_after_the_warm_up_is_exact(saved, tok_dir, tmp_path):  # noqa: F811
+    moe_dir, moe = build(saved, tok_dir, "mixtral")
+    ckpts = tmp_path / "ckpts"
+    cli_train(tmp_path, moe_dir, tok_dir, tmp_path / "full", "method.checkpoint_every=2",
+              f"method.checkpoint_dir={ckpts}")  # fmt: skip
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
+    step2 = ckpts / "step-000002"
+    manifest = json.loads((step2 / "trainer_state.json").read_text())
+    assert manifest["history"][-1]["lr"] < 1e-2  # past the (default, 0-step) warm-up
+    # lean: the trainable tensors and their AdamW moments, not the model
+    trainable = load_file(str(step2 / "trainable.safetensors"))
+    moments = load_file(str(step2 / "optimizer.safetensors"))
+    assert set(moments) == {
+        f"{k}::{m}" for k in trainable for m in ("step", "exp_avg", "exp_avg_sq")
+    }
+    frozen = sum(v.numel() for k, v in moe.state_dict().items() if k not in trainable)
+    assert frozen > 0 and not (step2 / "model.safetensors").exists()
+    cli_train(tmp_path, moe_dir, tok_dir, tmp_path / "resumed", f"method.ckpt_path={step2}")
+    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert history(tmp_path / "full") == history(tmp_path / "resumed")
+
+
+@pytest.mark.slow
+def test_ddp_resume_is_exact(saved, tok_dir, tmp_path):  # noqa: F811
+    moe_dir, _ = build(saved, tok_dir, "qwen2_moe")
+    settings = dict(max_steps=4, checkpoint_every=2, checkpoint_dir=str(tmp_path / "ckpts"))
+    full = run_fabric(tmp_path / "a", moe_dir, tok_dir, 2, "ddp", **settings)
+    step2 = tmp_path / "ckpts" / "step-000002"
+    assert sorted(p.name for p in step2.glob("rng-rank*.json")) == [
+        "rng-rank0.json",
+        "rng-rank1.json",
+    ]
+    resumed = run_fabric(
+        tmp_path / "b", moe_dir, tok_dir, 2, "ddp",
+        **{**settings, "checkpoint_every": 0, "ckpt_path": str(step2)},
+    )  # fmt: skip
+    for rank in range(2):
+        for key, value in full["states"][rank].items():
+            assert torch.equal(value, resumed["states"][rank][key]), (rank, key)
+    assert timeless(resumed["history"]) == timeless(full["history"])
+
+
+def local_train(moe_dir, tok, **extra):
+    settings = {
+        "train_sources": {"gpl": {"text": real_text()}},
+        "stage": "router",
+        "max_steps": 2,
+        "batch_size": 2,
+        "seq_len": 32,
+        "accelerator": "cpu",
+        **extra,
+    }
+    algo = MoECTTrainingAlgorithm(**settings)
+    return algo, algo.run(pool({"_pretrained_": moe_dir}, tokenizer=tok))
+
+
+def test_keep_last_prunes_older_steps(saved, tok_dir, tmp_path):  # noqa: F811
+    moe_dir, _ = build(saved, tok_dir)
+    root = tmp_path / "ckpts"
+    local_train(moe_dir, tok_dir, max_steps=4, checkpoint_every=1, checkpoint_dir=str(root))
+    assert sorted(p.name for p in root.iterdir()) == ["step-000003", "step-000004"]
+    # the router stage's step checkpoint: routers and their moments only (a few kB here)
+    sizes = {p.name: p.stat().st_size for p in (root / "step-000004").iterdir()}
+    assert set(load_file(str(root / "step-000004" / "trainable.safetensors"))) == {
+        f"model.layers.{i}.mlp.gate.weight" for i in range(2)
+    }
+    assert sizes["trainable.safetensors"] < 10_000
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("no_manifest", "not a complete moe_ct_training step checkpoint"),
+        ("garbage_manifest", "trainer_state.json is corrupt"),
+        ("truncated_weights", "trainable.safetensors is missing, truncated or corrupt"),
+        ("other_stage", "another stage or parallel layout"),
+        ("other_model", "continues training of another model"),
+    ],
+)
+def test_a_bad_ckpt_path_is_refused_and_nothing_is_written(saved, tok_dir, tmp_path, damage, match):  # noqa: F811
+    moe_dir, _ = build(saved, tok_dir)
+    root = tmp_path / "ckpts"
+    local_train(moe_dir, tok_dir, checkpoint_every=2, checkpoint_dir=str(root))
+    step = root / "step-000002"
+    extra = {}
+    if damage == "no_manifest":
+        (step / "trainer_state.json").unlink()
+    elif damage == "garbage_manifest":
+        (step / "trainer_state.json").write_text("{not json")
+    elif damage == "truncated_weights":
+        data = (step / "trainable.safetensors").read_bytes()
+        (step / "trainable.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "other_stage":
+        extra = {"stage": "experts"}
+    else:  # another MoE: the same shapes, other frozen weights
+        moe_dir, _ = build(saved, tok_dir, "qwen2_moe")
+    before = _snapshot(root)
+    out = tmp_path / "trained"
+    algo = MoECTTrainingAlgorithm(
+        train_sources={"gpl": {"text": real_text()}}, max_steps=4, batch_size=2, seq_len=32,
+        accelerator="cpu", ckpt_path=str(step), save_checkpoint=str(out), **extra,
+    )  # fmt: skip
+    with pytest.raises((ValueError, FileNotFoundError), match=match) as err:
+        algo.run(pool({"_pretrained_": moe_dir}, tokenizer=tok_dir))
+    assert "\n" not in str(err.value) and str(step) in str(err.value)
+    assert _snapshot(root) == before and not out.exists()
+
+
+KILLER = """
+import os, signal, sys
+import safetensors.torch as st
+real, calls = st.save_file, []
+def dying(tensors, path, *a, **k):  # the Nth write: half a file, then SIGKILL
+    calls.append(path)
+    if len(calls) == int(os.environ["KILL_AT_WRITE"]):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(tensors, path, *a, **k)
+st.save_file = dying
+import fusion_bench_moect.training.checkpoints as ck
+ck.save_file = dying
+sys.path.insert(0, sys.argv[1])
+from test_training_resume import local_train
+local_train(sys.argv[2], sys.argv[3], max_steps=4, checkpoint_every=1, checkpoint_dir=sys.argv[4], keep_last=None)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at_write", [1, 4, 6])
+def test_a_write_killed_midway_leaves_no_visible_step(saved, tok_dir, tmp_path, kill_at_write):  # noqa: F811
+    """Two files per step checkpoint: write 1 is step 1's first, 4 step 2's second, 6 step 3's
+    second (after its first was complete)."""
+    moe_dir, _ = build(saved, tok_dir)
+    root = tmp_path / "ckpts"
+    env = {**os.environ, "KILL_AT_WRITE": str(kill_at_write)}
+    tests = str(Path(__file__).parent)
+    done = subprocess.run(
+        [sys.executable, "-c", KILLER, tests, moe_dir, tok_dir, str(root)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    complete = (kill_at_write - 1) // 2
+    visible = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+    assert visible == [f"step-{s:06d}" for s in range(1, complete + 1)]
+    if complete:  # the newest visible step resumes
+        algo, _ = local_train(moe_dir, tok_dir, max_steps=4, ckpt_path=str(root / visible[-1]))
+        assert [h["step"] for h in algo.history] == [1, 2, 3, 4]
