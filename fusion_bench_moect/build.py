@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .arch import OutputArchitecture
+from .arch import OutputArchitecture, auto_architecture
 from .arch.base import ExpertSlices, MoELayer, set_parameter
 from .inspection import is_moe_param
 from .io.sources import SourceError, TensorSource
@@ -156,13 +156,10 @@ def plan_non_ffn(
             if tensor.is_floating_point() and not bool(tensor.any()):
                 log.info("Dropping all-zero base tensor %s (no slot in %s).", key, arch.name)
                 continue
-            from .arch import AUTO_ARCHITECTURE
-
             raise ValueError(
                 f"The {arch.name} output cannot represent base tensor '{key}' of the "
                 f"{cfg.model_type} base; use architecture: "
-                f"{AUTO_ARCHITECTURE.get(cfg.model_type, 'auto')} (what auto picks for "
-                f"{cfg.model_type})."
+                f"{auto_architecture(cfg.model_type)} (what auto picks for {cfg.model_type})."
             )
         planned.append(NonFFNTensor(key, tuple(base.shape(key)), key))
     provided = {t.name for t in planned}
@@ -172,7 +169,7 @@ def plan_non_ffn(
             continue
         weight = name[: -len("bias")] + "weight"
         if name == LM_HEAD and tie and EMBEDDING in provided:
-            # An output that cannot tie (Qwen2-MoE for llama.cpp) gets the embedding as lm_head.
+            # An output that cannot tie (for llama.cpp) gets the embedding as lm_head.
             planned.append(NonFFNTensor(name, tuple(base.shape(EMBEDDING)), EMBEDDING))
         elif name.endswith(arch.zero_fill_suffixes) and weight in provided:
             planned.append(NonFFNTensor(name, (base.shape(weight)[0],), None))
@@ -198,8 +195,8 @@ class MoEEngine:
         router_rows: Per layer, float32 (num_groups, H) router rows before ``gate_scale``,
             granularity expansion and anchor scaling.
         dtype: The output dtype.
-        shared_gate_rows: Qwen2-MoE: per layer, a (1, H) shared-expert gate weight from
-            prompts; default the initial gate (sigmoid 1/2).
+        shared_gate_rows: Per layer, a (1, H) shared-expert gate weight from prompts (families
+            whose shared expert has a gate); default ``arch.shared_gate_init``.
     """
 
     plan: MoEPlan
@@ -256,7 +253,7 @@ class MoEEngine:
             yield self.layer(layer, permutation)
 
     def layer(self, layer: int, permutation: torch.Tensor | None) -> MoELayer:
-        """One MoE layer: routers and (for Qwen2-MoE) the shared expert now, experts lazily."""
+        """One MoE layer: routers and the shared expert (if any) now, experts lazily."""
         plan, dtype = self.plan, self.dtype
         base_ffn = [self.base.get(ffn_key(layer, p)) for p in FFN_PROJ]
         hidden = base_ffn[0].shape[1]
@@ -264,12 +261,11 @@ class MoEEngine:
         router = scale_anchor_rows(router, plan.anchor_indices, plan.router_aux_scale).to(dtype)
         shared = shared_gate = None
         if self.arch.has_shared_expert:
-            from .arch.qwen2_moe import initial_shared_gate
-
-            # The initial shared gate gives sigmoid = 1/2 (see ops/shared.shared_expert_scales).
             shared = self._shared_expert(layer, base_ffn)
+        if self.arch.has_shared_gate:
+            # The initial gate's value is what ``arch.shared_gate_factor`` compensates.
             if self.shared_gate_rows is None:
-                shared_gate = initial_shared_gate(hidden, dtype)
+                shared_gate = self.arch.shared_gate_init(hidden, dtype)
             else:
                 shared_gate = self.shared_gate_rows[layer].reshape(1, hidden).to(dtype)
         return MoELayer(
@@ -298,7 +294,9 @@ class MoEEngine:
             for f in plan.shared_ffns
         ]
         scales = shared_expert_scales(
-            plan.shared_expert_share, [f.residual_scale for f in plan.shared_ffns]
+            plan.shared_expert_share,
+            [f.residual_scale for f in plan.shared_ffns],
+            self.arch.shared_gate_factor,
         )
         return concat_ffns(ffns, scales, self.dtype)
 
@@ -482,6 +480,7 @@ class MoEEngine:
         if self.arch.has_shared_expert:
             width = intermediate * len(plan.shared_ffns)
             shared = (meta(width, hidden), meta(width, hidden), meta(hidden, width))
+        if self.arch.has_shared_gate:
             shared_gate = meta(1, hidden)
         moe_layers = set(plan.moe_layers)
         for layer in range(cfg.num_hidden_layers):
@@ -533,7 +532,7 @@ class MoEEngine:
         moe = self.arch.moe_config(
             base_config, plan.num_experts, plan.experts_per_token, self.expert_size
         )
-        extra = plan_config_fields(plan, self.arch, base_config)
+        extra = self.arch.plan_config(plan, base_config)
         return SimpleNamespace(**{**base_config.to_dict(), **moe, **extra})
 
     def _final_config(
@@ -552,19 +551,6 @@ class MoEEngine:
         return final
 
 
-def plan_config_fields(plan: MoEPlan, arch: OutputArchitecture, base_config: Any) -> dict[str, Any]:
-    """Config keys that depend on the plan beyond the expert count: the dense layers and the
-    shared expert's width (n FFNs of width I)."""
-    fields: dict[str, Any] = {}
-    if arch.supports_dense_layers:
-        fields["mlp_only_layers"] = plan.dense_layers
-    if arch.has_shared_expert:
-        fields["shared_expert_intermediate_size"] = base_config.intermediate_size * len(
-            plan.shared_ffns
-        )
-    return fields
-
-
 def output_config(
     plan: MoEPlan, arch: OutputArchitecture, base_config: Any, dtype: torch.dtype
 ) -> Any:
@@ -576,7 +562,7 @@ def output_config(
         plan.experts_per_token,
         expert_size,
         dtype,
-        extra=plan_config_fields(plan, arch, base_config),
+        extra=arch.plan_config(plan, base_config),
     )
 
 

@@ -132,7 +132,7 @@ def prepare_engine(
     cfg = base.config
     plan = make_plan(
         config,
-        architecture=arch.name,
+        family=arch,
         source_names=list(inputs.source_names),
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
@@ -141,7 +141,7 @@ def prepare_engine(
     requested = config.dtype if config.dtype not in (None, "auto") else inputs.default_dtype
     dtype = resolve_dtype(requested, base)
     log_plan(plan, dtype)
-    rows, shared_gate_rows = router_rows(plan, arch, config, base, inputs)
+    rows, shared_gate_rows = router_rows(plan, config, base, inputs)
     return MoEEngine(plan, arch, base, sources, rows, dtype, shared_gate_rows)
 
 
@@ -202,19 +202,15 @@ def check_vocabularies(inputs: ModelInputs) -> None:
 
 
 def router_rows(
-    plan: MoEPlan, arch: Any, config: MoECTConfig, base: TensorSource, inputs: ModelInputs
+    plan: MoEPlan, config: MoECTConfig, base: TensorSource, inputs: ModelInputs
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Per layer, the float32 (num_groups, H) router rows of ``plan.gate_mode`` and (when
-    ``prompts`` has a ``shared_expert`` entry) the (1, H) Qwen2-MoE shared-expert gate."""
+    ``prompts`` has a ``shared_expert`` entry, which ``make_plan`` has checked the family can
+    take) the (1, H) weight of the shared expert's gate."""
     from .prompt_gates import SHARED_EXPERT_PROMPTS
 
     cfg = base.config
     wants_shared = isinstance(config.prompts, dict) and SHARED_EXPERT_PROMPTS in config.prompts
-    if wants_shared and not arch.has_shared_expert:
-        raise ValueError(
-            f"prompts.{SHARED_EXPERT_PROMPTS} sets the shared expert's gate, which the "
-            f"{arch.name} output has not; use architecture: qwen2_moe or drop that entry."
-        )
     if plan.gate_mode not in PROMPT_GATE_MODES:
         if wants_shared:
             raise ValueError(

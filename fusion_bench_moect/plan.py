@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .arch import OutputArchitecture, check_supported
 from .ops.layers import dense_layers, resolve_moe_layers
 from .ops.schedules import alpha_schedule
 from .params import MoECTConfig
@@ -37,7 +38,7 @@ class ExpertGroup:
 
 @dataclass(frozen=True)
 class SharedFFN:
-    """One FFN of the (Qwen2-MoE) shared expert.
+    """One FFN of the shared expert.
 
     Attributes:
         name: ``_pretrained_`` or the pool name of a source.
@@ -74,7 +75,7 @@ class MoEPlan:
     seed: int
     #: Decoder layers that become MoE (sorted); the others keep the base FFN, dense.
     moe_layers: list[int] = field(default_factory=list)
-    #: Qwen2-MoE: the FFNs concatenated into the shared expert (none for other families).
+    #: The FFNs concatenated into the shared expert (none for a family without one).
     shared_ffns: tuple[SharedFFN, ...] = BASE_SHARED
 
     @property
@@ -152,43 +153,21 @@ def per_expert_value(value: float | Mapping[str, float] | None, name: str, defau
     return float(value)
 
 
-def llama_cpp_notes(
-    architecture: str, num_experts: int, experts_per_token: int, shared_expert_share: float
-) -> list[str]:
-    """What is known to go wrong when this output runs in llama.cpp, each with its fix."""
-    notes = []
-    if num_experts & (num_experts - 1):
-        lower = 1 << (num_experts.bit_length() - 1)
-        notes.append(
-            f"num_experts={num_experts} is not a power of two: llama.cpp's GPU top-k needs one "
-            f"(llama.cpp issue 5213); use {lower} or {2 * lower} experts if the model will run "
-            "in llama.cpp on a GPU."
-        )
-    if architecture == "qwen2_moe" and experts_per_token < num_experts and shared_expert_share < 1:
-        notes.append(
-            "llama.cpp's qwen2moe graph ignores norm_topk_prob (it never renormalises the "
-            f"top-{experts_per_token} routing weights), so a GGUF of this Qwen2-MoE will not "
-            "reproduce it; for llama.cpp set experts_per_token=num_experts "
-            f"({num_experts}) or shared_expert_share=1, or use architecture=mixtral "
-            "(Llama/Mistral bases)."
-        )
-    return notes
-
-
 def make_plan(
     config: MoECTConfig,
     *,
-    architecture: str,
+    family: OutputArchitecture,
     source_names: Sequence[str],
     num_layers: int,
     hidden_size: int,
     intermediate_size: int,
 ) -> MoEPlan:
-    """Check the parameters against the base model's shape and lay out the experts.
+    """Check the parameters against the base model's shape and the output family, and lay out
+    the experts.
 
     Args:
         config: The build parameters (already checked field by field).
-        architecture: The output architecture's name.
+        family: The output architecture.
         source_names: The pool's source experts, in expert order.
         num_layers, hidden_size, intermediate_size: The dense base's shape.
 
@@ -204,20 +183,16 @@ def make_plan(
     alphas = alpha_schedule(config.alpha_strategy, config.base_alpha, num_layers)
     if not config.moe_ct_mode:
         alphas = [1.0] * num_layers
-    chosen_layers, shared_ffns = _layers_and_shared(config, architecture, source_names, alphas)
-    groups = [
-        ExpertGroup(
-            name=name,
-            source=None if name == BASE_EXPERT or not source_names else name,
-            noise_scale=per_expert_value(config.noise_scale, name, 0.0),
-            residual_scale=per_expert_value(config.residual_scale, name, 1.0),
-        )
-        for name in _group_names(config, source_names)
-    ]
-    _check_routing(config, architecture, len(groups), hidden_size)
+    chosen_layers = resolve_moe_layers(config.moe_layers, alphas)
+    check_supported(family, config, chosen_layers, num_layers)
+    shared_ffns = parse_shared_experts(
+        config.shared_experts, source_names, family.has_shared_expert
+    )
+    groups = _groups(config, source_names)
+    _check_routing(config, family, len(groups), hidden_size)
     anchor_groups = _anchor_groups(config, [grp.name for grp in groups])
     return MoEPlan(
-        architecture=architecture,
+        architecture=family.name,
         groups=groups,
         granularity=g,
         experts_per_token=config.experts_per_token,
@@ -243,20 +218,16 @@ def parse_shared_experts(
     """The FFNs of the shared expert from ``shared_experts``.
 
     Each entry is a pool name (``_pretrained_`` for the base) or a mapping
-    ``{source: name, residual_scale: r}``; None means the base alone (and no FFN at all for
-    an output without a shared expert).
+    ``{source: name, residual_scale: r}``; None means the base alone. An output without a
+    shared expert gets no FFN (``check_supported`` has refused ``shared_experts`` for it).
 
     Raises:
-        ValueError: For an output without a shared expert, an unknown or repeated name, or a
-            malformed entry.
+        ValueError: For an unknown or repeated name, or a malformed entry.
     """
-    if entries is None:
-        return BASE_SHARED if has_shared else ()
     if not has_shared:
-        raise ValueError(
-            "shared_experts needs an output with a shared expert: set architecture: qwen2_moe "
-            "(or leave shared_experts unset)."
-        )
+        return ()
+    if entries is None:
+        return BASE_SHARED
     if isinstance(entries, (str, Mapping)):
         entries = [entries]
     valid = [BASE_EXPERT, *source_names]
@@ -289,25 +260,17 @@ def parse_shared_experts(
     return tuple(ffns)
 
 
-def _layers_and_shared(
-    config: MoECTConfig, architecture: str, source_names: Sequence[str], alphas: list[float]
-) -> tuple[list[int], tuple[SharedFFN, ...]]:
-    """The layers that become MoE and the FFNs of the shared expert, checked against the
-    output family."""
-    from .arch import ARCHITECTURES
-
-    family = ARCHITECTURES.get(architecture)
-    if config.moe_layers is not None and family is not None and not family.supports_dense_layers:
-        capable = [n for n, cls in ARCHITECTURES.items() if cls.supports_dense_layers]
-        raise ValueError(
-            f"moe_layers: the {architecture} output makes every layer MoE and cannot keep "
-            f"dense layers; use architecture: {' or '.join(capable)} (mlp_only_layers), or "
-            "leave moe_layers unset."
+def _groups(config: MoECTConfig, source_names: Sequence[str]) -> list[ExpertGroup]:
+    """The expert groups, in order, with their noise and residual scales."""
+    return [
+        ExpertGroup(
+            name=name,
+            source=None if name == BASE_EXPERT or not source_names else name,
+            noise_scale=per_expert_value(config.noise_scale, name, 0.0),
+            residual_scale=per_expert_value(config.residual_scale, name, 1.0),
         )
-    shared_ffns = parse_shared_experts(
-        config.shared_experts, source_names, has_shared=bool(family and family.has_shared_expert)
-    )
-    return resolve_moe_layers(config.moe_layers, alphas), shared_ffns
+        for name in _group_names(config, source_names)
+    ]
 
 
 def _group_names(config: MoECTConfig, source_names: Sequence[str]) -> list[str]:
@@ -333,7 +296,7 @@ def _group_names(config: MoECTConfig, source_names: Sequence[str]) -> list[str]:
 
 
 def _check_routing(
-    config: MoECTConfig, architecture: str, num_groups: int, hidden_size: int
+    config: MoECTConfig, family: OutputArchitecture, num_groups: int, hidden_size: int
 ) -> None:
     """Top-k within the expert count; enough dimensions for orthogonal router rows; what
     llama.cpp would get wrong (warnings)."""
@@ -348,7 +311,7 @@ def _check_routing(
             k,
             g,
         )
-    for note in llama_cpp_notes(architecture, num, k, config.shared_expert_share):
+    for note in family.llama_cpp_notes(num, k, config.shared_expert_share):
         log.warning(note)
     if config.gate_mode == "orthogonal" and num_groups > hidden_size:
         raise ValueError(

@@ -14,8 +14,8 @@ from conftest import make_model, pool
 from test_streaming import read_tensors
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
+from fusion_bench_moect.arch import ARCHITECTURES
 from fusion_bench_moect.arch.qwen2_moe import initial_shared_gate
-from fusion_bench_moect.plan import llama_cpp_notes
 
 
 def ggml_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +92,10 @@ def test_initial_shared_gate_never_underflows(dtype):
     assert gate.dtype == dtype and bool((gate > 0).all())
     x = gate.float() @ torch.full((16, 1), 4.0)  # a typical post-norm hidden state
     assert torch.sigmoid(x.to(dtype)).item() == 0.5
+
+
+def llama_cpp_notes(family: str, *args) -> list[str]:
+    return ARCHITECTURES[family]().llama_cpp_notes(*args)
 
 
 def test_llama_cpp_notes():

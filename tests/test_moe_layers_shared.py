@@ -128,7 +128,7 @@ def test_concatenated_ffn_is_the_weighted_sum_of_its_ffns():
         return (torch.nn.functional.silu(x @ f[0].T) * (x @ f[1].T)) @ f[2].T
 
     ffns = [ffn(), ffn(), ffn()]
-    scales = shared_expert_scales(0.5, [1.0, 0.5, 2.0])
+    scales = shared_expert_scales(0.5, [1.0, 0.5, 2.0], 2.0)  # a sigmoid gate at 0
     assert scales == pytest.approx([1 / 3, 1 / 6, 2 / 3])
     merged = concat_ffns(ffns, scales, torch.float64)
     assert merged[0].shape == (3 * inter, hidden) and merged[2].shape == (hidden, 3 * inter)
@@ -197,7 +197,7 @@ def test_bad_shared_experts(saved):
         (["_pretrained_", "_pretrained_"], "qwen2_moe", "twice"),
         ([{"model": "_pretrained_"}], "qwen2_moe", "give a pool name"),
         ([], "qwen2_moe", "shared_experts is empty"),
-        (["_pretrained_"], "mixtral", "set architecture: qwen2_moe"),
+        (["_pretrained_"], "mixtral", "no shared expert; use architecture: qwen2_moe, or leave"),
     ]:
         with pytest.raises(ValueError, match=match):
             engine({"_pretrained_": path}, arch, num_experts=2, shared_experts=value)
@@ -294,7 +294,10 @@ def test_shared_expert_gate_from_prompts(saved, tmp_path):
     assert plain.model.layers[0].mlp.shared_expert_gate.weight.abs().max() < 1e-20
     prompts["shared_expert"] = shared
     for params, match in [
-        (dict(architecture="mixtral", gate_mode="hidden"), "which the mixtral output has not"),
+        (
+            dict(architecture="mixtral", gate_mode="hidden"),
+            "which the mixtral output has not; use architecture: qwen2_moe,",
+        ),
         (dict(architecture="qwen2_moe", gate_mode="orthogonal"), "needs gate_mode hidden"),
     ]:
         with pytest.raises(ValueError, match=match):

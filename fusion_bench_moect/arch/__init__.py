@@ -1,8 +1,18 @@
-"""Output architectures, one module per MoE family, behind ``OutputArchitecture``."""
+"""Output architectures, one module per MoE family, behind ``OutputArchitecture``.
+
+Adding a family: one module with an ``OutputArchitecture`` subclass that answers the
+interface's questions, registered in ``ARCHITECTURES`` below (and, if ``architecture: auto``
+should pick it for a dense family, in ``AUTO_ARCHITECTURE``). The plan, the pipeline and the
+engine only ask the family (``check_supported``, ``OutputArchitecture``'s methods).
+"""
 
 from __future__ import annotations
 
-from .base import MoELayer, OutputArchitecture
+from collections.abc import Sequence
+from typing import Any
+
+from ..params import MoECTConfig
+from .base import MoELayer, OutputArchitecture, Unsupported, rope_legacy_fields
 from .mixtral import MixtralArchitecture
 from .qwen2_moe import Qwen2MoeArchitecture
 from .qwen3_moe import Qwen3MoeArchitecture
@@ -18,7 +28,17 @@ AUTO_ARCHITECTURE = {
     "qwen3": "qwen3_moe",
 }
 
-__all__ = ["ARCHITECTURES", "AUTO_ARCHITECTURE", "MoELayer", "OutputArchitecture", "resolve"]
+__all__ = [
+    "ARCHITECTURES",
+    "AUTO_ARCHITECTURE",
+    "MoELayer",
+    "OutputArchitecture",
+    "Unsupported",
+    "auto_architecture",
+    "check_supported",
+    "legacy_config_fields",
+    "resolve",
+]
 
 
 def resolve(requested: str, base_model_type: str) -> OutputArchitecture:
@@ -38,3 +58,45 @@ def resolve(requested: str, base_model_type: str) -> OutputArchitecture:
             f"Unknown architecture '{requested}'; valid: auto, {', '.join(ARCHITECTURES)}."
         )
     return ARCHITECTURES[name]()
+
+
+def auto_architecture(base_model_type: str) -> str:
+    """The family ``architecture: auto`` picks for a dense base family (``auto`` if none)."""
+    return AUTO_ARCHITECTURE.get(base_model_type, "auto")
+
+
+def check_supported(
+    family: OutputArchitecture, config: MoECTConfig, moe_layers: Sequence[int], num_layers: int
+) -> None:
+    """Refuse a configuration the family cannot build, naming the families that can.
+
+    Args:
+        family: The output family.
+        config: The build parameters.
+        moe_layers: The decoder layers that become MoE (``moe_layers`` resolved).
+        num_layers: The base's number of decoder layers.
+
+    Raises:
+        ValueError: For the first parameter ``family.unsupported`` names.
+    """
+    for item in family.unsupported(config, moe_layers, num_layers):
+        capable = [
+            cls.name
+            for cls in ARCHITECTURES.values()
+            if all(
+                other.parameter != item.parameter
+                for other in cls().unsupported(config, moe_layers, num_layers)
+            )
+        ]
+        instead = f"use architecture: {' or '.join(capable)}, or " if capable else ""
+        raise ValueError(f"{item.parameter}: {item.reason}; {instead}{item.fix}.")
+
+
+def legacy_config_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json keys that transformers 4.x needs and 5.x writes differently (the rope keys,
+    and those of the family named by ``model_type``)."""
+    extra = rope_legacy_fields(config)
+    family = ARCHITECTURES.get(config.get("model_type", ""))
+    if family is not None:
+        extra.update(family().legacy_fields(config))
+    return extra

@@ -1,14 +1,26 @@
-"""The common interface of output architectures: one subclass per MoE family."""
+"""The common interface of output architectures: one subclass per MoE family.
+
+Everything the plan, the pipeline and the engine need to know about a family is asked here:
+what of a configuration it cannot build (``unsupported``), which layers it can keep dense,
+its shared expert and that expert's gate, the config keys a plan adds, and what llama.cpp
+would get wrong. Generic code never tests a family's name.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+from ..params import MoECTConfig
+from ..prompt_gates import SHARED_EXPERT_PROMPTS
+
+if TYPE_CHECKING:
+    from ..plan import MoEPlan
 
 # Config keys that describe the checkpoint, not the network, and must not leak into the MoE config.
 _DROPPED_CONFIG_KEYS = (
@@ -40,8 +52,8 @@ class MoELayer:
         router: (E, H) router matrix.
         groups: The expert groups in expert order, a one-pass iterator of ``ExpertSlices``.
         expert_size: I_e, the intermediate size of one expert.
-        shared: Qwen2-MoE: the shared expert's (gate (I, H), up (I, H), down (H, I)).
-        shared_gate: Qwen2-MoE: (1, H) weight of the shared expert's sigmoid gate.
+        shared: Families with a shared expert: its (gate (nI, H), up (nI, H), down (H, nI)).
+        shared_gate: Families whose shared expert has a gate: its (1, H) weight.
     """
 
     index: int
@@ -93,11 +105,27 @@ COMMON_LAYER_TENSORS = (
 )
 
 
-class OutputArchitecture(ABC):
-    """How one MoE family is configured and where its weights live.
+@dataclass(frozen=True)
+class Unsupported:
+    """One parameter of a configuration that a family cannot build.
 
-    Subclasses set the class attributes and implement ``moe_config``; installing weights works the same for all families and both transformers
-    layouts (fused 3-D experts in 5.x, per-expert modules in 4.x).
+    Attributes:
+        parameter: The parameter (e.g. ``moe_layers``, ``prompts.shared_expert``).
+        reason: Why, naming the family (e.g. ``the mixtral output has no shared expert``).
+        fix: What to do instead of choosing another family (e.g. ``leave it unset``).
+    """
+
+    parameter: str
+    reason: str
+    fix: str
+
+
+class OutputArchitecture(ABC):
+    """How one MoE family is configured, what it can build and where its weights live.
+
+    Subclasses set the class attributes and implement ``family_config``; installing weights
+    works the same for all families and both transformers layouts (fused 3-D experts in 5.x,
+    per-expert modules in 4.x).
     """
 
     name: ClassVar[str]
@@ -108,8 +136,14 @@ class OutputArchitecture(ABC):
     expert_proj_names: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
     #: Attribute of the decoder layer holding the MoE block in transformers 4.
     block_attr_v4: ClassVar[str] = "mlp"
+    #: An always-on shared expert beside the routed ones (its FFNs: ``shared_experts``).
     has_shared_expert: ClassVar[bool] = False
-    #: Whether some decoder layers can stay dense (transformers' ``mlp_only_layers``).
+    #: A (1, H) gate on the shared expert's output (``shared_gate_init``, ``prompts``).
+    has_shared_gate: ClassVar[bool] = False
+    #: 1 / the shared expert's initial gate value: the factor on its down projection that
+    #: makes its output the share ``shared_expert_share`` (2 for a sigmoid gate at 0).
+    shared_gate_factor: ClassVar[float] = 1.0
+    #: Whether any decoder layers can stay dense (transformers' ``mlp_only_layers``).
     supports_dense_layers: ClassVar[bool] = False
     #: Config keys of the routed expert count and of one expert's intermediate size.
     num_experts_key: ClassVar[str] = "num_experts"
@@ -128,6 +162,75 @@ class OutputArchitecture(ABC):
         import transformers
 
         return getattr(transformers, self.model_class_name)
+
+    # -- what the family can build ---------------------------------------------------------
+
+    def unsupported(
+        self, config: MoECTConfig, moe_layers: Sequence[int], num_layers: int
+    ) -> list[Unsupported]:
+        """What of ``config`` this family cannot build (empty: everything).
+
+        Args:
+            config: The build parameters.
+            moe_layers: The decoder layers that become MoE (``moe_layers`` resolved).
+            num_layers: The base's number of decoder layers.
+        """
+        found = []
+        if config.moe_layers is not None:
+            reason = self.dense_layers_reason(moe_layers, num_layers)
+            if reason is not None:
+                found.append(Unsupported("moe_layers", reason, "leave moe_layers unset"))
+        if config.shared_experts is not None and not self.has_shared_expert:
+            found.append(
+                Unsupported(
+                    "shared_experts",
+                    f"the {self.name} output has no shared expert",
+                    "leave shared_experts unset",
+                )
+            )
+        prompts = config.prompts
+        if isinstance(prompts, dict) and SHARED_EXPERT_PROMPTS in prompts:
+            if not self.has_shared_gate:
+                found.append(
+                    Unsupported(
+                        f"prompts.{SHARED_EXPERT_PROMPTS}",
+                        f"sets the shared expert's gate, which the {self.name} output has not",
+                        "drop that entry",
+                    )
+                )
+        return found
+
+    def dense_layers_reason(self, moe_layers: Sequence[int], num_layers: int) -> str | None:
+        """Why the layers outside ``moe_layers`` cannot stay dense in this family (None: they
+        can)."""
+        if self.supports_dense_layers:
+            return None
+        return f"the {self.name} output makes every layer MoE and cannot keep dense layers"
+
+    def shared_gate_init(self, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
+        """The (1, H) initial weight of the shared expert's gate (families that have one)."""
+        raise ValueError(f"The {self.name} output has no shared expert gate.")
+
+    def plan_config(self, plan: MoEPlan, base_config: Any) -> dict[str, Any]:
+        """Config keys that depend on the plan beyond the expert count (dense layers, the
+        shared expert's width)."""
+        return {}
+
+    def llama_cpp_notes(
+        self, num_experts: int, experts_per_token: int, shared_expert_share: float
+    ) -> list[str]:
+        """What is known to go wrong when this output runs in llama.cpp, each with its fix."""
+        notes = []
+        if num_experts & (num_experts - 1):
+            lower = 1 << (num_experts.bit_length() - 1)
+            notes.append(
+                f"num_experts={num_experts} is not a power of two: llama.cpp's GPU top-k needs "
+                f"one (llama.cpp issue 5213); use {lower} or {2 * lower} experts if the model "
+                "will run in llama.cpp on a GPU."
+            )
+        return notes
+
+    # -- its config ------------------------------------------------------------------------
 
     def moe_config(
         self, base_config: Any, num_experts: int, experts_per_token: int, expert_size: int
@@ -164,6 +267,11 @@ class OutputArchitecture(ABC):
         deprecated_alias = isinstance(getattr(type(config), "torch_dtype", None), property)
         setattr(config, "dtype" if deprecated_alias else "torch_dtype", dtype)
         return config
+
+    def legacy_fields(self, config: dict[str, Any]) -> dict[str, Any]:
+        """config.json keys of this family that transformers 4.x needs and 5.x writes
+        differently (besides the rope keys every family gets)."""
+        return {}
 
     def layer_tensor_names(self, config: Any) -> tuple[str, ...]:
         """Non-FFN tensors of one decoder layer (names after ``model.layers.N.``) for ``config``.
@@ -203,8 +311,8 @@ class OutputArchitecture(ABC):
             layer: Decoder layer index.
             router: (E, H) router weight.
             experts: Per expert, in order: (gate (I_e, H), up (I_e, H), down (H, I_e)).
-            shared: Qwen2-MoE: the shared expert's (gate, up, down).
-            shared_gate: Qwen2-MoE: (1, H) weight of the shared expert's gate.
+            shared: Families with a shared expert: its (gate, up, down).
+            shared_gate: Families whose shared expert has a gate: its (1, H) weight.
             fused_order: Every expert's gate and up first, then every down: in a file, the
                 bytes of transformers 5's fused ``gate_up_proj`` and ``down_proj`` are then
                 contiguous (``io.mapped``). Holds the layer's experts until all are yielded.
@@ -224,11 +332,11 @@ class OutputArchitecture(ABC):
                 for proj, tensor in zip((gate, up, down), triple, strict=True):
                     yield f"{prefix}.experts.{j}.{proj}.weight", tensor
         if self.has_shared_expert:
-            if shared is None or shared_gate is None:
-                raise ValueError(f"The {self.name} output needs a shared expert and its gate.")
+            self._check_shared(shared, shared_gate)
             for proj, tensor in zip(("gate_proj", "up_proj", "down_proj"), shared, strict=True):
                 yield f"{prefix}.shared_expert.{proj}.weight", tensor
-            yield f"{prefix}.shared_expert_gate.weight", shared_gate
+            if self.has_shared_gate:
+                yield f"{prefix}.shared_expert_gate.weight", shared_gate
 
     def moe_block(self, decoder_layer: nn.Module) -> nn.Module:
         """The MoE block of a decoder layer in either transformers layout."""
@@ -254,21 +362,25 @@ class OutputArchitecture(ABC):
                     # clone: per-expert parameters must not share storage, or saving drops them
                     set_parameter(getattr(expert, proj), "weight", tensor.clone())
         if self.has_shared_expert:
-            if layer.shared is None or layer.shared_gate is None:
-                raise ValueError(f"The {self.name} output needs a shared expert and its gate.")
+            self._check_shared(layer.shared, layer.shared_gate)
             for proj, tensor in zip(
                 ("gate_proj", "up_proj", "down_proj"), layer.shared, strict=True
             ):
                 set_parameter(getattr(block.shared_expert, proj), "weight", tensor)
-            set_parameter(block.shared_expert_gate, "weight", layer.shared_gate)
+            if self.has_shared_gate:
+                set_parameter(block.shared_expert_gate, "weight", layer.shared_gate)
+
+    def _check_shared(self, shared: Any, shared_gate: Any) -> None:
+        if shared is None or (self.has_shared_gate and shared_gate is None):
+            gate = " and its gate" if self.has_shared_gate else ""
+            raise ValueError(f"The {self.name} output needs a shared expert{gate}.")
 
 
-def legacy_config_fields(config: dict[str, Any]) -> dict[str, Any]:
-    """config.json keys that transformers 4.x needs and 5.x writes differently.
+def rope_legacy_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json rope keys that transformers 4.x needs and 5.x writes differently.
 
     4.x ignores ``rope_parameters`` (falling back to its own default theta, 1e6 for Mixtral,
-    which silently changes every position but the first) and reads Qwen-MoE's expert count
-    from ``num_experts`` (default 128), where 5.x writes ``num_local_experts``.
+    which silently changes every position but the first).
     """
     extra: dict[str, Any] = {}
     rope = config.get("rope_parameters")
@@ -277,9 +389,6 @@ def legacy_config_fields(config: dict[str, Any]) -> dict[str, Any]:
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
         if scaling.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
             extra["rope_scaling"] = scaling
-    if "num_local_experts" in config and "num_experts" not in config:
-        if config.get("model_type") in ("qwen2_moe", "qwen3_moe"):
-            extra["num_experts"] = config["num_local_experts"]
     return extra
 
 

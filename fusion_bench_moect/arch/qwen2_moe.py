@@ -9,12 +9,15 @@ starts at a tiny nonzero weight (``SHARED_GATE_INIT``) instead of zero.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .base import COMMON_LAYER_TENSORS
 from .qwen3_moe import Qwen3MoeArchitecture
+
+if TYPE_CHECKING:
+    from ..plan import MoEPlan
 
 #: Every weight of the shared expert's gate at initialisation. sigmoid(x) rounds to exactly
 #: 1/2 for |x| < 2**-25 (float32), so transformers sees the zero-gate model bit for bit,
@@ -35,6 +38,9 @@ class Qwen2MoeArchitecture(Qwen3MoeArchitecture):
     config_class_name = "Qwen2MoeConfig"
     model_class_name = "Qwen2MoeForCausalLM"
     has_shared_expert = True
+    has_shared_gate = True
+    # sigmoid(~0) = 1/2 (see ``initial_shared_gate``): the shared FFNs' down projections x 2.
+    shared_gate_factor = 2.0
     # Qwen2-MoE always has q/k/v biases; Llama and Mistral bases get zeros there.
     zero_fill_suffixes = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
 
@@ -54,3 +60,25 @@ class Qwen2MoeArchitecture(Qwen3MoeArchitecture):
             # llama.cpp's qwen2moe needs an explicit output matrix (see the module docstring).
             "tie_word_embeddings": False,
         }
+
+    def shared_gate_init(self, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
+        return initial_shared_gate(hidden_size, dtype)
+
+    def plan_config(self, plan: MoEPlan, base_config: Any) -> dict[str, Any]:
+        # The shared expert is n FFNs of width I side by side.
+        width = base_config.intermediate_size * len(plan.shared_ffns)
+        return {**super().plan_config(plan, base_config), "shared_expert_intermediate_size": width}
+
+    def llama_cpp_notes(
+        self, num_experts: int, experts_per_token: int, shared_expert_share: float
+    ) -> list[str]:
+        notes = super().llama_cpp_notes(num_experts, experts_per_token, shared_expert_share)
+        if experts_per_token < num_experts and shared_expert_share < 1:
+            notes.append(
+                "llama.cpp's qwen2moe graph ignores norm_topk_prob (it never renormalises the "
+                f"top-{experts_per_token} routing weights), so a GGUF of this Qwen2-MoE will "
+                "not reproduce it; for llama.cpp set experts_per_token=num_experts "
+                f"({num_experts}) or shared_expert_share=1, or use architecture=mixtral "
+                "(Llama/Mistral bases)."
+            )
+        return notes

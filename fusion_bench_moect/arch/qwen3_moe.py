@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import COMMON_LAYER_TENSORS, OutputArchitecture
+
+if TYPE_CHECKING:
+    from ..plan import MoEPlan
 
 
 class Qwen3MoeArchitecture(OutputArchitecture):
@@ -18,6 +21,16 @@ class Qwen3MoeArchitecture(OutputArchitecture):
         if getattr(config, "attention_bias", False):
             names += tuple(f"self_attn.{p}_proj.bias" for p in "qkvo")
         return names
+
+    def legacy_fields(self, config: dict[str, Any]) -> dict[str, Any]:
+        # 4.x reads the expert count from ``num_experts`` (default 128), 5.x writes
+        # ``num_local_experts``.
+        if "num_local_experts" in config and "num_experts" not in config:
+            return {"num_experts": config["num_local_experts"]}
+        return {}
+
+    def plan_config(self, plan: MoEPlan, base_config: Any) -> dict[str, Any]:
+        return {"mlp_only_layers": plan.dense_layers}
 
     def family_config(self, base_config: Any) -> dict[str, Any]:
         # Every layer sparse, top-k renormalised (Qwen-MoE's default is not to).

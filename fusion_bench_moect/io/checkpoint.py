@@ -48,7 +48,7 @@ def check_destination(directory: str | os.PathLike, overwrite: bool) -> Path:
 
 def add_legacy_config_fields(config_json: Path) -> None:
     """Make a config.json written by transformers 5 loadable by transformers 4 as well."""
-    from ..arch.base import legacy_config_fields
+    from ..arch import legacy_config_fields
 
     config = json.loads(config_json.read_text())
     extra = legacy_config_fields(config)

@@ -1,4 +1,4 @@
-"""The Qwen2-MoE shared expert from several FFNs. Pure math, no I/O.
+"""A shared expert from several FFNs. Pure math, no I/O.
 
 n FFNs (gate_k, up_k, down_k) of width I become one FFN of width n x I: the gate and up rows
 are concatenated, and so are the down columns, each block scaled by its factor c_k, so that
@@ -16,18 +16,19 @@ import torch
 
 
 def shared_expert_scales(
-    shared_expert_share: float, residual_scales: Sequence[float]
+    shared_expert_share: float, residual_scales: Sequence[float], gate_factor: float
 ) -> list[float]:
     """The factor c_k of each FFN's down projection in the shared expert.
 
-    The shared expert's gate starts at 0 (sigmoid 1/2) and its output is to be the share w of
-    the layer output, the n FFNs contributing equally: c_k = 2 w / n, times the FFN's
+    The shared expert's output is to be the share w of the layer output, the n FFNs
+    contributing equally, whatever its gate passes at first (1/2 for a sigmoid gate at 0, all
+    without a gate): c_k = gate_factor w / n with gate_factor = 1 / that value, times the FFN's
     ``residual_scale`` r_k (mergekit-moe's down-projection factor).
     """
     n = len(residual_scales)
     if n == 0:
         raise ValueError("A shared expert needs at least one FFN.")
-    return [2.0 * shared_expert_share * r / n for r in residual_scales]
+    return [gate_factor * shared_expert_share * r / n for r in residual_scales]
 
 
 def concat_ffns(
