@@ -26,7 +26,7 @@ class MoEInfo:
     """The routing structure of an MoE model.
 
     Attributes:
-        model_type: ``config.model_type`` (e.g. ``"mixtral"``).
+        model_type: The MoE model's ``config.model_type``.
         num_experts: Routed experts per MoE layer E.
         top_k: Experts per token k.
         moe_layers: Decoder-layer index of each MoE layer, in ``router_logits`` order.

@@ -206,22 +206,23 @@ class MoECTConfig:
     )
     shared_expert_share: float = _param(
         0.5,
-        "qwen2_moe: share of the output given to the shared (base) expert, in [0, 1]",
+        "outputs with a shared expert: share of the output given to it (default: the base FFN), "
+        "in [0, 1]",
         check=_float(0.0, 1.0),
         parse=float,
     )
     shared_experts: list[Any] | None = _param(
         None,
-        "qwen2_moe: pool names whose FFNs together form the shared expert, each entry a name or "
-        "{source: name, residual_scale: r} (null = the base alone)",
+        "outputs with a shared expert: pool names whose FFNs together form it, each entry a "
+        "name or {source: name, residual_scale: r} (null = the base alone)",
         check=_shared_experts,
         parse=shared_entry,
         nargs="+",
     )
     moe_layers: str | list[int] | None = _param(
         None,
-        "qwen2_moe / qwen3_moe: layer indices that become MoE, or auto_from_alpha (layers with "
-        "alpha 0 stay dense); null = every layer",
+        "outputs that can keep dense layers: layer indices that become MoE, or auto_from_alpha "
+        "(layers with alpha 0 stay dense); null = every layer",
         check=_moe_layers,
         parse=layers_or_auto,
     )
@@ -230,7 +231,9 @@ class MoECTConfig:
         "hidden / cheap_embed: {expert name: [prompts] or {positive: [], negative: []}}",
         flag=None,
     )
-    architecture: str = _param("auto", "auto | mixtral | qwen2_moe | qwen3_moe")
+    architecture: str = _param(
+        "auto", "output family (docs/algorithm.md, What is built); auto: the base's default"
+    )
     dtype: str | None = _param(
         None, "output dtype (null = the pool's torch_dtype, else the base's)"
     )
