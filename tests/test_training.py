@@ -273,3 +273,17 @@ def test_a_given_fabric_and_its_logger_are_used(saved, tok_dir, tmp_path):
     assert {"train/loss", "train/lr", "train/mean_cv", "train/tokens_per_s"} <= set(header)
     assert "train/mean_anchor_share" not in header and len(rows) == 3
     assert (tmp_path / "run" / "version_0" / "training_history.png").is_file()
+
+
+def test_the_at_scale_table_in_the_docs_is_the_code_s():
+    """docs/training.md's memory table is what benchmarks/at_scale.py computes (meta device)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("at_scale", root / "benchmarks/at_scale.py")
+    at_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(at_scale)
+    table = at_scale.table()
+    assert table in (root / "docs/training.md").read_text(), "run benchmarks/at_scale.py --write"
+    # a row by hand: Llama-3.2-1B router stage = 16 layers x 8 experts x 2048 router weights
+    assert "| Llama-3.2-1B | `router` | 6.87B | 0.26M |" in table
