@@ -62,3 +62,67 @@ def test_cli_trains_on_two_ddp_processes(saved, tok_dir, tmp_path, real_ids):  #
     (tmp_path / "other").mkdir()
     other, _ = reload_logits(out_dir, real_ids, tmp_path / "other", python=python)
     assert torch.allclose(logits, other, atol=1e-5)
+
+
+def cli_run(tmp_path, name, moe_dir, tok, corpus, *extra):
+    """``fusion_bench method=moe_ct_training`` on 2 CPU processes; returns the saved model's
+    directory (its own run and log directories under ``tmp_path / name``)."""
+    out, logs = tmp_path / name, tmp_path / f"{name}-logs"
+    fusion_bench(
+        tmp_path,
+        "method=moe_ct_training",
+        "method.stage=experts",
+        "method.max_steps=4",
+        "method.batch_size=2",
+        "method.seq_len=32",
+        "method.learning_rate=1e-3",
+        "~method.train_sources",
+        f"+method.train_sources={{corpus:'{corpus}'}}",
+        f"method.save_checkpoint={out}",
+        "modelpool=CausalLMPool/moe_ct_upcycle",
+        f"modelpool.models._pretrained_={moe_dir}",
+        f"modelpool.tokenizer={tok}",
+        "modelpool.model_kwargs.torch_dtype=float32",
+        "taskpool=dummy",
+        "fabric.accelerator=cpu",
+        "fabric.devices=2",
+        "fabric.loggers=null",
+        f"hydra.run.dir={logs}",
+        *extra,
+    )
+    return out
+
+
+@pytest.mark.slow
+def test_cli_fsdp2_trains_like_ddp_evaluates_and_resumes(saved, tok_dir, tmp_path, real_ids):  # noqa: F811
+    from test_training_resume import history, weights
+
+    moe_dir, _ = build(saved, tok_dir, "mixtral")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(real_text())
+    held_out = f"+method.eval_sources={{gpl:{{text:'{real_text()[::3][:3000]}'}}}}"
+    ckpts = tmp_path / "ckpts"
+    fsdp = cli_run(
+        tmp_path, "fsdp2", moe_dir, tok_dir, corpus, "fabric=moe_fsdp2", held_out,
+        "method.eval_window=64", "method.eval_every=2", "method.checkpoint_every=2",
+        f"method.checkpoint_dir={ckpts}",
+    )  # fmt: skip
+    ddp = cli_run(tmp_path, "ddp", moe_dir, tok_dir, corpus, "fabric.strategy=ddp")
+    resumed = cli_run(
+        tmp_path, "resumed", moe_dir, tok_dir, corpus, "fabric=moe_fsdp2", held_out,
+        "method.eval_window=64", "method.eval_every=2", f"method.ckpt_path={ckpts}/step-000002",
+    )  # fmt: skip
+    sharded, reference, again = weights(fsdp), weights(ddp), weights(resumed)
+    assert max((sharded[k] - reference[k]).abs().max().item() for k in reference) < 1e-6
+    assert all(torch.equal(sharded[k], again[k]) for k in sharded)
+    assert history(fsdp) == history(resumed)
+    assert [e["step"] for e in history(fsdp)["eval"]] == [0, 2, 4]
+    logits, _ = reload_logits(fsdp, real_ids, tmp_path)
+    python = other_python()
+    if python is None:
+        if in_ci():
+            pytest.fail("CI must provide the other transformers major (MOECT_OTHER_PYTHON)")
+        return
+    (tmp_path / "other").mkdir()
+    other, _ = reload_logits(fsdp, real_ids, tmp_path / "other", python=python)
+    assert torch.allclose(logits, other, atol=1e-5)
