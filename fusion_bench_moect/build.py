@@ -275,6 +275,7 @@ class MoEEngine:
             expert_size=self.expert_size,
             shared=shared,
             shared_gate=shared_gate,
+            router_bias=self.arch.initial_router_bias(plan.num_experts),
         )
 
     def _shared_expert(
@@ -497,6 +498,7 @@ class MoEEngine:
                 shared,
                 shared_gate,
                 fused_order,
+                router_bias=self.arch.initial_router_bias(plan.num_experts),
             )
             specs += [(name, tuple(t.shape), t.dtype) for name, t in layer_tensors]
         return specs
@@ -518,6 +520,7 @@ class MoEEngine:
                     item.shared,
                     item.shared_gate,
                     fused_order,
+                    router_bias=item.router_bias,
                 )
             else:
                 yield item

@@ -1,11 +1,11 @@
 """Find the MoE structure of a built transformers causal LM: blocks, routers, experts, anchors.
 
-One place for every reader of a Mixtral, Qwen2-MoE or Qwen3-MoE model (the output
+One place for every reader of a Mixtral, Qwen2-MoE, Qwen3-MoE or GLM4-MoE model (the output
 architectures, evaluation, training, tests), in both transformers layouts: the MoE block is
 ``layer.block_sparse_moe`` (Mixtral, transformers 4) or ``layer.mlp``; its router is the
 ``gate`` sub-module (an ``nn.Linear`` in 4.x, a ``*TopKRouter`` in 5.x, both with an
 ``(E, H)`` ``weight``); its experts are fused 3-D tensors (5.x) or one module per expert
-(4.x). Dense layers (``mlp_only_layers``, ``decoder_sparse_step``) have no router.
+(4.x). Dense layers (``mlp_only_layers``, ``first_k_dense_replace``) have no router.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ from torch import nn
 
 #: Attributes of a decoder layer that may hold its MoE block, in lookup order.
 BLOCK_ATTRIBUTES = ("block_sparse_moe", "mlp")
+#: Config keys that may hold the routed expert count, in lookup order.
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+#: Attributes of an MoE block that may hold an always-on shared expert.
+SHARED_ATTRIBUTES = ("shared_expert", "shared_experts")
 
 
 @dataclass
@@ -101,7 +105,9 @@ def describe_moe(model: nn.Module) -> MoEInfo | None:
     config = getattr(model, "config", None)
     if config is None:
         return None
-    num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    num_experts = next(
+        (getattr(config, key) for key in EXPERT_COUNT_KEYS if getattr(config, key, None)), None
+    )
     top_k = getattr(config, "num_experts_per_tok", None)
     layers = decoder_layers(model)
     if not num_experts or not top_k or layers is None:
@@ -113,7 +119,7 @@ def describe_moe(model: nn.Module) -> MoEInfo | None:
             continue
         moe_layers.append(index)
         routers.append(block.gate)
-        shared = shared or getattr(block, "shared_expert", None) is not None
+        shared = shared or any(getattr(block, a, None) is not None for a in SHARED_ATTRIBUTES)
     if not moe_layers:
         return None
     return MoEInfo(

@@ -226,6 +226,20 @@ class MoECTConfig:
         check=_moe_layers,
         parse=layers_or_auto,
     )
+    n_group: int = _param(
+        1,
+        "outputs with group-limited routing: equal expert groups per layer (divides the expert "
+        "count); 1 = no groups",
+        check=_int(1),
+        parse=int,
+    )
+    topk_group: int = _param(
+        1,
+        "outputs with group-limited routing: the groups (best first) a token's experts come "
+        "from, <= n_group",
+        check=_int(1),
+        parse=int,
+    )
     prompts: dict[str, Any] | None = _param(
         None,
         "hidden / cheap_embed: {expert name: [prompts] or {positive: [], negative: []}}",

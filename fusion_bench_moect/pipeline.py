@@ -126,6 +126,7 @@ def prepare_engine(
 ) -> MoEEngine:
     """Check the opened models, plan the experts, pick the dtype, compute the router rows."""
     arch = arch_registry.resolve(config.architecture, base.config.model_type)
+    arch_registry.check_base(arch, base.config)
     for source in sources.values():
         check_compatible(base, source)
     check_vocabularies(inputs)

@@ -73,6 +73,9 @@ class MoEPlan:
     shared_expert_share: float
     permute_neurons: bool
     seed: int
+    #: Group-limited routing: expert groups per layer and how many a token's experts use.
+    n_group: int = 1
+    topk_group: int = 1
     #: Decoder layers that become MoE (sorted); the others keep the base FFN, dense.
     moe_layers: list[int] = field(default_factory=list)
     #: The FFNs concatenated into the shared expert (none for a family without one).
@@ -205,6 +208,8 @@ def make_plan(
         shared_expert_share=config.shared_expert_share,
         permute_neurons=config.permute_neurons,
         seed=config.seed,
+        n_group=config.n_group,
+        topk_group=config.topk_group,
         moe_layers=chosen_layers,
         shared_ffns=shared_ffns,
     )
@@ -304,6 +309,9 @@ def _check_routing(
     num = num_groups * g
     if not 1 <= k <= num:
         raise ValueError(f"experts_per_token={k} must lie in [1, num_experts={num}].")
+    problem = family.routing_reason(num, config)
+    if problem is not None:
+        raise ValueError(problem)
     if k % g:
         log.warning(
             "experts_per_token=%d is not a multiple of granularity %d: the MoE no longer "

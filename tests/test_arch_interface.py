@@ -63,7 +63,7 @@ def test_refusals_name_the_families_that_can():
     )
     assert refusal("qwen3_moe", shared_experts=["_pretrained_"]) == (
         "shared_experts: the qwen3_moe output has no shared expert; use architecture: "
-        "qwen2_moe, or leave shared_experts unset."
+        "qwen2_moe or glm4_moe, or leave shared_experts unset."
     )
     assert refusal("mixtral", prompts={"shared_expert": ["x"]}) == (
         "prompts.shared_expert: sets the shared expert's gate, which the mixtral output has "
@@ -77,31 +77,29 @@ def test_refusals_name_the_families_that_can():
 
 
 class ToyArchitecture(Qwen3MoeArchitecture):
-    """A family added by one class and one registry entry: it keeps only leading layers
-    dense and has a shared expert without a gate."""
+    """A family added by one class and one registry entry: it keeps only the last layer MoE
+    and has a shared expert without a gate."""
 
     name = "toy"
     has_shared_expert = True
 
     def dense_layers_reason(self, moe_layers, num_layers):
-        if list(moe_layers) == list(range(num_layers - len(moe_layers), num_layers)):
-            return None
-        return f"the {self.name} output keeps only leading layers dense"
+        return None if list(moe_layers) == [num_layers - 1] else "the toy output is odd"
 
 
 def test_a_registered_family_is_asked_like_the_others(monkeypatch):
     monkeypatch.setitem(ARCHITECTURES, "toy", ToyArchitecture)
     assert refusal("mixtral", shared_experts=["_pretrained_"]).startswith(
         "shared_experts: the mixtral output has no shared expert; use architecture: "
-        "qwen2_moe or toy, or"
+        "qwen2_moe, glm4_moe or toy, or"
     )
-    assert refusal("toy", moe_layers=[1, 2]) is None
-    assert refusal("mixtral", moe_layers=[1, 2]).endswith(
-        "use architecture: qwen2_moe or qwen3_moe or toy, or leave moe_layers unset."
+    assert refusal("toy", moe_layers=[2]) is None
+    assert refusal("mixtral", moe_layers=[2]).endswith(
+        "use architecture: qwen2_moe, qwen3_moe, glm4_moe or toy, or leave moe_layers unset."
     )
     assert refusal("toy", moe_layers=[0, 2]) == (
-        "moe_layers: the toy output keeps only leading layers dense; use architecture: "
-        "qwen2_moe or qwen3_moe, or leave moe_layers unset."
+        "moe_layers: the toy output is odd; use architecture: qwen2_moe or qwen3_moe, or leave "
+        "moe_layers unset."
     )
     assert "gate" in refusal("toy", prompts={"shared_expert": ["x"]})
     with pytest.raises(ValueError, match="toy output has no shared expert gate"):

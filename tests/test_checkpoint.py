@@ -81,6 +81,18 @@ def hub_keys(directory: Path) -> set[str]:
                 "model.layers.0.self_attn.q_norm.weight",
             },
         ),
+        (
+            "qwen2",
+            "glm4_moe",
+            "bfloat16",
+            {
+                "model.layers.1.mlp.gate.weight",
+                "model.layers.1.mlp.gate.e_score_correction_bias",
+                "model.layers.1.mlp.experts.3.up_proj.weight",
+                "model.layers.1.mlp.shared_experts.down_proj.weight",
+                "model.layers.0.self_attn.q_proj.bias",
+            },
+        ),
     ],
 )
 def test_saved_checkpoint_reloads_in_a_fresh_process(

@@ -49,7 +49,8 @@ def python():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "family, arch", [("llama", "mixtral"), ("llama", "qwen2_moe"), ("qwen3", "qwen3_moe")]
+    "family, arch",
+    [("llama", "mixtral"), ("llama", "qwen2_moe"), ("qwen3", "qwen3_moe"), ("qwen3", "glm4_moe")],
 )
 def test_checkpoint_loads_under_the_other_major(tmp_path, saved, real_ids, python, family, arch):
     dense = make_model(family)

@@ -56,7 +56,7 @@ def test_adapter_expert_equals_the_peft_merged_expert(saved, base_dir, real_ids)
     adapter_dir = saved.root / "adapter"
     peft_model = train_adapter(base_dir, adapter_dir, real_ids)
     merged_dir = saved(peft_model.merge_and_unload(), "merged")
-    for arch in ("mixtral", "qwen2_moe"):
+    for arch in ("mixtral", "qwen2_moe", "glm4_moe"):
         from_adapter = moe_params(
             {"_pretrained_": base_dir, "ft": str(adapter_dir)}, architecture=arch
         )
@@ -65,7 +65,7 @@ def test_adapter_expert_equals_the_peft_merged_expert(saved, base_dir, real_ids)
         diff = max((from_adapter[k] - from_merged[k]).abs().max().item() for k in from_adapter)
         assert diff <= TOL
     # the adapter really changed the experts (trained: lora_B is no longer zero)
-    base = moe_params({"_pretrained_": base_dir, "ft": base_dir}, architecture="qwen2_moe")
+    base = moe_params({"_pretrained_": base_dir, "ft": base_dir}, architecture=arch)
     changed = [k for k in base if (base[k] - from_adapter[k]).abs().max() > 1e-4]
     assert changed and all(".mlp." in k for k in changed)
 

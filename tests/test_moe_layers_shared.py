@@ -197,7 +197,11 @@ def test_bad_shared_experts(saved):
         (["_pretrained_", "_pretrained_"], "qwen2_moe", "twice"),
         ([{"model": "_pretrained_"}], "qwen2_moe", "give a pool name"),
         ([], "qwen2_moe", "shared_experts is empty"),
-        (["_pretrained_"], "mixtral", "no shared expert; use architecture: qwen2_moe, or leave"),
+        (
+            ["_pretrained_"],
+            "mixtral",
+            "no shared expert; use architecture: qwen2_moe or glm4_moe, or leave",
+        ),
     ]:
         with pytest.raises(ValueError, match=match):
             engine({"_pretrained_": path}, arch, num_experts=2, shared_experts=value)

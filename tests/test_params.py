@@ -52,6 +52,8 @@ def test_hydra_instantiates_the_yaml_into_the_schema_defaults():
         ({"gate_mode": "learned"}, "Unknown gate_mode 'learned'; valid: orthogonal, random"),
         ({"alpha_strategy": "cosine"}, "Unknown alpha_strategy 'cosine'"),
         ({"moe_ct_mode": "no"}, "moe_ct_mode must be true or false, got 'no'"),
+        ({"n_group": 0}, "n_group must be >= 1, got 0"),
+        ({"topk_group": 1.5}, "topk_group must be an integer, got 1.5"),
     ],
 )
 def test_field_checks_name_the_parameter(values, message):

@@ -50,6 +50,8 @@ CASES = [
     ("llama", "qwen2_moe", "bfloat16", {"residual_scale": {"ft": 0.5}}),
     ("qwen2", "qwen2_moe", "float32", {"permute_neurons": True}),
     ("qwen3", "qwen3_moe", "bfloat16", {"alpha_strategy": "linear_increase"}),
+    ("qwen3", "glm4_moe", "bfloat16", {"n_group": 2, "moe_layers": [1, 2], "drop_ratio": 0.25}),
+    ("llama", "glm4_moe", "float32", {"shared_experts": ["ft", "_pretrained_"]}),
 ]
 
 
@@ -142,6 +144,9 @@ def test_a_failure_while_streaming_leaves_nothing(tmp_path, saved):
         ("qwen2", "qwen2_moe", {}),
         ("qwen3", "qwen3_moe", {}),
         ("qwen3", "qwen3_moe", {"attention_bias": True}),
+        ("llama", "glm4_moe", {}),
+        ("qwen2", "glm4_moe", {}),
+        ("qwen3", "glm4_moe", {}),
     ],
 )
 def test_declared_hub_names_match_the_transformers_model(family, arch, overrides):

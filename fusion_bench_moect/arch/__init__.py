@@ -13,12 +13,19 @@ from typing import Any
 
 from ..params import MoECTConfig
 from .base import MoELayer, OutputArchitecture, Unsupported, rope_legacy_fields
+from .glm4_moe import Glm4MoeArchitecture
 from .mixtral import MixtralArchitecture
 from .qwen2_moe import Qwen2MoeArchitecture
 from .qwen3_moe import Qwen3MoeArchitecture
 
 ARCHITECTURES: dict[str, type[OutputArchitecture]] = {
-    cls.name: cls for cls in (MixtralArchitecture, Qwen2MoeArchitecture, Qwen3MoeArchitecture)
+    cls.name: cls
+    for cls in (
+        MixtralArchitecture,
+        Qwen2MoeArchitecture,
+        Qwen3MoeArchitecture,
+        Glm4MoeArchitecture,
+    )
 }
 #: The dense families we read, and the MoE family ``architecture: auto`` picks for each.
 AUTO_ARCHITECTURE = {
@@ -35,9 +42,11 @@ __all__ = [
     "OutputArchitecture",
     "Unsupported",
     "auto_architecture",
+    "check_base",
     "check_supported",
     "legacy_config_fields",
     "resolve",
+    "router_biases",
 ]
 
 
@@ -65,6 +74,11 @@ def auto_architecture(base_model_type: str) -> str:
     return AUTO_ARCHITECTURE.get(base_model_type, "auto")
 
 
+def either(names: list[str]) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    return " or ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+
+
 def check_supported(
     family: OutputArchitecture, config: MoECTConfig, moe_layers: Sequence[int], num_layers: int
 ) -> None:
@@ -88,8 +102,39 @@ def check_supported(
                 for other in cls().unsupported(config, moe_layers, num_layers)
             )
         ]
-        instead = f"use architecture: {' or '.join(capable)}, or " if capable else ""
+        instead = f"use architecture: {either(capable)}, or " if capable else ""
         raise ValueError(f"{item.parameter}: {item.reason}; {instead}{item.fix}.")
+
+
+def check_base(family: OutputArchitecture, base_config: Any) -> None:
+    """Refuse a dense base whose attention the family cannot represent, naming what
+    ``architecture: auto`` picks for it."""
+    reason = family.base_reason(base_config)
+    if reason is not None:
+        raise ValueError(
+            f"architecture: {reason}; use architecture: "
+            f"{auto_architecture(base_config.model_type)} (what auto picks for "
+            f"{base_config.model_type})."
+        )
+
+
+def router_biases(model: Any) -> list[tuple[int, Any]]:
+    """Each MoE layer's router selection bias of a built model, as (layer index, the live (E,)
+    float32 tensor): what aux-loss-free balancing updates in place.
+
+    Raises:
+        ValueError: For a model whose family has no router bias, naming the families that
+            have one.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = ARCHITECTURES.get(model_type or "")
+    if family is None or family.router_bias_name is None:
+        capable = [n for n, cls in ARCHITECTURES.items() if cls.router_bias_name is not None]
+        raise ValueError(
+            f"A {model_type} model's router has no selection bias; build the model with "
+            f"architecture: {either(capable)}."
+        )
+    return family().router_biases(model)
 
 
 def legacy_config_fields(config: dict[str, Any]) -> dict[str, Any]:

@@ -54,6 +54,7 @@ class MoELayer:
         expert_size: I_e, the intermediate size of one expert.
         shared: Families with a shared expert: its (gate (nI, H), up (nI, H), down (H, nI)).
         shared_gate: Families whose shared expert has a gate: its (1, H) weight.
+        router_bias: Families whose router has a selection bias: its (E,) float32 values.
     """
 
     index: int
@@ -62,6 +63,7 @@ class MoELayer:
     expert_size: int
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     shared_gate: torch.Tensor | None = None
+    router_bias: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -138,6 +140,8 @@ class OutputArchitecture(ABC):
     block_attr_v4: ClassVar[str] = "mlp"
     #: An always-on shared expert beside the routed ones (its FFNs: ``shared_experts``).
     has_shared_expert: ClassVar[bool] = False
+    #: Attribute of the MoE block (and hub name) holding the shared expert.
+    shared_expert_attr: ClassVar[str] = "shared_expert"
     #: A (1, H) gate on the shared expert's output (``shared_gate_init``, ``prompts``).
     has_shared_gate: ClassVar[bool] = False
     #: 1 / the shared expert's initial gate value: the factor on its down projection that
@@ -145,11 +149,18 @@ class OutputArchitecture(ABC):
     shared_gate_factor: ClassVar[float] = 1.0
     #: Whether any decoder layers can stay dense (transformers' ``mlp_only_layers``).
     supports_dense_layers: ClassVar[bool] = False
+    #: Whether the router can limit a token's experts to its best groups (``n_group``).
+    supports_group_routing: ClassVar[bool] = False
+    #: Name of the router's (E,) buffer added to the scores for top-k selection only
+    #: (aux-loss-free balancing), or None.
+    router_bias_name: ClassVar[str | None] = None
     #: Config keys of the routed expert count and of one expert's intermediate size.
     num_experts_key: ClassVar[str] = "num_experts"
     expert_size_key: ClassVar[str] = "moe_intermediate_size"
     #: Parameters the base may lack that are filled with zeros (name suffixes).
     zero_fill_suffixes: ClassVar[tuple[str, ...]] = ()
+    #: Base config keys this family has no use for (not copied into its config).
+    dropped_base_keys: ClassVar[tuple[str, ...]] = ()
 
     def config_class(self) -> type:
         """The transformers config class."""
@@ -188,6 +199,14 @@ class OutputArchitecture(ABC):
                     "leave shared_experts unset",
                 )
             )
+        if (config.n_group, config.topk_group) != (1, 1) and not self.supports_group_routing:
+            found.append(
+                Unsupported(
+                    "n_group",
+                    f"the {self.name} output has no group-limited routing",
+                    "leave n_group and topk_group at 1",
+                )
+            )
         prompts = config.prompts
         if isinstance(prompts, dict) and SHARED_EXPERT_PROMPTS in prompts:
             if not self.has_shared_gate:
@@ -207,9 +226,42 @@ class OutputArchitecture(ABC):
             return None
         return f"the {self.name} output makes every layer MoE and cannot keep dense layers"
 
+    def base_reason(self, base_config: Any) -> str | None:
+        """Why this family cannot represent the dense base's attention (None: it can); the
+        tensors themselves are checked by name (``build.plan_non_ffn``)."""
+        return None
+
+    def routing_reason(self, num_experts: int, config: MoECTConfig) -> str | None:
+        """Why the routing parameters do not fit ``num_experts`` experts (None: they do)."""
+        return None
+
     def shared_gate_init(self, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
         """The (1, H) initial weight of the shared expert's gate (families that have one)."""
         raise ValueError(f"The {self.name} output has no shared expert gate.")
+
+    def initial_router_bias(self, num_experts: int) -> torch.Tensor | None:
+        """The (E,) float32 selection bias of a new router: zeros (None without one)."""
+        if self.router_bias_name is None:
+            return None
+        return torch.zeros(num_experts, dtype=torch.float32)
+
+    def router_biases(self, model: nn.Module) -> list[tuple[int, torch.Tensor]]:
+        """Each MoE layer's router bias buffer of a built model, as (layer index, the live
+        (E,) tensor): what a trainer updates in place for aux-loss-free balancing.
+
+        Raises:
+            ValueError: If this family's router has no bias.
+        """
+        if self.router_bias_name is None:
+            raise ValueError(f"The {self.name} output's router has no selection bias.")
+        from ..inspection import decoder_layers, moe_block
+
+        found = []
+        for index, layer in enumerate(decoder_layers(model) or []):
+            block = moe_block(layer)
+            if block is not None:
+                found.append((index, getattr(block.gate, self.router_bias_name)))
+        return found
 
     def plan_config(self, plan: MoEPlan, base_config: Any) -> dict[str, Any]:
         """Config keys that depend on the plan beyond the expert count (dense layers, the
@@ -258,7 +310,8 @@ class OutputArchitecture(ABC):
     ) -> Any:
         """The MoE config: everything of the base config plus this family's MoE keys (and
         ``extra`` keys of the plan, e.g. ``mlp_only_layers``)."""
-        fields = {k: v for k, v in base_config.to_dict().items() if k not in _DROPPED_CONFIG_KEYS}
+        dropped = (*_DROPPED_CONFIG_KEYS, *self.dropped_base_keys)
+        fields = {k: v for k, v in base_config.to_dict().items() if k not in dropped}
         fields.update(self.moe_config(base_config, num_experts, experts_per_token, expert_size))
         fields.update(extra or {})
         config = self.config_class()(**fields)
@@ -304,6 +357,8 @@ class OutputArchitecture(ABC):
         shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         shared_gate: torch.Tensor | None = None,
         fused_order: bool = False,
+        *,
+        router_bias: torch.Tensor | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """One MoE layer as (hub name, tensor) pairs: the per-expert layout every consumer loads.
 
@@ -316,9 +371,14 @@ class OutputArchitecture(ABC):
             fused_order: Every expert's gate and up first, then every down: in a file, the
                 bytes of transformers 5's fused ``gate_up_proj`` and ``down_proj`` are then
                 contiguous (``io.mapped``). Holds the layer's experts until all are yielded.
+            router_bias: Families whose router has a selection bias: its (E,) values.
         """
         prefix = self.hub_block_prefix(layer)
         yield f"{prefix}.gate.weight", router
+        if self.router_bias_name is not None:
+            if router_bias is None:
+                raise ValueError(f"The {self.name} output needs its router's bias.")
+            yield f"{prefix}.gate.{self.router_bias_name}", router_bias
         gate, up, down = self.expert_proj_names
         if fused_order:
             experts = list(experts)
@@ -334,7 +394,7 @@ class OutputArchitecture(ABC):
         if self.has_shared_expert:
             self._check_shared(shared, shared_gate)
             for proj, tensor in zip(("gate_proj", "up_proj", "down_proj"), shared, strict=True):
-                yield f"{prefix}.shared_expert.{proj}.weight", tensor
+                yield f"{prefix}.{self.shared_expert_attr}.{proj}.weight", tensor
             if self.has_shared_gate:
                 yield f"{prefix}.shared_expert_gate.weight", shared_gate
 
@@ -351,6 +411,10 @@ class OutputArchitecture(ABC):
         """Put one layer's MoE weights into a model built on the meta device."""
         block = self.moe_block(decoder_layer)
         set_parameter(block.gate, "weight", layer.router)
+        if self.router_bias_name is not None:
+            if layer.router_bias is None:
+                raise ValueError(f"The {self.name} output needs its router's bias.")
+            set_buffer(block.gate, self.router_bias_name, layer.router_bias)
         experts = block.experts
         if hasattr(experts, "gate_up_proj"):  # transformers 5: fused 3-D tensors
             gate_up, down = layer.stacked()
@@ -366,7 +430,8 @@ class OutputArchitecture(ABC):
             for proj, tensor in zip(
                 ("gate_proj", "up_proj", "down_proj"), layer.shared, strict=True
             ):
-                set_parameter(getattr(block.shared_expert, proj), "weight", tensor)
+                shared = getattr(block, self.shared_expert_attr)
+                set_parameter(getattr(shared, proj), "weight", tensor)
             if self.has_shared_gate:
                 set_parameter(block.shared_expert_gate, "weight", layer.shared_gate)
 
@@ -394,10 +459,21 @@ def rope_legacy_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 def set_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Replace a (meta) parameter by ``tensor`` after checking its shape."""
+    _check_shape(module, name, tensor)
+    setattr(module, name, nn.Parameter(tensor.contiguous()))
+
+
+def set_buffer(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace a registered buffer by ``tensor`` (it stays persistent) after checking its
+    shape."""
+    _check_shape(module, name, tensor)
+    setattr(module, name, tensor.contiguous())
+
+
+def _check_shape(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     current = getattr(module, name)
     if tuple(current.shape) != tuple(tensor.shape):
         raise ValueError(
             f"Internal shape mismatch for {type(module).__name__}.{name}: model expects "
             f"{tuple(current.shape)}, built {tuple(tensor.shape)}."
         )
-    setattr(module, name, nn.Parameter(tensor.contiguous()))

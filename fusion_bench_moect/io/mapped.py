@@ -85,6 +85,8 @@ def mapped_model(directory: str | os.PathLike, arch: Any, config: Any) -> nn.Mod
         if tied and name == "lm_head.weight":
             continue
         _set(model, name, _tensor_for(name, views, prefixes, arch))
+    for name in _persistent_buffers(model):
+        _set(model, name, _tensor_for(name, views, prefixes, arch), buffer=True)
     if tied:
         model.tie_weights()
     if views:
@@ -153,7 +155,17 @@ def _stacked(parts: Sequence[torch.Tensor], num_experts: int) -> torch.Tensor:
     return torch.cat([p.reshape(-1) for p in parts]).view(shape)
 
 
-def _set(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _persistent_buffers(model: nn.Module) -> list[str]:
+    """Names of the buffers a checkpoint holds (e.g. a router's selection bias)."""
+    return [
+        f"{module_name}.{attr}" if module_name else attr
+        for module_name, module in model.named_modules()
+        for attr in module._buffers
+        if attr not in module._non_persistent_buffers_set
+    ]
+
+
+def _set(model: nn.Module, name: str, tensor: torch.Tensor, buffer: bool = False) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     current = getattr(module, attr)
@@ -162,7 +174,10 @@ def _set(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
             f"Checkpoint tensor for '{name}' has shape {list(tensor.shape)}; the model "
             f"expects {list(current.shape)}."
         )
-    setattr(module, attr, nn.Parameter(tensor, requires_grad=current.requires_grad))
+    if buffer:
+        setattr(module, attr, tensor)
+    else:
+        setattr(module, attr, nn.Parameter(tensor, requires_grad=current.requires_grad))
 
 
 def _load_generation_config(model: nn.Module, directory: Path) -> None:

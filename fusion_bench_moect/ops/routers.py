@@ -83,3 +83,38 @@ def normalise_rows(rows: torch.Tensor) -> torch.Tensor:
     """L2-normalise each row (zero rows stay zero)."""
     norms = rows.norm(dim=-1, keepdim=True)
     return rows / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def group_routing_problem(
+    num_experts: int, experts_per_token: int, granularity: int, n_group: int, topk_group: int
+) -> str | None:
+    """What is wrong with group-limited routing (DeepSeek-V3's ``n_group`` / ``topk_group``)
+    for this many experts, or None.
+
+    A token's experts come from its ``topk_group`` best of ``n_group`` equal groups, each
+    group scored by the sum of its two best experts (as transformers does). So ``n_group``
+    divides E, every group has at least two experts and whole FFNs (multiples of G, so that a
+    group never splits one), and the chosen groups hold at least k experts.
+    """
+    e, k, g = num_experts, experts_per_token, granularity
+    if e % n_group:
+        return f"n_group={n_group} does not divide num_experts={e}; choose a divisor of {e}."
+    size = e // n_group
+    if size < 2:
+        return (
+            f"n_group={n_group} leaves {size} expert per group, but a group is scored by its "
+            f"best two experts; use n_group <= {e // 2}."
+        )
+    if size % g:
+        return (
+            f"n_group={n_group} gives groups of {size} experts, which split the FFNs of "
+            f"granularity {g}; choose n_group so that {g} divides num_experts / n_group."
+        )
+    if topk_group > n_group:
+        return f"topk_group={topk_group} exceeds n_group={n_group}; use topk_group <= n_group."
+    if topk_group * size < k:
+        return (
+            f"topk_group={topk_group} groups of {size} experts hold fewer than "
+            f"experts_per_token={k}; raise topk_group to {-(-k // size)} or lower n_group."
+        )
+    return None
