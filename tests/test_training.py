@@ -275,6 +275,10 @@ def test_a_given_fabric_and_its_logger_are_used(saved, tok_dir, tmp_path):
     assert (tmp_path / "run" / "version_0" / "training_history.png").is_file()
 
 
+@pytest.mark.skipif(
+    int(__import__("transformers").__version__.split(".")[0]) < 5,
+    reason="the docs' table is computed under transformers 5 (stacked experts, anchor rows included)",
+)
 def test_the_at_scale_table_in_the_docs_is_the_code_s():
     """docs/training.md's memory table is what benchmarks/at_scale.py computes (meta device)."""
     import importlib.util

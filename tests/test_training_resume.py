@@ -133,9 +133,8 @@ def test_keep_last_prunes_older_steps(saved, tok_dir, tmp_path):  # noqa: F811
     assert sorted(p.name for p in root.iterdir()) == ["step-000003", "step-000004"]
     # the router stage's step checkpoint: routers and their moments only (a few kB here)
     sizes = {p.name: p.stat().st_size for p in (root / "step-000004").iterdir()}
-    assert set(load_file(str(root / "step-000004" / "trainable.safetensors"))) == {
-        f"model.layers.{i}.mlp.gate.weight" for i in range(2)
-    }
+    routers = load_file(str(root / "step-000004" / "trainable.safetensors"))
+    assert len(routers) == 2 and all(k.endswith("gate.weight") for k in routers)
     assert sizes["trainable.safetensors"] < 10_000
 
 

@@ -226,11 +226,10 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         )  # fmt: skip
 
     def _finish(self, run: TrainRun, config: TrainingConfig) -> nn.Module:
-        """Unfreeze, record the run in the config, save and plot."""
+        """Record the run in the config, save and plot. The parameters keep the stage's
+        ``requires_grad``, so parameter counts after the run say what trained."""
         fabric, module = self.fabric, run.module
         module.eval()
-        for param in module.parameters():
-            param.requires_grad_(True)
         set_model_aux_coefficient(module, config.router_aux_loss_coef)
         final = {k: v for k, v in run.history[-1].items() if k != "layers"} if run.history else {}
         module.config.moe_ct_training = {"params": config.record(), "final": final}
