@@ -9,8 +9,8 @@ shard and not the model.
 
 The result is the standard hub layout: ``model.safetensors``, or
 ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``, then
-``config.json`` (with the keys transformers 4 needs), the tokenizer and, when there is one,
-``generation_config.json`` — all written atomically (``io.checkpoint.atomic_directory``).
+``config.json`` (with the keys transformers 4 needs), the tokenizer (under a class name both
+majors load) and, when there is one, ``generation_config.json`` — all written atomically (``io.checkpoint.atomic_directory``).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from .checkpoint import add_legacy_config_fields, atomic_directory
+from ..progress import progress
+from .checkpoint import atomic_directory, make_portable
 
 log = logging.getLogger(__name__)
 
@@ -242,11 +242,10 @@ def write_hub_checkpoint(
     """
     with atomic_directory(directory, overwrite) as tmp:
         with ShardedSafetensorsWriter(tmp, specs, max_shard_bytes) as writer:
-            for name, tensor in tqdm(tensors, total=len(specs), desc="Writing", leave=False):
+            for name, tensor in progress(tensors, total=len(specs), desc="Writing", leave=False):
                 writer.write(name, tensor)
         final_config = config() if callable(config) else config
         final_config.save_pretrained(tmp)
-        add_legacy_config_fields(tmp / "config.json")
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         elif generation_config_from is not None:
@@ -257,6 +256,7 @@ def write_hub_checkpoint(
             tokenizer.save_pretrained(tmp)
         elif tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
+        make_portable(tmp)
     target = Path(directory).expanduser().absolute()
     log.info(
         "Saved MoE checkpoint to %s (%d tensors, %.2f GB in %d shard(s))",
