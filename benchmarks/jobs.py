@@ -37,7 +37,7 @@ def ours_api(args: argparse.Namespace) -> None:
     pool = CausalLMPool(
         models={"_pretrained_": args.base, **sources},
         tokenizer=args.base,
-        model_kwargs={"torch_dtype": "bfloat16"},
+        model_kwargs={"dtype": "bfloat16"},
     )
     algo = OrthogonalMoECTMergingAlgorithm(
         num_experts=None if sources else args.experts,
@@ -61,7 +61,7 @@ def fusionbench(args: argparse.Namespace) -> None:
     pool = CausalLMPool(
         models={"_pretrained_": args.base},
         tokenizer=args.base,
-        model_kwargs={"torch_dtype": "bfloat16"},
+        model_kwargs={"dtype": "bfloat16"},
     )
     algo = MixtralForCausalLMUpscalingAlgorithm(
         num_experts=args.experts, experts_per_token=args.topk, save_checkpoint=args.out

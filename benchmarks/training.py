@@ -94,7 +94,7 @@ def run_ours(args, fabric) -> float:
     algo.fabric = fabric
     model_dir = str(args.model)
     algo.run(CausalLMPool(models={"_pretrained_": model_dir}, tokenizer=model_dir,
-                          model_kwargs={"torch_dtype": "float32"}))  # fmt: skip
+                          model_kwargs={"dtype": "float32"}))  # fmt: skip
     return seconds[0]
 
 
@@ -136,7 +136,7 @@ def run_fullfinetune_sft(args, fabric) -> float:
     algo.fabric = fabric
     model_dir = str(args.model)
     algo.modelpool = CausalLMPool(models={"_pretrained_": model_dir}, tokenizer=model_dir,
-                                  model_kwargs={"torch_dtype": "float32"})  # fmt: skip
+                                  model_kwargs={"dtype": "float32"})  # fmt: skip
     algo.setup()
     started = time.perf_counter()
     algo.train(algo.model, algo.optimizer, algo.lr_scheduler)

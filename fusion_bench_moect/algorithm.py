@@ -22,7 +22,14 @@ from ._config import to_plain
 ensure_fusion_bench_mixtral_importable()
 from fusion_bench.method import MixtralForCausalLMMergingAlgorithm  # noqa: E402
 
-from .io.sources import open_source, pool_model_path  # noqa: E402
+from .errors import one_line_errors  # noqa: E402
+from .io.sources import (  # noqa: E402
+    check_local_path,
+    declared_model_path,
+    open_source,
+    pool_model_path,
+)
+from .io.streaming import TOKENIZER_FILES  # noqa: E402
 from .params import MoECTConfig, init_signature  # noqa: E402
 from .pipeline import ModelInputs, run_pipeline  # noqa: E402
 
@@ -63,6 +70,7 @@ class OrthogonalMoECTMergingAlgorithm(SimpleProfilerMixin, MixtralForCausalLMMer
         """Every algorithm parameter as plain JSON-able values."""
         return self.moect_config.record()
 
+    @one_line_errors
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | torch.nn.Module) -> torch.nn.Module | None:
         """Build the MoE model from the pool (and save it when ``save_checkpoint`` is set).
@@ -96,9 +104,42 @@ class OrthogonalMoECTMergingAlgorithm(SimpleProfilerMixin, MixtralForCausalLMMer
             )
         return result.model
 
+    def on_run_end(self) -> None:
+        """With ``save_checkpoint`` the model is saved already: FusionBench's program, which
+        would print "No save path specified for the merged model. Skipping saving." after our
+        "Saved MoE checkpoint to ...", is told there is nothing left to save (unless its own
+        ``merged_model_save_path`` asks for another copy)."""
+        super().on_run_end()
+        program = getattr(self, "_program", None)
+        if (
+            self.save_checkpoint
+            and hasattr(program, "save_merged_model")
+            and getattr(program, "merged_model_save_path", None) is None
+        ):
+            program.save_merged_model = _saved_by_save_checkpoint
+
+
+def _saved_by_save_checkpoint(model: torch.nn.Module) -> None:
+    """Stands in for the program's ``save_merged_model`` once ``save_checkpoint`` wrote it."""
+
+
+def check_pool_paths(modelpool: BaseModelPool) -> None:
+    """Every local path of the pool (models, tokenizer) exists and is readable, before any
+    model or tokenizer loads.
+
+    Raises:
+        SourceError: Naming the entry and the path.
+    """
+    for name in ["_pretrained_", *modelpool.model_names]:
+        path = declared_model_path(modelpool, name)
+        check_local_path(f"Model '{name}'", path, ("config.json", "adapter_config.json"))
+    tokenizer = getattr(modelpool, "tokenizer", None)
+    check_local_path("The model pool's tokenizer", tokenizer, TOKENIZER_FILES)
+
 
 def pool_inputs(modelpool: BaseModelPool) -> ModelInputs:
-    """The pipeline's inputs from a FusionBench model pool."""
+    """The pipeline's inputs from a FusionBench model pool (its paths checked first)."""
+    check_pool_paths(modelpool)
     tokenizer = None
     declared = getattr(modelpool, "tokenizer", None)
     if declared is not None:
@@ -116,6 +157,6 @@ def pool_inputs(modelpool: BaseModelPool) -> ModelInputs:
         directory=lambda name: pool_model_path(modelpool, name),
         tokenizer=tokenizer,
         vocabulary_dir=vocabulary_dir,
-        default_dtype=kwargs.get("torch_dtype") or kwargs.get("dtype"),
+        default_dtype=kwargs.get("dtype") or kwargs.get("torch_dtype"),
         load_dense=lambda: modelpool.load_model("_pretrained_"),
     )

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .arch import OutputArchitecture, auto_architecture
 from .arch.base import ExpertSlices, MoELayer, set_parameter
@@ -35,6 +34,7 @@ from .ops.fusion import add_noise, drop_neurons, lerp_fuse
 from .ops.routers import expand_groups, random_rows, scale_anchor_rows, seeded_generator
 from .ops.shared import concat_ffns, shared_expert_scales
 from .plan import MoEPlan
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class MoEEngine:
         the next item.
         """
         tied_base = bool(getattr(self.base.config, "tie_word_embeddings", False))
-        for item in tqdm(non_ffn, desc="Copying attention/embeddings", leave=False):
+        for item in progress(non_ffn, desc="Copying attention/embeddings", leave=False):
             if item.source is None:
                 yield item.name, torch.zeros(item.shape, dtype=self.dtype)
             elif item.name == LM_HEAD and tied_base:
@@ -243,7 +243,7 @@ class MoEEngine:
                 cfg.intermediate_size, generator=seeded_generator(plan.seed, STREAM_PERMUTE)
             )
         moe_layers = set(plan.moe_layers)
-        for layer in tqdm(
+        for layer in progress(
             range(cfg.num_hidden_layers), desc=f"Building {self.arch.name} MoE layers"
         ):
             if layer not in moe_layers:  # a dense layer keeps the base FFN

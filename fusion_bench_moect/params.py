@@ -33,6 +33,7 @@ from .schema import (
     plain,
     run_checks,
     signature,
+    yaml_value,
 )
 from .schema import (
     method_yaml as schema_yaml,
@@ -249,7 +250,7 @@ class MoECTConfig:
         "auto", "output family (docs/algorithm.md, What is built); auto: the base's default"
     )
     dtype: str | None = _param(
-        None, "output dtype (null = the pool's torch_dtype, else the base's)"
+        None, "output dtype (null = the pool's model_kwargs dtype, else the base's)"
     )
     seed: int = _param(
         42,
@@ -321,6 +322,32 @@ def parameter_table() -> str:
     return markdown_table(MoECTConfig)
 
 
+#: How each command-line form is written (the option's metavar), by its parse function.
+_METAVARS: dict[Any, str] = {
+    int: "N",
+    float: "X",
+    number_or_mapping: "X|NAME=X,...",
+    strategy_or_list: "NAME|A0,A1,...",
+    layers_or_auto: "auto_from_alpha|I,J,...",
+    shared_entry: "NAME[=R]",
+}
+
+
+def cli_help(f: dataclasses.Field) -> str:
+    """An option's help, generated from the schema field so that it cannot contradict it: a
+    flag says which value it sets; an option with choices lists exactly the ones it accepts
+    (a doc listing values reads ``"what: a | b | c"``)."""
+    doc, default = f.metadata["doc"], yaml_value(f.default)
+    if isinstance(f.default, bool):
+        if f.default:
+            return f"set {f.name} to false (default true: {doc})"
+        return f"set {f.name} to true: {doc} (default false)"
+    choices = f.metadata["cli"].get("choices")
+    if choices:
+        doc = f"{doc.partition(':')[0]}: {' | '.join(choices)}"
+    return f"{doc} (default {default})"
+
+
 def add_cli_options(parser: argparse.ArgumentParser) -> None:
     """One ``--option`` per parameter with a command-line form (defaults: the schema's)."""
     for f in dataclasses.fields(MoECTConfig):
@@ -328,11 +355,13 @@ def add_cli_options(parser: argparse.ArgumentParser) -> None:
         flag = cli.get("flag", "--" + f.name.replace("_", "-"))
         if flag is None:
             continue
-        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f.metadata["doc"]}
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": cli_help(f)}
         if isinstance(f.default, bool):
             kwargs["action"] = "store_false" if f.default else "store_true"
         else:
-            kwargs.update(type=cli.get("parse"), choices=cli.get("choices"), nargs=cli.get("nargs"))
+            parse = cli.get("parse")
+            kwargs.update(type=parse, choices=cli.get("choices"), nargs=cli.get("nargs"))
+            kwargs["metavar"] = None if cli.get("choices") else _METAVARS.get(parse, "NAME")
             kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "default"}
         parser.add_argument(flag, **kwargs)
 

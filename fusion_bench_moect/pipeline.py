@@ -44,7 +44,7 @@ class ModelInputs:
         tokenizer_dir: Or a directory whose tokenizer files are copied (lean CLI).
         vocabulary_dir: The directory of the tokenizer the output gets, when it is not
             ``tokenizer_dir`` (the pool's ``tokenizer`` path): sources must match it.
-        default_dtype: The output dtype when ``dtype`` is null (the pool's ``torch_dtype``).
+        default_dtype: The output dtype when ``dtype`` is null (the pool's ``model_kwargs`` dtype).
         load_dense: Loads the dense base model (prompt gates need a forward pass).
         output_config: For streaming, returns the output's transformers config given
             ``(plan, arch, dtype)``; it is called after the tensors are written.
@@ -87,7 +87,7 @@ def run_pipeline(config: MoECTConfig, inputs: ModelInputs) -> BuildResult:
             "<directory>; set it, or set streaming: false to get the model in memory."
         )
     if config.save_checkpoint:
-        check_destination(config.save_checkpoint, config.overwrite)
+        check_destination(config.save_checkpoint, config.overwrite, input_directories(inputs))
     with _opened(inputs) as (base, sources):
         engine = prepare_engine(config, inputs, base, sources)
         if config.save_checkpoint:
@@ -118,6 +118,13 @@ def run_pipeline(config: MoECTConfig, inputs: ModelInputs) -> BuildResult:
     return _finish_in_memory(config, engine, model)
 
 
+def input_directories(inputs: ModelInputs) -> dict[str, Path]:
+    """The local directories the build reads, by name (the output must not replace one)."""
+    named = {name: inputs.directory(name) for name in (BASE_EXPERT, *inputs.source_names)}
+    named["tokenizer"] = inputs.tokenizer_dir or inputs.vocabulary_dir
+    return {name: path for name, path in named.items() if path is not None}
+
+
 def prepare_engine(
     config: MoECTConfig,
     inputs: ModelInputs,
@@ -141,7 +148,7 @@ def prepare_engine(
     )
     requested = config.dtype if config.dtype not in (None, "auto") else inputs.default_dtype
     dtype = resolve_dtype(requested, base)
-    log_plan(plan, dtype)
+    log_plan(plan, dtype, arch)
     rows, shared_gate_rows = router_rows(plan, config, base, inputs)
     return MoEEngine(plan, arch, base, sources, rows, dtype, shared_gate_rows)
 
@@ -247,8 +254,9 @@ def _prompt_rows(
         del dense
 
 
-def log_plan(plan: MoEPlan, dtype: torch.dtype) -> None:
-    """The plan in four log lines: summary, experts, alphas, anchors."""
+def log_plan(plan: MoEPlan, dtype: torch.dtype, family: Any) -> None:
+    """The plan in four log lines (summary, experts, alphas, anchors), then what llama.cpp
+    would get wrong with it (docs/interop.md)."""
     anchors = [plan.expert_names[i] for i in plan.anchor_indices]
     log.info("MoE-CT: %s", plan.describe(dtype))
     log.info("Experts: %s", ", ".join(plan.expert_names))
@@ -258,6 +266,12 @@ def log_plan(plan: MoEPlan, dtype: torch.dtype) -> None:
         ", ".join(anchors) if anchors else "none",
         plan.router_aux_scale if anchors else 1.0,
     )
+    # Advice for one runtime, not a fault of the model: part of the summary, not a warning.
+    notes = family.llama_cpp_notes(
+        plan.num_experts, plan.experts_per_token, plan.shared_expert_share
+    )
+    for note in notes:
+        log.info("For llama.cpp: %s", note)
 
 
 def _recorded_config(

@@ -303,8 +303,7 @@ def _group_names(config: MoECTConfig, source_names: Sequence[str]) -> list[str]:
 def _check_routing(
     config: MoECTConfig, family: OutputArchitecture, num_groups: int, hidden_size: int
 ) -> None:
-    """Top-k within the expert count; enough dimensions for orthogonal router rows; what
-    llama.cpp would get wrong (warnings)."""
+    """Top-k within the expert count; enough dimensions for orthogonal router rows."""
     g, k = config.granularity, config.experts_per_token
     num = num_groups * g
     if not 1 <= k <= num:
@@ -319,8 +318,6 @@ def _check_routing(
             k,
             g,
         )
-    for note in family.llama_cpp_notes(num, k, config.shared_expert_share):
-        log.warning(note)
     if config.gate_mode == "orthogonal" and num_groups > hidden_size:
         raise ValueError(
             f"gate_mode 'orthogonal' needs at most hidden_size={hidden_size} distinct router rows "

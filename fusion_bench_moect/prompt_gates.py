@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .ops.routers import normalise_rows
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def prompt_router_rows(
     """
     model.eval()
     rows = []
-    for positive, negative in tqdm(group_prompts, desc=f"Router rows from prompts ({mode})"):
+    for positive, negative in progress(group_prompts, desc=f"Router rows from prompts ({mode})"):
         vec = _mean_states(model, tokenizer, positive, mode)
         if negative:
             vec = vec - _mean_states(model, tokenizer, negative, mode)

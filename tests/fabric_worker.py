@@ -38,7 +38,7 @@ def main(spec_path: str) -> None:
     pool = CausalLMPool(
         models={"_pretrained_": spec["moe_dir"]},
         tokenizer=spec["tokenizer"],
-        model_kwargs={"torch_dtype": "float32"},
+        model_kwargs={"dtype": "float32"},
     )
     model = algo.run(pool)
     if spec["strategy"] == "moe_fsdp2":  # the whole model, gathered on rank 0

@@ -1,8 +1,18 @@
-"""docs/algorithm.md, "Bad input": every bad input gets a clear error naming the culprit, and nothing is written."""
+"""docs/algorithm.md, "Bad input": every bad input gets a clear error naming the culprit, and
+nothing is written; through the Python API (the original exception type) and through the real
+``fusion_bench`` CLI (the message on the last lines of the output)."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -10,243 +20,363 @@ from conftest import make_model, perturbed, pool, train_tokenizer
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 
-
-@pytest.fixture
-def base_dir(saved):
-    return saved(make_model("llama"), "base")
+TESTS = Path(__file__).resolve().parent
 
 
-def assert_nothing_written(tmp_path: Path, allowed: set[str]):
-    leftovers = {p.name for p in tmp_path.iterdir()} - allowed
-    assert not leftovers, f"left behind: {leftovers}"
+@dataclass
+class Setup:
+    """One bad run: the pool's models and tokenizer, the parameters, where to save."""
+
+    models: dict[str, str]
+    params: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    save: str | None = None  # default <root>/out
 
 
-def run_expecting(tmp_path, models, message, exc=ValueError, tokenizer=None, **params):
-    allowed = {p.name for p in tmp_path.iterdir()}
-    algo = OrthogonalMoECTMergingAlgorithm(save_checkpoint=str(tmp_path / "out"), **params)
-    with pytest.raises(exc, match=message):
-        algo.run(pool(models, tokenizer=tokenizer))
-    assert_nothing_written(tmp_path, allowed)
+@dataclass
+class Case:
+    id: str
+    setup: Callable[[Path], Setup]
+    message: str  # a regex the error message matches
+    exc: type[Exception] = ValueError
 
 
-def test_no_pretrained_entry(tmp_path, base_dir):
-    run_expecting(tmp_path, {"de": base_dir}, "no '_pretrained_' entry: add `_pretrained_:")
+def _save(model, directory: Path) -> str:
+    model.save_pretrained(directory)
+    return str(directory)
 
 
-def test_unsupported_base_architecture(tmp_path, saved):
+def _base(root: Path, family: str = "llama", **overrides) -> str:
+    return _save(make_model(family, **overrides), root / f"base_{family}")
+
+
+def base_only(**params) -> Callable[[Path], Setup]:
+    return lambda root: Setup({"_pretrained_": _base(root)}, params)
+
+
+def base_and_source(**params) -> Callable[[Path], Setup]:
+    def setup(root: Path) -> Setup:
+        dense = make_model("llama")
+        ft = _save(perturbed(dense, 1), root / "ft")
+        return Setup({"_pretrained_": _save(dense, root / "base"), "ft": ft}, params)
+
+    return setup
+
+
+def other_source(**overrides) -> Callable[[Path], Setup]:
+    family = overrides.pop("family", "llama")
+    return lambda root: Setup(
+        {"_pretrained_": _base(root), "odd": _save(make_model(family, **overrides), root / "odd")}
+    )
+
+
+def unsupported_base(root: Path) -> Setup:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
-    run_expecting(
-        tmp_path,
-        {"_pretrained_": saved(gpt2, "gpt2")},
-        "Unsupported base architecture 'gpt2'; supported dense bases: llama, mistral, qwen2, qwen3",
-    )
+    return Setup({"_pretrained_": _save(gpt2, root / "gpt2")})
 
 
-def test_unknown_output_architecture(tmp_path, base_dir):
-    run_expecting(
-        tmp_path,
-        {"_pretrained_": base_dir},
-        "Unknown architecture 'deepseek'; valid: auto, mixtral, qwen2_moe, qwen3_moe",
-        architecture="deepseek",
-    )
+def non_finite(where: str, bad: float) -> Callable[[Path], Setup]:
+    def setup(root: Path) -> Setup:
+        dense = make_model("llama")
+        broken = perturbed(dense, 1)
+        with torch.no_grad():
+            (dense if where == "base" else broken).model.layers[1].mlp.up_proj.weight[3, 4] = bad
+        return Setup({"_pretrained_": _save(dense, root / "b"), "ft": _save(broken, root / "s")})
+
+    return setup
 
 
-def test_qwen3_base_into_mixtral_names_the_architecture_that_fits(tmp_path, saved):
-    run_expecting(
-        tmp_path,
-        {"_pretrained_": saved(make_model("qwen3"), "qwen3")},
-        r"cannot represent base tensor 'model.layers.0.self_attn.[qk]_norm.weight' .* use architecture: qwen3_moe",
-        architecture="mixtral",
-    )
+def damaged_source(damage: str) -> Callable[[Path], Setup]:
+    def setup(root: Path) -> Setup:
+        dense = make_model("llama")
+        src = Path(_save(perturbed(dense, 1), root / "s"))
+        file = src / "model.safetensors"
+        data = file.read_bytes()
+        file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07garbage" * 20)
+        return Setup({"_pretrained_": _save(dense, root / "b"), "s": str(src)})
+
+    return setup
 
 
-def test_qwen2_base_with_biases_into_mixtral(tmp_path, saved):
-    run_expecting(
-        tmp_path,
-        {"_pretrained_": saved(make_model("qwen2"), "qwen2")},
-        "cannot represent base tensor '.*bias'.*use architecture: qwen2_moe",
-        architecture="mixtral",
-    )
-
-
-def test_source_of_another_architecture(tmp_path, base_dir, saved):
-    other = saved(make_model("mistral"), "mistral")
-    run_expecting(
-        tmp_path,
-        {"_pretrained_": base_dir, "odd": other},
-        "Source 'odd' is a mistral model but the base is llama",
-    )
-
-
-def test_source_with_other_layer_count(tmp_path, base_dir, saved):
-    other = saved(make_model("llama", layers=3), "deep")
-    run_expecting(
-        tmp_path,
-        {"_pretrained_": base_dir, "deep": other},
-        "Source 'deep' has 3 layers, the base has 2",
-    )
-
-
-def test_source_with_other_tensor_shape(tmp_path, base_dir, saved):
-    other = saved(make_model("llama", intermediate_size=32), "narrow")
-    run_expecting(
-        tmp_path,
-        {"_pretrained_": base_dir, "narrow": other},
-        r"Source 'narrow': tensor 'model.layers.0.mlp.down_proj.weight' has shape \[72, 32\], the base has \[72, 64\]",
-    )
-
-
-@pytest.mark.parametrize("where", ["base", "source"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nan_or_inf_tensor(tmp_path, saved, where, bad):
+def other_vocabulary(root: Path) -> Setup:
     dense = make_model("llama")
-    broken = perturbed(dense, 1)
-    victim = dense if where == "base" else broken
-    with torch.no_grad():
-        victim.model.layers[1].mlp.up_proj.weight[3, 4] = bad
-    models = {"_pretrained_": saved(dense, "b"), "ft": saved(broken, "s")}
-    name = "_pretrained_" if where == "base" else "ft"
-    run_expecting(
-        tmp_path,
-        models,
-        f"Model '{name}': tensor 'model.layers.1.mlp.up_proj.weight' contains NaN or Inf",
-    )
-
-
-def test_tokenizers_with_different_vocabularies(tmp_path, saved):
-    dense = make_model("llama")
-    base = saved(dense, "b")
-    src = saved(perturbed(dense, 1), "s")
+    base, src = _save(dense, root / "b"), _save(perturbed(dense, 1), root / "s")
     train_tokenizer(Path(base))
     train_tokenizer(Path(src), vocab_size=300, extra=" zebra quokka " * 50)
-    run_expecting(
-        tmp_path,
-        {"_pretrained_": base, "s": src},
-        "Source 's' has a tokenizer whose vocabulary differs from the base",
-        tokenizer=base,
+    return Setup({"_pretrained_": base, "s": src}, tokenizer=base)
+
+
+def prompt_gates(mode: str, step: int) -> Callable[[Path], Setup]:
+    def setup(root: Path) -> Setup:
+        params: dict[str, Any] = {"gate_mode": mode, "num_experts": 2}
+        tokenizer = None
+        if step >= 1:
+            params["prompts"] = {"expert_0": ["GNU"], "expert_1": ["software"]}
+        if step == 2:
+            params["prompts"] = {"expert_0": ["GNU"]}
+            tokenizer = str(root / "tok")
+            train_tokenizer(root / "tok")
+        return Setup({"_pretrained_": _base(root)}, params, tokenizer)
+
+    return setup
+
+
+def missing(where: str) -> Callable[[Path], Setup]:
+    def setup(root: Path) -> Setup:
+        base = _base(root)
+        if where == "base":
+            return Setup({"_pretrained_": str(root / "nope")})
+        if where == "source":
+            return Setup({"_pretrained_": base, "ft": str(root / "nope")})
+        if where == "tokenizer":
+            return Setup({"_pretrained_": base}, tokenizer=str(root / "nope"))
+        (root / "empty").mkdir()
+        return Setup({"_pretrained_": str(root / "empty")})
+
+    return setup
+
+
+def save_under_a_file(root: Path) -> Setup:
+    (root / "plain_file").write_text("x")
+    return Setup(
+        {"_pretrained_": _base(root)}, {"num_experts": 2}, save=str(root / "plain_file/out")
     )
 
 
-@pytest.mark.parametrize("k", [0, 3])
-def test_top_k_out_of_range(tmp_path, base_dir, k):
-    run_expecting(
-        tmp_path,
-        {"_pretrained_": base_dir},
-        rf"experts_per_token={k} must lie in \[1, num_experts=2\]",
-        num_experts=2,
-        experts_per_token=k,
-    )
+def save_to_a_file(root: Path) -> Setup:
+    (root / "out").write_text("x")
+    return Setup({"_pretrained_": _base(root)}, {"num_experts": 2})
 
 
-def test_more_orthogonal_rows_than_hidden_size(tmp_path, base_dir):
-    run_expecting(
-        tmp_path,
-        {"_pretrained_": base_dir},
-        "gate_mode 'orthogonal' needs at most hidden_size=72 distinct router rows but the plan has 73",
-        num_experts=73,
-    )
+def overwrite_an_input(target: str) -> Callable[[Path], Setup]:
+    def setup(root: Path) -> Setup:
+        made = base_and_source(overwrite=True)(root / "models")
+        save = {"base": made.models["_pretrained_"], "source": made.models["ft"]}.get(target)
+        return Setup(made.models, made.params, save=save or str(root / "models"))
+
+    return setup
 
 
-@pytest.mark.parametrize(
-    "params, message",
-    [
-        ({"base_alpha": 1.2}, r"base_alpha must lie in \[0, 1\], got 1.2"),
-        (
-            {"alpha_strategy": "cosine"},
-            "Unknown alpha_strategy 'cosine'; valid: constant, linear_increase",
-        ),
-        ({"alpha_strategy": [0.1, 0.2, 0.3]}, "list of 3 values but the base model has 2 layers"),
-        ({"alpha_strategy": [0.1, -0.2]}, "layer 1 has -0.2"),
-        (
-            {"gate_mode": "learned"},
-            "Unknown gate_mode 'learned'; valid: orthogonal, random, uniform_random, hidden, cheap_embed",
-        ),
-        ({"granularity": 5}, "intermediate size 64 is not divisible by granularity 5"),
-        (
-            {"num_experts": 3},
-            "num_experts=3 but the pool gives 1 source experts \\+ the base expert",
-        ),
-        ({"dtype": "float8"}, "Unknown dtype 'float8'"),
-        (
-            {"anchor_experts": ["nobody"]},
-            "anchor_experts names \\['nobody'\\] that are not experts",
-        ),
+BAD_PARAMETERS = [
+    ({"base_alpha": 1.2}, r"base_alpha must lie in \[0, 1\], got 1.2"),
+    (
+        {"alpha_strategy": "cosine"},
+        "Unknown alpha_strategy 'cosine'; valid: constant, linear_increase",
+    ),
+    ({"alpha_strategy": [0.1, 0.2, 0.3]}, "list of 3 values but the base model has 2 layers"),
+    ({"alpha_strategy": [0.1, -0.2]}, "layer 1 has -0.2"),
+    (
+        {"gate_mode": "learned"},
+        "Unknown gate_mode 'learned'; valid: orthogonal, random, uniform_random, hidden, cheap_embed",
+    ),
+    ({"granularity": 5}, "intermediate size 64 is not divisible by granularity 5"),
+    ({"num_experts": 3}, "num_experts=3 but the pool gives 1 source experts \\+ the base expert"),
+    ({"dtype": "float8"}, "Unknown dtype 'float8'"),
+    ({"anchor_experts": ["nobody"]}, "anchor_experts names \\['nobody'\\] that are not experts"),
+]
+
+CASES = [
+    Case(
+        "no_pretrained",
+        lambda r: Setup({"de": _base(r)}),
+        "no '_pretrained_' entry: add `_pretrained_:",
+    ),
+    Case(
+        "unsupported_base",
+        unsupported_base,
+        "Unsupported base architecture 'gpt2'; supported dense bases: llama, mistral, qwen2, qwen3",
+    ),
+    Case(
+        "unknown_architecture",
+        base_only(architecture="deepseek"),
+        "Unknown architecture 'deepseek'; valid: auto, mixtral, qwen2_moe, qwen3_moe",
+    ),
+    Case(
+        "qwen3_into_mixtral",
+        lambda r: Setup({"_pretrained_": _base(r, "qwen3")}, {"architecture": "mixtral"}),
+        r"cannot represent base tensor 'model.layers.0.self_attn.[qk]_norm.weight' .* use architecture: qwen3_moe",
+    ),
+    Case(
+        "qwen2_biases_into_mixtral",
+        lambda r: Setup({"_pretrained_": _base(r, "qwen2")}, {"architecture": "mixtral"}),
+        "cannot represent base tensor '.*bias'.*use architecture: qwen2_moe",
+    ),
+    Case(
+        "source_family",
+        other_source(family="mistral"),
+        "Source 'odd' is a mistral model but the base is llama",
+    ),
+    Case("source_layers", other_source(layers=3), "Source 'odd' has 3 layers, the base has 2"),
+    Case(
+        "source_shape",
+        other_source(intermediate_size=32),
+        r"Source 'odd': tensor 'model.layers.0.mlp.down_proj.weight' has shape \[72, 32\], the base has \[72, 64\]",
+    ),
+    *[
+        Case(
+            f"{bad}_in_{where}",
+            non_finite(where, float(bad)),
+            f"Model '{'_pretrained_' if where == 'base' else 'ft'}': tensor "
+            "'model.layers.1.mlp.up_proj.weight' contains NaN or Inf",
+        )
+        for where in ("base", "source")
+        for bad in ("nan", "inf")
     ],
-)
-def test_bad_parameters(tmp_path, saved, params, message):
-    dense = make_model("llama")
-    models = {"_pretrained_": saved(dense, "b"), "ft": saved(perturbed(dense, 1), "s")}
-    run_expecting(tmp_path, models, message, **params)
-
-
-def test_num_experts_not_a_multiple_of_granularity(tmp_path, base_dir):
-    run_expecting(
-        tmp_path,
-        {"_pretrained_": base_dir},
+    Case(
+        "vocabularies",
+        other_vocabulary,
+        "Source 's' has a tokenizer whose vocabulary differs from the base",
+    ),
+    *[
+        Case(
+            f"top_k_{k}",
+            base_only(num_experts=2, experts_per_token=k),
+            rf"experts_per_token={k} must lie in \[1, num_experts=2\]",
+        )
+        for k in (0, 3)
+    ],
+    Case(
+        "too_many_orthogonal_rows",
+        base_only(num_experts=73),
+        "gate_mode 'orthogonal' needs at most hidden_size=72 distinct router rows but the plan has 73",
+    ),
+    *[
+        Case(f"parameter_{i}", base_and_source(**params), message)
+        for i, (params, message) in enumerate(BAD_PARAMETERS)
+    ],
+    Case(
+        "experts_not_a_multiple",
+        base_only(granularity=4, num_experts=6),
         "num_experts=6 is not a multiple of granularity 4",
-        granularity=4,
-        num_experts=6,
-    )
+    ),
+    *[
+        Case(f"{mode}_{step}", prompt_gates(mode, step), message.format(mode))
+        for mode in ("hidden", "cheap_embed")
+        for step, message in enumerate(
+            [
+                "gate_mode '{}' needs prompts",
+                "gate_mode '{}' needs a tokenizer",
+                "gate_mode '{}': expert 'expert_1' has no prompts",
+            ]
+        )
+    ],
+    Case(
+        "save_under_a_file",
+        save_under_a_file,
+        "cannot write in .*plain_file: it is a file",
+        NotADirectoryError,
+    ),
+    Case("save_to_a_file", save_to_a_file, "exists and is not a directory", FileExistsError),
+    *[
+        Case(
+            f"{damage}_safetensors",
+            damaged_source(damage),
+            "Model 's': cannot open .*model.safetensors .*truncated or corrupt",
+        )
+        for damage in ("truncate", "garbage")
+    ],
+    Case("missing_base", missing("base"), "Model '_pretrained_': .*/nope does not exist"),
+    Case("missing_source", missing("source"), "Model 'ft': .*/nope does not exist"),
+    Case(
+        "missing_tokenizer",
+        missing("tokenizer"),
+        "The model pool's tokenizer: .*/nope does not exist",
+    ),
+    Case(
+        "empty_base", missing("empty"), "Model '_pretrained_': .*/empty holds none of config.json"
+    ),
+    *[
+        Case(
+            f"overwrite_{target}",
+            overwrite_an_input(target),
+            rf"save_checkpoint=.* {'contains' if target == 'parent' else 'is'} the directory of "
+            rf"'{'ft' if target == 'source' else '_pretrained_'}'.*which this run reads",
+        )
+        for target in ("base", "source", "parent")
+    ],
+]
 
 
-@pytest.mark.parametrize("mode", ["hidden", "cheap_embed"])
-def test_prompt_gates_without_prompts_or_tokenizer(tmp_path, base_dir, mode):
-    run_expecting(
-        tmp_path,
-        {"_pretrained_": base_dir},
-        f"gate_mode '{mode}' needs prompts",
-        gate_mode=mode,
-        num_experts=2,
-    )
-    prompts = {"expert_0": ["GNU"], "expert_1": ["software"]}
-    run_expecting(
-        tmp_path,
-        {"_pretrained_": base_dir},
-        f"gate_mode '{mode}' needs a tokenizer",
-        gate_mode=mode,
-        num_experts=2,
-        prompts=prompts,
-    )
-    train_tokenizer(tmp_path / "tok")
-    run_expecting(
-        tmp_path,
-        {"_pretrained_": base_dir},
-        f"gate_mode '{mode}': expert 'expert_1' has no prompts",
-        tokenizer=str(tmp_path / "tok"),
-        gate_mode=mode,
-        num_experts=2,
-        prompts={"expert_0": ["GNU"]},
-    )
+def snapshot(root: Path) -> dict[str, float]:
+    """Every path under ``root`` with its modification time (to show nothing changed)."""
+    return {str(p): p.stat().st_mtime for p in root.rglob("*")}
 
 
-def test_unwritable_save_directory(tmp_path, base_dir):
-    (tmp_path / "plain_file").write_text("x")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input(tmp_path, case):
+    setup = case.setup(tmp_path)
+    before = snapshot(tmp_path)
     algo = OrthogonalMoECTMergingAlgorithm(
-        num_experts=2, save_checkpoint=str(tmp_path / "plain_file" / "out")
+        save_checkpoint=setup.save or str(tmp_path / "out"), **setup.params
     )
-    with pytest.raises(NotADirectoryError, match="cannot write in .*plain_file: it is a file"):
-        algo.run(pool({"_pretrained_": base_dir}))
-    assert (tmp_path / "plain_file").read_text() == "x"
+    with pytest.raises(case.exc, match=case.message):
+        algo.run(pool(setup.models, tokenizer=setup.tokenizer))
+    assert snapshot(tmp_path) == before
 
 
-def test_save_path_that_is_a_file(tmp_path, base_dir):
-    (tmp_path / "out").write_text("x")
-    algo = OrthogonalMoECTMergingAlgorithm(num_experts=2, save_checkpoint=str(tmp_path / "out"))
-    with pytest.raises(FileExistsError, match="exists and is not a directory"):
-        algo.run(pool({"_pretrained_": base_dir}))
+def hydra_value(value: Any) -> str:
+    """A value in Hydra's override grammar."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_truncated_or_corrupt_safetensors(tmp_path, saved, damage):
-    dense = make_model("llama")
-    src = Path(saved(perturbed(dense, 1), "s"))
-    file = src / "model.safetensors"
-    data = file.read_bytes()
-    file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07garbage" * 20)
-    run_expecting(
-        tmp_path,
-        {"_pretrained_": saved(dense, "b"), "s": str(src)},
-        "Model 's': cannot open .*model.safetensors .*truncated or corrupt",
+def cli_overrides(setup: Setup, root: Path) -> list[str]:
+    """The ``fusion_bench`` command line of a bad run."""
+    argv = ["method=moe_ct_upcycling", "modelpool=CausalLMPool/moe_ct_upcycle", "taskpool=dummy"]
+    argv += ["~modelpool.models", f"+modelpool.models={hydra_value(setup.models)}"]
+    argv.append(f"modelpool.tokenizer={hydra_value(setup.tokenizer)}")
+    argv += [f"method.{k}={hydra_value(v)}" for k, v in setup.params.items()]
+    argv.append(f"method.save_checkpoint={hydra_value(setup.save or str(root / 'out'))}")
+    logs = root.parent / f"{root.name}-logs"
+    return argv + [
+        f"hydra.run.dir={hydra_value(str(logs))}",
+        f"path.log_dir={hydra_value(str(logs))}",
+    ]
+
+
+def run_fusion_bench(jobs: list[dict[str, Any]], tmp_path: Path) -> None:
+    """Run the ``fusion_bench`` CLI once per job, all in one process (tests/fusion_bench_driver.py)."""
+    spec = tmp_path / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    out = subprocess.run(
+        [sys.executable, str(TESTS / "fusion_bench_driver.py"), str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+        },
     )
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_bad_input_through_fusion_bench_ends_with_the_message(tmp_path):
+    """Each case above through the real CLI: exit status 1, the plugin's one-line message
+    among the last 3 lines of the output, nothing written."""
+    jobs, befores = [], {}
+    for case in CASES:
+        root = tmp_path / case.id
+        root.mkdir()
+        setup = case.setup(root)
+        befores[case.id] = snapshot(root)
+        jobs.append(
+            {"argv": cli_overrides(setup, root), "output": str(tmp_path / f"{case.id}.txt")}
+        )
+    run_fusion_bench(jobs, tmp_path)
+    for case, job in zip(CASES, jobs, strict=True):
+        text = Path(job["output"]).read_text()
+        tail = "\n".join(text.rstrip("\n").splitlines()[-3:])
+        assert Path(job["output"] + ".status").read_text() == "1", (case.id, text[-2000:])
+        assert re.search(case.message, tail), (case.id, tail)
+        assert snapshot(tmp_path / case.id) == befores[case.id], case.id

@@ -140,7 +140,7 @@ def test_real_fusion_bench_grid(tmp_path, monkeypatch):
         fixed=[
             f"modelpool.models._pretrained_={base}",
             f"modelpool.tokenizer={base}",
-            "modelpool.model_kwargs.torch_dtype=float32",
+            "modelpool.model_kwargs.dtype=float32",
             "num_experts=4",
             f"taskpool.sources.gpl3='{text}'",
             "taskpool.max_tokens_per_source=128",

@@ -74,7 +74,7 @@ def test_upcycled_smollm2_through_fusion_bench_cli(smollm2_dir, tmp_path):
         f"modelpool.models._pretrained_={smollm2_dir}",
         # float32: in bf16, transformers 4.57's Mixtral block sums the top-k expert outputs
         # in bf16 and drifts by ~0.3 % over 30 layers (5.x stays within 0.001 %).
-        "modelpool.model_kwargs.torch_dtype=float32",
+        "modelpool.model_kwargs.dtype=float32",
         "taskpool=moe_text_perplexity",
         "taskpool.max_tokens_per_source=256",
         "taskpool.window_length=256",

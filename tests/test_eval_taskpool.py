@@ -264,7 +264,7 @@ def test_through_fusion_bench_program(tokenizer_dir, text_file, tmp_path):
                 "_target_": "fusion_bench.modelpool.CausalLMPool",
                 "models": {"_pretrained_": str(base_dir)},
                 "tokenizer": str(tokenizer_dir),
-                "model_kwargs": {"torch_dtype": "float32"},
+                "model_kwargs": {"dtype": "float32"},
             }
         ),
         taskpool=DictConfig(

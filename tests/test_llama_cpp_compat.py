@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from conftest import make_model, pool
+from conftest import make_model, perturbed, pool
 from test_streaming import read_tensors
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
@@ -111,18 +111,26 @@ def test_llama_cpp_notes():
     assert len(llama_cpp_notes("qwen2_moe", 12, 2, 0.5)) == 2
 
 
-def test_interop_warnings_are_logged_once(saved, caplog):
-    path = saved(make_model("llama"))
-    with caplog.at_level(logging.WARNING):
-        OrthogonalMoECTMergingAlgorithm(num_experts=8, dtype="float32").run(
-            pool({"_pretrained_": path})
-        )
-    assert "llama.cpp" not in caplog.text
+def test_llama_cpp_notes_are_in_the_plan_summary_not_warnings(saved, caplog):
+    """A default merge of 2 sources has 3 experts (not a power of two): nothing is wrong with
+    the model, so no WARNING; the advice is one INFO line of the plan summary."""
+    dense = make_model("llama")
+    models = {
+        "_pretrained_": saved(dense),
+        "a": saved(perturbed(dense, 1)),
+        "b": saved(perturbed(dense, 2)),
+    }
+    with caplog.at_level(logging.INFO):
+        OrthogonalMoECTMergingAlgorithm(dtype="float32").run(pool(models))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    infos = [r.getMessage() for r in caplog.records if "llama.cpp" in r.getMessage()]
+    assert len(infos) == 1 and "num_experts=3 is not a power of two" in infos[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         OrthogonalMoECTMergingAlgorithm(
             num_experts=6, architecture="qwen2_moe", dtype="float32"
-        ).run(pool({"_pretrained_": path}))
-    texts = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        ).run(pool({"_pretrained_": models["_pretrained_"]}))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    texts = [r.getMessage() for r in caplog.records]
     assert sum("not a power of two" in t for t in texts) == 1
     assert sum("ignores norm_topk_prob" in t for t in texts) == 1

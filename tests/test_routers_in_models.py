@@ -162,7 +162,7 @@ def test_parent_defects_are_absent(saved, real_ids):
     dense = make_model("llama")  # saved in float32
     algo = OrthogonalMoECTMergingAlgorithm(num_experts=5, experts_per_token=2)
     assert isinstance(algo, MixtralForCausalLMMergingAlgorithm)
-    moe = algo.run(pool({"_pretrained_": saved(dense)}, model_kwargs={"torch_dtype": "bfloat16"}))
+    moe = algo.run(pool({"_pretrained_": saved(dense)}, model_kwargs={"dtype": "bfloat16"}))
     assert moe.config.num_local_experts == 5 and len(routers(moe)[0]) == 5
     assert moe.dtype == torch.bfloat16
     for name, param in moe.named_parameters():

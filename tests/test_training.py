@@ -48,7 +48,7 @@ def train(moe_dir, tok_dir, **params):
     }
     algo = MoECTTrainingAlgorithm(**{**settings, **params})
     return algo, algo.run(
-        pool({"_pretrained_": moe_dir}, tokenizer=tok_dir, model_kwargs={"torch_dtype": "float32"})
+        pool({"_pretrained_": moe_dir}, tokenizer=tok_dir, model_kwargs={"dtype": "float32"})
     )
 
 

@@ -34,7 +34,7 @@ def test_cli_trains_on_two_ddp_processes(saved, tok_dir, tmp_path, real_ids):  #
         "modelpool=CausalLMPool/moe_ct_upcycle",
         f"modelpool.models._pretrained_={moe_dir}",
         f"modelpool.tokenizer={tok_dir}",
-        "modelpool.model_kwargs.torch_dtype=float32",
+        "modelpool.model_kwargs.dtype=float32",
         "taskpool=dummy",
         "fabric.accelerator=cpu",
         "fabric.devices=2",

@@ -60,7 +60,7 @@ def run_fabric(tmp_path, moe_dir, tok, devices, strategy, **extra):
 def run_local(moe_dir, tok, **extra):
     algo = MoECTTrainingAlgorithm(accelerator="cpu", **params(**extra))
     model = algo.run(
-        pool({"_pretrained_": moe_dir}, tokenizer=tok, model_kwargs={"torch_dtype": "float32"})
+        pool({"_pretrained_": moe_dir}, tokenizer=tok, model_kwargs={"dtype": "float32"})
     )
     return algo, {k: v.detach().clone() for k, v in model.state_dict().items()}
 

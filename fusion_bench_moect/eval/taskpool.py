@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from fusion_bench import auto_register_config
 from fusion_bench.taskpool import BaseTaskPool
 from torch import nn
-from tqdm.auto import tqdm
 
 from fusion_bench_moect._config import to_plain
 from fusion_bench_moect.eval.routing import (
@@ -24,6 +23,8 @@ from fusion_bench_moect.eval.routing import (
 )
 from fusion_bench_moect.eval.text import load_source
 from fusion_bench_moect.inspection import MoEInfo, describe_moe, moe_ct_record
+
+from ..progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +252,8 @@ class MoETextTaskPool(BaseTaskPool):
             )
             started = time.perf_counter()
             batches = range(0, len(chunks), self.batch_size)
-            for start in tqdm(
-                batches, desc=f"{label} | {name}", disable=not self.show_progress, leave=False
+            for start in progress(
+                batches, desc=f"{label} | {name}", enabled=self.show_progress, leave=False
             ):
                 batch = chunks[start : start + self.batch_size]
                 length = max(len(c) for c in batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -186,16 +187,61 @@ class ModuleSource(TensorSource):
         self._state.clear()
 
 
-def pool_model_path(modelpool: Any, name: str) -> Path | None:
-    """The local directory behind a pool entry, or None when the pool must load it."""
+def declared_model_path(modelpool: Any, name: str) -> Any:
+    """What the pool gives for entry ``name``: a path or hub id, or a config (None if none)."""
     getter = getattr(modelpool, "get_model_path", None)
     try:
-        path = getter(name) if getter is not None else modelpool.get_model_config(name)
+        return getter(name) if getter is not None else modelpool.get_model_config(name)
     except Exception:
         return None
-    if isinstance(path, (str, os.PathLike)) and Path(path).is_dir():
-        return Path(path)
+
+
+def pool_model_path(modelpool: Any, name: str) -> Path | None:
+    """The local directory behind a pool entry, or None when the pool must load it."""
+    path = declared_model_path(modelpool, name)
+    if isinstance(path, (str, os.PathLike)) and Path(path).expanduser().is_dir():
+        return Path(path).expanduser()
     return None
+
+
+#: ``name`` or ``namespace/name``: what a pool entry that is not a local path may be (a model
+#: in the Hugging Face cache); anything else that does not exist is a missing path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def check_local_path(owner: str, path: Any, needs: tuple[str, ...] = ("config.json",)) -> None:
+    """Fail before anything loads when ``path`` (a pool entry, the pool's tokenizer, a CLI
+    argument) names a local directory that is missing, unreadable or not a model directory.
+
+    Args:
+        owner: Who names the path, for the message (e.g. ``"Model 'ft'"``).
+        path: The value; not a string or path, or a hub id absent locally: not checked.
+        needs: File names of which the directory must hold at least one.
+
+    Raises:
+        SourceError: Naming the path and what is wrong with it.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        return
+    local = Path(path).expanduser()
+    if not local.exists():
+        if isinstance(path, str) and _HUB_ID.fullmatch(path):
+            return  # left to the pool (the Hugging Face cache)
+        raise SourceError(f"{owner}: {local} does not exist; give an existing directory.")
+    if not local.is_dir():
+        raise SourceError(f"{owner}: {local} is a file; give the model's directory.")
+    if not os.access(local, os.R_OK | os.X_OK):
+        raise SourceError(f"{owner}: {local} cannot be read (permission denied).")
+    present = [n for n in needs if (local / n).is_file()]
+    if not present:
+        raise SourceError(
+            f"{owner}: {local} holds none of {', '.join(needs)}; it is not a Hugging Face "
+            "model directory (or the files are not there yet)."
+        )
+    files = [local / n for n in present] + sorted(local.glob("*.safetensors"))
+    unreadable = [f for f in files if not os.access(f, os.R_OK)]
+    if unreadable:
+        raise SourceError(f"{owner}: {unreadable[0]} cannot be read (permission denied).")
 
 
 def is_safetensors_dir(path: str | os.PathLike) -> bool:
