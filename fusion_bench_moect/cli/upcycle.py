@@ -140,18 +140,20 @@ def upcycle(args: argparse.Namespace) -> list[float]:
     from ..io.lora import is_adapter_dir
     from ..io.sources import (
         SourceError,
+        check_local_path,
         is_safetensors_dir,
         open_adapter,
         open_directory,
         read_config_json,
     )
-    from ..io.streaming import write_hub_checkpoint  # noqa: F401
+    from ..io.streaming import TOKENIZER_FILES, write_hub_checkpoint  # noqa: F401
     from ..params import config_from_args
     from ..pipeline import ModelInputs, run_pipeline
 
     config = config_from_args(args, save_checkpoint=args.output, streaming=True)
     dirs = {"_pretrained_": Path(args.base), **_parse_sources(args.source)}
     for name, directory in dirs.items():
+        check_local_path(f"Model '{name}'", directory, ("config.json", "adapter_config.json"))
         if name != "_pretrained_" and is_adapter_dir(directory):
             continue  # a PEFT LoRA adapter, checked when opened over the base
         if not is_safetensors_dir(directory):
@@ -165,6 +167,8 @@ def upcycle(args: argparse.Namespace) -> list[float]:
                 )
                 + "."
             )
+    if args.tokenizer:
+        check_local_path("--tokenizer", args.tokenizer, TOKENIZER_FILES)
     raw = read_config_json("_pretrained_", args.base)
     missing = [f for f in STRUCTURE_FIELDS[:4] if not hasattr(raw, f)]
     if missing:

@@ -1,14 +1,18 @@
 """Write MoE checkpoints atomically: a temp directory beside the target, then one rename.
 
-A temporary is named ``.NAME.tmp-PID-XXXXXXXX`` (the directory an overwrite replaces is moved
-aside as ``.NAME.old-PID-XXXXXXXX``) and locked (``flock``) while its process lives, so the next
-run into the same place removes what a killed process left and never touches a live one's.
+A temporary is named ``.NAME.tmp-PID-XXXXXXXX`` and locked (``flock``) while its process lives,
+so the next run into the same place removes what a killed process left and never touches a live
+one's. An overwrite swaps the new directory with the old in one step where Linux can
+(``renameat2``), so the target is never absent; elsewhere the old one is first renamed aside
+(``.NAME.old-PID-XXXXXXXX``).
 Files and directories get the modes the umask gives, as files written by ``open`` do
 (transformers 5 writes ``model.safetensors`` 0600 through a temporary file).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -271,19 +275,39 @@ def atomic_directory(directory: str | os.PathLike, overwrite: bool = False) -> I
             os.close(fd)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the C library or the file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
 def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing ``target`` is first renamed aside (in the same
-    directory, so no write permission on it is needed) and removed afterwards."""
+    """Rename ``tmp`` to ``target``. An existing ``target`` is swapped with ``tmp`` in one
+    step where the system can (so it is never absent), else renamed aside first; either way
+    within its directory (no write permission on it needed), and removed afterwards."""
     if not target.exists():
         os.replace(tmp, target)
         return
-    old = _temporary_path(target, "old")
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
+    if _exchange(tmp, target):
+        old = tmp  # now holds the replaced checkpoint
+    else:
+        old = _temporary_path(target, "old")
+        os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
     try:
         shutil.rmtree(old)
     except OSError as err:
