@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import in_ci, make_model, perturbed, pool
+from conftest import in_ci, make_model, perturbed, pool, real_text, train_tokenizer
 from test_checkpoint import reload_logits
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
@@ -66,3 +67,49 @@ def test_checkpoint_loads_under_the_other_major(tmp_path, saved, real_ids, pytho
         expected = moe(real_ids).logits
     logits, _ = reload_logits(out_dir, real_ids, tmp_path, python=python)
     assert (logits - expected).abs().max().item() < 1e-5
+
+
+TOKENIZE = """
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+print(json.dumps({"ids": tok(sys.argv[2])["input_ids"], "eos": tok.eos_token}))
+"""
+
+
+def write_with(writer: str, base: Path, out: Path) -> None:
+    """A checkpoint with the base's tokenizer, through one of the three writers."""
+    if writer == "lean":
+        from fusion_bench_moect.cli.upcycle import main
+
+        assert main([str(base), str(out), "--num-experts", "2", "-q"]) == 0
+        return
+    models = pool({"_pretrained_": str(base)}, tokenizer=str(base))
+    if writer == "streamed":
+        OrthogonalMoECTMergingAlgorithm(num_experts=2, save_checkpoint=str(out)).run(models)
+    else:  # in memory, as a trained model is saved
+        from fusion_bench_moect.io.checkpoint import save_checkpoint
+
+        model = OrthogonalMoECTMergingAlgorithm(num_experts=2).run(models)
+        save_checkpoint(model, out, models.load_tokenizer())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("writer", ["streamed", "in_memory", "lean"])
+def test_tokenizer_loads_under_the_other_major(tmp_path, python, writer):
+    """The tokenizer saved by this major (transformers 5 names its class TokenizersBackend,
+    which 4.57 cannot load) tokenizes real text the same under the other major."""
+    base = tmp_path / "base"
+    make_model("llama").save_pretrained(base)
+    tokenizer = train_tokenizer(base)
+    write_with(writer, base, tmp_path / "moe")
+    text = real_text()[:600]
+    out = subprocess.run(
+        [python, "-c", TOKENIZE, str(tmp_path / "moe"), text],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded == {"ids": tokenizer(text)["input_ids"], "eos": "<eos>"}
