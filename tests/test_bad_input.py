@@ -360,10 +360,19 @@ def run_fusion_bench(jobs: list[dict[str, Any]], tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+def missing_text_source(root: Path) -> tuple[list[str], str]:
+    """A task pool error (raised while evaluating): its overrides and message."""
+    base = _base(root)
+    train_tokenizer(Path(base))
+    argv = cli_overrides(Setup({"_pretrained_": base}, {"num_experts": 2}, tokenizer=base), root)
+    argv += ["taskpool=moe_text_files", f"+taskpool.sources.notes={root / 'nope.txt'}"]
+    return argv, r"Text source '.*/nope.txt' does not exist"
+
+
 @pytest.mark.slow
 def test_bad_input_through_fusion_bench_ends_with_the_message(tmp_path):
-    """Each case above through the real CLI: exit status 1, the plugin's one-line message
-    among the last 3 lines of the output, nothing written."""
+    """Each case above through the real CLI (and one of the task pool's): exit status 1,
+    the plugin's one-line message among the last 3 lines of the output, nothing written."""
     jobs, befores = [], {}
     for case in CASES:
         root = tmp_path / case.id
@@ -373,8 +382,13 @@ def test_bad_input_through_fusion_bench_ends_with_the_message(tmp_path):
         jobs.append(
             {"argv": cli_overrides(setup, root), "output": str(tmp_path / f"{case.id}.txt")}
         )
+    (tmp_path / "taskpool").mkdir()
+    argv, message = missing_text_source(tmp_path / "taskpool")
+    jobs.append({"argv": argv, "output": str(tmp_path / "taskpool.txt")})
     run_fusion_bench(jobs, tmp_path)
-    for case, job in zip(CASES, jobs, strict=True):
+    tail = Path(jobs[-1]["output"]).read_text().rstrip("\n").splitlines()[-3:]
+    assert re.search(message, "\n".join(tail)), tail
+    for case, job in zip(CASES, jobs[:-1], strict=True):
         text = Path(job["output"]).read_text()
         tail = "\n".join(text.rstrip("\n").splitlines()[-3:])
         assert Path(job["output"] + ".status").read_text() == "1", (case.id, text[-2000:])

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .._compat import ensure_lm_eval_importable
+from ..errors import one_line_errors
 from .taskpool import to_jsonable
 
 ensure_lm_eval_importable()
@@ -84,6 +85,7 @@ class MoELMEvalHarnessTaskPool(LMEvalHarnessTaskPool):
     def _task_names(self) -> list[str]:
         return [self.tasks] if isinstance(self.tasks, str) else [str(t) for t in self.tasks]
 
+    @one_line_errors
     def evaluate(self, model: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Run the tasks on ``model``; returns ``{task: {metric: value}}`` (also written to
         ``output_path/results.json``)."""

@@ -24,6 +24,7 @@ from fusion_bench_moect.eval.routing import (
 from fusion_bench_moect.eval.text import load_source
 from fusion_bench_moect.inspection import MoEInfo, describe_moe, moe_ct_record
 
+from ..errors import one_line_errors
 from ..progress import progress
 
 log = logging.getLogger(__name__)
@@ -449,6 +450,7 @@ class MoETextTaskPool(BaseTaskPool):
             )
         return written
 
+    @one_line_errors
     def evaluate(self, model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Evaluate ``model`` (and the reference models) on every source.
 
