@@ -187,3 +187,21 @@ def test_every_writer_honours_the_umask(tmp_path, base, writer):
     finally:
         os.umask(mask)
     assert modes(target) == {("dir", 0o750), ("file", 0o640)}
+
+
+def test_an_unreadable_base_is_named_before_anything_loads(tmp_path, base, unprivileged):
+    locked = shutil.copytree(base, tmp_path / "locked")
+    (locked / "model.safetensors").chmod(0o200)
+    out = lean(str(locked), str(tmp_path / "moe"), prefix=unprivileged)
+    assert out.returncode == 2 and "MoE-CT:" not in out.stderr
+    assert out.stderr.strip() == (
+        f"error: Model '_pretrained_': {locked / 'model.safetensors'} cannot be read "
+        "(permission denied); make it readable (chmod -R a+rX) or use a copy you can read."
+    )
+    locked.chmod(0o000)
+    out = lean(str(locked), str(tmp_path / "moe"), prefix=unprivileged)
+    assert (
+        out.stderr.strip()
+        == f"error: Model '_pretrained_': {locked} cannot be read (permission denied)."
+    )
+    locked.chmod(0o755)

@@ -95,6 +95,32 @@ def test_lean_cli_parses_every_form_into_the_schema():
     )
 
 
+def test_lean_cli_help_is_generated_from_the_schema_and_agrees_with_the_parser():
+    """Each flag's help names the value it sets (parsing the flag gives that value); each
+    option with choices lists exactly the choices the parser accepts."""
+    import re
+
+    from fusion_bench_moect.upcycle import build_parser
+
+    parser = build_parser()
+    actions = [a for a in parser._actions if a.dest in MoECTConfig.names()]
+    assert {a.dest for a in actions} >= {"moe_ct_mode", "include_base_expert", "gate_mode"}
+    for action in actions:
+        if action.nargs == 0:  # a flag
+            said = re.match(rf"set {action.dest} to (true|false)", action.help)
+            assert said, action.help
+            parsed = getattr(parser.parse_args(["b", "o", action.option_strings[0]]), action.dest)
+            assert parsed == (said.group(1) == "true"), action.option_strings
+        elif action.choices:
+            listed = action.help.split(": ", 1)[1].split(" (default")[0].split(" | ")
+            assert listed == list(action.choices), action.help
+    gate = next(a for a in actions if a.dest == "gate_mode")
+    assert "hidden" not in gate.help and "cheap_embed" not in gate.help
+    no_moe_ct = next(a for a in actions if a.dest == "moe_ct_mode")
+    assert no_moe_ct.option_strings == ["--no-moe-ct"]
+    assert no_moe_ct.help.startswith("set moe_ct_mode to false (default true: fuse each source")
+
+
 def test_lean_cli_refuses_prompt_gates():
     out = subprocess.run(
         [sys.executable, "-m", "fusion_bench_moect.upcycle", "b", "o", "--gate-mode", "hidden"],

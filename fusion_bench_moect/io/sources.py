@@ -209,6 +209,9 @@ def pool_model_path(modelpool: Any, name: str) -> Path | None:
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
+_READ_FIX = "; make it readable (chmod -R a+rX) or use a copy you can read."
+
+
 def check_local_path(owner: str, path: Any, needs: tuple[str, ...] = ("config.json",)) -> None:
     """Fail before anything loads when ``path`` (a pool entry, the pool's tokenizer, a CLI
     argument) names a local directory that is missing, unreadable or not a model directory.
@@ -231,7 +234,7 @@ def check_local_path(owner: str, path: Any, needs: tuple[str, ...] = ("config.js
     if not local.is_dir():
         raise SourceError(f"{owner}: {local} is a file; give the model's directory.")
     if not os.access(local, os.R_OK | os.X_OK):
-        raise SourceError(f"{owner}: {local} cannot be read (permission denied).")
+        raise SourceError(f"{owner}: {local} cannot be read (permission denied){_READ_FIX}")
     present = [n for n in needs if (local / n).is_file()]
     if not present:
         raise SourceError(
@@ -241,7 +244,7 @@ def check_local_path(owner: str, path: Any, needs: tuple[str, ...] = ("config.js
     files = [local / n for n in present] + sorted(local.glob("*.safetensors"))
     unreadable = [f for f in files if not os.access(f, os.R_OK)]
     if unreadable:
-        raise SourceError(f"{owner}: {unreadable[0]} cannot be read (permission denied).")
+        raise SourceError(f"{owner}: {unreadable[0]} cannot be read (permission denied){_READ_FIX}")
 
 
 def is_safetensors_dir(path: str | os.PathLike) -> bool:
