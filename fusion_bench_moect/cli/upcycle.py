@@ -132,43 +132,43 @@ def _checked_base_config(loader: _ConfigLoader, raw: Any) -> Any:
     return config
 
 
+def _check_inputs(dirs: dict[str, Path], tokenizer: str | None) -> None:
+    """Every model directory (and ``--tokenizer``) exists, is readable and is a full model
+    with safetensors weights (a source may be a PEFT LoRA adapter)."""
+    from ..io.lora import is_adapter_dir
+    from ..io.sources import SourceError, check_local_path, is_safetensors_dir
+    from ..io.streaming import TOKENIZER_FILES
+
+    for name, directory in dirs.items():
+        check_local_path(f"Model '{name}'", directory, ("config.json", "adapter_config.json"))
+        if name != "_pretrained_" and is_adapter_dir(directory):
+            continue  # a PEFT LoRA adapter, checked when opened over the base
+        if not is_safetensors_dir(directory):
+            adapter = " but a PEFT adapter; the base must be a full model"
+            raise SourceError(
+                f"Model '{name}': {directory} is not a Hugging Face directory with safetensors "
+                "weights (model.safetensors or model.safetensors.index.json)"
+                + (adapter if is_adapter_dir(directory) else "")
+                + "."
+            )
+    if tokenizer:
+        check_local_path("--tokenizer", tokenizer, TOKENIZER_FILES)
+
+
 def upcycle(args: argparse.Namespace) -> list[float]:
     """Run the job described by parsed ``args``; returns the router condition numbers."""
     # Everything the main thread needs is imported before the loader thread starts, so the
     # two never import the same module at once.
     from ..build import output_config as moe_config
     from ..io.lora import is_adapter_dir
-    from ..io.sources import (
-        SourceError,
-        check_local_path,
-        is_safetensors_dir,
-        open_adapter,
-        open_directory,
-        read_config_json,
-    )
-    from ..io.streaming import TOKENIZER_FILES, write_hub_checkpoint  # noqa: F401
+    from ..io.sources import SourceError, open_adapter, open_directory, read_config_json
+    from ..io.streaming import write_hub_checkpoint  # noqa: F401
     from ..params import config_from_args
     from ..pipeline import ModelInputs, run_pipeline
 
     config = config_from_args(args, save_checkpoint=args.output, streaming=True)
     dirs = {"_pretrained_": Path(args.base), **_parse_sources(args.source)}
-    for name, directory in dirs.items():
-        check_local_path(f"Model '{name}'", directory, ("config.json", "adapter_config.json"))
-        if name != "_pretrained_" and is_adapter_dir(directory):
-            continue  # a PEFT LoRA adapter, checked when opened over the base
-        if not is_safetensors_dir(directory):
-            raise SourceError(
-                f"Model '{name}': {directory} is not a Hugging Face directory with safetensors "
-                "weights (model.safetensors or model.safetensors.index.json)"
-                + (
-                    " but a PEFT adapter; the base must be a full model"
-                    if is_adapter_dir(directory)
-                    else ""
-                )
-                + "."
-            )
-    if args.tokenizer:
-        check_local_path("--tokenizer", args.tokenizer, TOKENIZER_FILES)
+    _check_inputs(dirs, args.tokenizer)
     raw = read_config_json("_pretrained_", args.base)
     missing = [f for f in STRUCTURE_FIELDS[:4] if not hasattr(raw, f)]
     if missing:
