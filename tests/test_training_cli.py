@@ -82,7 +82,7 @@ def cli_run(tmp_path, name, moe_dir, tok, corpus, *extra):
         "modelpool=CausalLMPool/moe_ct_upcycle",
         f"modelpool.models._pretrained_={moe_dir}",
         f"modelpool.tokenizer={tok}",
-        "modelpool.model_kwargs.torch_dtype=float32",
+        "modelpool.model_kwargs.dtype=float32",
         "taskpool=dummy",
         "fabric.accelerator=cpu",
         "fabric.devices=2",

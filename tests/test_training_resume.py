@@ -218,6 +218,11 @@ def test_a_write_killed_midway_leaves_no_visible_step(saved, tok_dir, tmp_path, 
     complete = (kill_at_write - 1) // 2
     visible = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
     assert visible == [f"step-{s:06d}" for s in range(1, complete + 1)]
-    if complete:  # the newest visible step resumes
-        algo, _ = local_train(moe_dir, tok_dir, max_steps=4, ckpt_path=str(root / visible[-1]))
-        assert [h["step"] for h in algo.history] == [1, 2, 3, 4]
+    assert any(p.name.startswith(".step-") for p in root.iterdir())  # the killed write's
+    resume = {"ckpt_path": str(root / visible[-1])} if complete else {}  # the newest resumes
+    algo, _ = local_train(
+        moe_dir, tok_dir, max_steps=4, checkpoint_every=1, checkpoint_dir=str(root), **resume
+    )
+    assert [h["step"] for h in algo.history] == [1, 2, 3, 4]
+    # the next run into the same place removed the dead writer's temporary
+    assert sorted(p.name for p in root.iterdir()) == ["step-000003", "step-000004"]

@@ -99,6 +99,8 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         run.total, run.steps_per_epoch, run.tokenizer = total, steps_per_epoch, tokenizer
         self.history, self.evaluations = run.history, run.evaluations
         position: Position = {"step": 0, "epoch": 0, "skip": 0}
+        if config.checkpoint_every and self.fabric.is_global_zero:
+            checkpoints.clear_stale(checkpoints.checkpoint_root(config))
         if config.ckpt_path:
             position = checkpoints.resume(self.fabric, config, run)
         elif evaluator is not None:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io.checkpoint import atomic_directory
+from ..io.checkpoint import atomic_directory, clear_stale_temporaries
 from ..io.checkpoint import save_checkpoint as write_checkpoint
 from .config import TrainingConfig
 from .loop import Position, TrainRun
@@ -190,6 +190,12 @@ def save_step(fabric: Any, config: TrainingConfig, run: TrainRun, position: Posi
         log.info("Step checkpoint at step %d: %s", position["step"], target)
     fabric.barrier()
     return target
+
+
+def clear_stale(root: Path) -> None:
+    """Remove the temporaries of step checkpoints whose writer was killed (never a live one's)."""
+    for entry in sorted(root.glob(".step-*.tmp-*")) if root.is_dir() else []:
+        clear_stale_temporaries(root / entry.name[1:].split(".tmp-")[0])
 
 
 def prune(root: Path, keep_last: int | None) -> None:
