@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .._config import to_plain
+from ..errors import one_line_errors
 from ..inspection import moe_ct_record
 from ..io.checkpoint import check_destination
 from ..schema import signature
@@ -80,6 +81,7 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
             self._fabric_instance.launch()
 
     # ------------------------------------------------------------------ run
+    @one_line_errors
     def run(self, modelpool: BaseModelPool | nn.Module) -> nn.Module:
         """Train the pool's ``_pretrained_`` MoE and return it (also saved when asked)."""
         config = self.training_config

@@ -29,10 +29,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..io.checkpoint import atomic_directory, clear_stale_temporaries
 from ..io.checkpoint import save_checkpoint as write_checkpoint
+from ..progress import progress
 from .config import TrainingConfig
 from .loop import Position, TrainRun
 from .sharding import full_state_dict, like, local
@@ -151,8 +151,8 @@ def _write_files(fabric: Any, run: TrainRun, directory: Path) -> None:
     suffix = _suffix(fabric, run)
     jobs = [(f"trainable{suffix}.safetensors", params), (f"optimizer{suffix}.safetensors", states)]
     # a bar only when writing takes more than a few seconds
-    for name, tensors in tqdm(
-        jobs, desc="step checkpoint", delay=3, disable=not fabric.is_global_zero
+    for name, tensors in progress(
+        jobs, enabled=fabric.is_global_zero, desc="step checkpoint", delay=3
     ):
         save_file(tensors, str(directory / name))
     (directory / f"rng-rank{fabric.global_rank}.json").write_text(json.dumps(_rng_state()))

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..progress import progress
 from .config import TrainingConfig
 from .data import WindowBatchSampler
 from .freeze import AnchorGuard, TrainingPlan
@@ -106,11 +106,11 @@ class TrainingLoop:
         run, accumulate = self.run, self.config.accumulate_grad_batches
         step, epoch, skip = position["step"], position["epoch"], position["skip"]
         run.model.train()
-        bar = tqdm(
+        bar = progress(
             total=run.total,
             initial=step,
             desc=f"moe_ct_training ({self.config.stage})",
-            disable=not self.fabric.is_global_zero,
+            enabled=self.fabric.is_global_zero,
             dynamic_ncols=True,
         )
         while step < run.total:
