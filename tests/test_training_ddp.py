@@ -17,6 +17,7 @@ from test_training import build, tok_dir  # noqa: F401 - fixture
 from fusion_bench_moect.training import MoECTTrainingAlgorithm
 
 WORKER = Path(__file__).with_name("fabric_worker.py")
+REPO = WORKER.parents[1]
 # float sums in another order (all-reduce vs accumulation) through 3 AdamW steps
 DDP_TOLERANCE = 1e-5
 
@@ -51,7 +52,8 @@ def run_fabric(tmp_path, moe_dir, tok, devices, strategy, **extra):
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "PYTHONPATH": str(WORKER.parent)},
+        # the tests' helpers, and this checkout's package before an installed one
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (WORKER.parent, REPO)))},
     )
     assert out.returncode == 0, out.stderr[-4000:]
     return torch.load(spec["output"], weights_only=False)

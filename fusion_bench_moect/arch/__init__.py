@@ -47,6 +47,7 @@ __all__ = [
     "legacy_config_fields",
     "resolve",
     "router_biases",
+    "router_scoring",
 ]
 
 
@@ -145,3 +146,10 @@ def legacy_config_fields(config: dict[str, Any]) -> dict[str, Any]:
     if family is not None:
         extra.update(family().legacy_fields(config))
     return extra
+
+
+def router_scoring(model_type: str) -> str:
+    """``sigmoid`` for a family whose routers score with sigmoids (GLM4-MoE), else
+    ``softmax`` (also for model types we do not build)."""
+    family = ARCHITECTURES.get(model_type)
+    return family.router_scoring if family is not None else "softmax"

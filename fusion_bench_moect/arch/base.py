@@ -154,6 +154,9 @@ class OutputArchitecture(ABC):
     #: Name of the router's (E,) buffer added to the scores for top-k selection only
     #: (aux-loss-free balancing), or None.
     router_bias_name: ClassVar[str | None] = None
+    #: The router's per-token probabilities: ``softmax`` of the logits, or ``sigmoid`` (its
+    #: selection then is not a top-k of the logits and the trainer captures it).
+    router_scoring: ClassVar[str] = "softmax"
     #: Config keys of the routed expert count and of one expert's intermediate size.
     num_experts_key: ClassVar[str] = "num_experts"
     expert_size_key: ClassVar[str] = "moe_intermediate_size"

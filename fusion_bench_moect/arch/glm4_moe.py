@@ -39,6 +39,7 @@ class Glm4MoeArchitecture(OutputArchitecture):
     shared_expert_attr = "shared_experts"
     supports_group_routing = True
     router_bias_name = "e_score_correction_bias"
+    router_scoring = "sigmoid"
     # transformers 4 knows only ``n_routed_experts`` (5 maps ``num_local_experts`` onto it).
     num_experts_key = "n_routed_experts"
     # GLM4-MoE has no sliding-window attention (``base_reason`` refuses a base that uses it).

@@ -9,8 +9,9 @@ sum_e c_e = k N), and the **load share** of expert e is s_e = c_e / sum_j c_j
 - MaxVio = max_e c_e / mean(c) - 1 (DeepSeek's maximal violation; 0 when balanced,
   E - 1 when one expert takes everything);
 - normalised load entropy: H(s) / ln E, in [0, 1] (1 = balanced);
-- normalised router entropy: mean over tokens of H(softmax(logits)) / ln E (how
-  undecided the router is per token; 1 = uniform probabilities);
+- normalised router entropy: mean over tokens of H(p) / ln E with p = softmax(logits)
+  (sigmoid routers, GLM4-MoE: sigmoid(logits) normalised to sum 1), how undecided the
+  router is per token; 1 = uniform probabilities;
 - Gini coefficient of c (0 = balanced, (E - 1) / E = one expert takes everything);
 - dead experts: experts with s_e < threshold / E (``threshold`` is a fraction of the
   balanced share);
@@ -19,7 +20,9 @@ sum_e c_e = k N), and the **load share** of expert e is s_e = c_e / sum_j c_j
   computed on its distinct rows (fine-grained experts share rows by design) with
   ``fusion_bench_moect.ops.routers.condition_number``.
 
-Selection mirrors the transformers MoE blocks: softmax in float32, then top-k.
+Selection mirrors the transformers MoE blocks: softmax in float32, then top-k. Routers whose
+selection is not a top-k of their logits (GLM4-MoE: sigmoid scores plus a selection bias,
+group-limited) pass the experts they actually selected (``eval.capture.RouterCapture``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 
 import torch
 
+from fusion_bench_moect.ops.balancing import expert_counts, router_probabilities
 from fusion_bench_moect.ops.routers import condition_number as router_condition_number
 
 __all__ = [
@@ -46,6 +50,7 @@ __all__ = [
     "load_shares",
     "max_violation",
     "router_entropy_sum",
+    "selected_counts",
     "selection_counts",
     "summarize_layers",
 ]
@@ -93,22 +98,37 @@ def selection_counts(
     return torch.bincount(selected.reshape(-1).cpu(), minlength=num_experts).to(torch.int64)
 
 
-def router_entropy_sum(router_logits: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """Sum over tokens of the natural-log entropy of the router's softmax.
+def router_entropy_sum(
+    router_logits: torch.Tensor, mask: torch.Tensor | None = None, scoring: str = "softmax"
+) -> float:
+    """Sum over tokens of the natural-log entropy of the router's probabilities.
 
     Args:
         router_logits: Router logits, shape ``(tokens, E)``.
         mask: Optional token mask (see ``selection_counts``).
+        scoring: ``softmax``, or ``sigmoid`` (scores normalised to sum 1 per token).
 
     Returns:
-        sum_t H(softmax(logits_t)) in nats (divide by the token count and ln E to normalise).
+        sum_t H(p_t) in nats (divide by the token count and ln E to normalise).
     """
     logits = _flatten_logits(router_logits, mask).float()
     if logits.shape[0] == 0:
         return 0.0
-    log_probs = torch.log_softmax(logits, dim=-1)
+    if scoring == "softmax":
+        log_probs = torch.log_softmax(logits, dim=-1)
+    else:
+        log_probs = router_probabilities(logits, scoring).clamp_min(1e-30).log()
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
     return float(entropy.double().sum())
+
+
+def selected_counts(
+    indices: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-expert counts of the experts a router actually selected (``indices`` ``(tokens,
+    k)``), ignoring masked-out tokens; int64 ``(E,)``."""
+    indices = _flatten_logits(indices, mask)
+    return expert_counts(indices.cpu(), num_experts).to(torch.int64)
 
 
 def load_shares(counts: Sequence[float] | torch.Tensor) -> list[float]:
@@ -335,31 +355,43 @@ class RoutingAccumulator:
         num_layers: Number of MoE layers (entries of ``router_logits``).
         num_experts: Routed experts per layer E.
         top_k: Experts per token k.
+        scoring: The routers' probabilities, ``softmax`` or ``sigmoid`` (router entropy).
     """
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int) -> None:
+    def __init__(
+        self, num_layers: int, num_experts: int, top_k: int, scoring: str = "softmax"
+    ) -> None:
         self.num_experts = num_experts
         self.top_k = top_k
+        self.scoring = scoring
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.int64)
         self.entropy_sums = [0.0] * num_layers
         self.num_tokens = 0
 
     def update(
-        self, router_logits: Sequence[torch.Tensor], mask: torch.Tensor | None = None
+        self,
+        router_logits: Sequence[torch.Tensor],
+        mask: torch.Tensor | None = None,
+        selected: Sequence[torch.Tensor] | None = None,
     ) -> None:
         """Add one forward pass.
 
         Args:
             router_logits: One ``(tokens, E)`` tensor per MoE layer.
             mask: Token mask (``attention_mask``), flattened like the logits.
+            selected: The experts each layer's router selected, ``(tokens, k)`` (None: the
+                softmax top-k of the logits).
         """
         if len(router_logits) != self.counts.shape[0]:
             raise ValueError(
                 f"Expected router logits for {self.counts.shape[0]} MoE layers, got {len(router_logits)}."
             )
         for i, logits in enumerate(router_logits):
-            self.counts[i] += selection_counts(logits, self.top_k, mask)
-            self.entropy_sums[i] += router_entropy_sum(logits, mask)
+            if selected is None:
+                self.counts[i] += selection_counts(logits, self.top_k, mask)
+            else:
+                self.counts[i] += selected_counts(selected[i], self.num_experts, mask)
+            self.entropy_sums[i] += router_entropy_sum(logits, mask, self.scoring)
         self.num_tokens += int(mask.sum()) if mask is not None else router_logits[0].shape[0]
 
     def merge(self, other: RoutingAccumulator) -> None:

@@ -16,6 +16,8 @@ from fusion_bench.taskpool import BaseTaskPool
 from torch import nn
 
 from fusion_bench_moect._config import to_plain
+from fusion_bench_moect.arch import router_scoring
+from fusion_bench_moect.eval.capture import RouterCapture, needs_capture
 from fusion_bench_moect.eval.routing import (
     RoutingAccumulator,
     distinct_row_condition,
@@ -242,29 +244,21 @@ class MoETextTaskPool(BaseTaskPool):
         if pad_id is None:
             pad_id = getattr(tokenizer, "eos_token_id", None) or 0
         collect = moe is not None and self.routing_stats
+        # sigmoid routers (GLM4-MoE): their actual selection, from hooks
+        capture = RouterCapture(moe.routers) if collect and needs_capture(moe) else None
         sources: dict[str, Any] = {}
         routing: dict[str, RoutingAccumulator] = {}
         for name, chunks in windows.items():
             nll_sum, scored = 0.0, 0
-            acc = (
-                RoutingAccumulator(len(moe.moe_layers), moe.num_experts, moe.top_k)
-                if collect
-                else None
-            )
+            acc = _accumulator(moe) if collect else None
             started = time.perf_counter()
             batches = range(0, len(chunks), self.batch_size)
             for start in progress(
                 batches, desc=f"{label} | {name}", enabled=self.show_progress, leave=False
             ):
                 batch = chunks[start : start + self.batch_size]
-                length = max(len(c) for c in batch)
-                input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-                for row, chunk in enumerate(batch):
-                    input_ids[row, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
-                    attention_mask[row, : len(chunk)] = 1
-                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-                kwargs = {"output_router_logits": True} if collect else {}
+                input_ids, attention_mask = _padded(batch, pad_id, device)
+                kwargs = {"output_router_logits": True} if collect and capture is None else {}
                 outputs = model(
                     input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
                 )
@@ -276,7 +270,7 @@ class MoETextTaskPool(BaseTaskPool):
                     )
                     scored += n - 1
                 if acc is not None:
-                    acc.update(outputs.router_logits, attention_mask)
+                    _add_routing(acc, outputs, capture, attention_mask)
                 del outputs
             seconds = time.perf_counter() - started
             mean_nll = nll_sum / scored
@@ -290,6 +284,8 @@ class MoETextTaskPool(BaseTaskPool):
             }
             if acc is not None:
                 routing[name] = acc
+        if capture is not None:
+            capture.close()
         return sources, routing
 
     def _routing_report(
@@ -297,7 +293,7 @@ class MoETextTaskPool(BaseTaskPool):
     ) -> dict[str, Any]:
         anchors = list((record or {}).get("anchor_experts") or [])
         alphas = (record or {}).get("alphas")
-        pooled = RoutingAccumulator(len(moe.moe_layers), moe.num_experts, moe.top_k)
+        pooled = _accumulator(moe)
         for acc in routing.values():
             pooled.merge(acc)
         layers = pooled.layer_reports(anchors, self.dead_expert_threshold)
@@ -525,3 +521,28 @@ class MoETextTaskPool(BaseTaskPool):
         for kind, path in (report.get("plots") or {}).items():
             lines.append(f"  plot {kind}: {path}")
         print("\n".join(lines), flush=True)
+
+
+def _accumulator(moe: MoEInfo) -> RoutingAccumulator:
+    return RoutingAccumulator(
+        len(moe.moe_layers), moe.num_experts, moe.top_k, router_scoring(moe.model_type)
+    )
+
+
+def _padded(batch: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, ...]:
+    """Windows right-padded to one length, and their attention mask."""
+    length = max(len(c) for c in batch)
+    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, chunk in enumerate(batch):
+        input_ids[row, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+        attention_mask[row, : len(chunk)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _add_routing(acc: RoutingAccumulator, outputs: Any, capture: Any, mask: torch.Tensor) -> None:
+    if capture is None:
+        acc.update(outputs.router_logits, mask)
+    else:
+        logits, indices = capture.take()
+        acc.update(logits, mask, selected=indices)

@@ -27,6 +27,7 @@ from ..inspection import moe_ct_record
 from ..io.checkpoint import check_destination
 from ..schema import signature
 from . import checkpoints
+from .balancing import Balancer, check_balancing
 from .config import TrainingConfig, docstring
 from .data import WindowBatchSampler, WindowDataset, load_windows
 from .freeze import AnchorGuard, TrainingPlan, apply_requires_grad, plan_training
@@ -90,6 +91,7 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         if config.save_checkpoint:
             check_destination(config.save_checkpoint, config.overwrite)
         model, tokenizer = self._load(modelpool, config)
+        check_balancing(model, config)  # before the data is read
         plan = self._plan(model, config)
         windows, sampler, steps_per_epoch, total = self._data(model, tokenizer, plan, config)
         sources = _named(config.eval_sources)
@@ -97,6 +99,7 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         set_model_aux_coefficient(model, 0.0)  # the loop adds the (ramped) aux loss itself
         set_experts_implementation(model, config.experts_implementation)
         run = self._setup(model, plan, windows, sampler, config)
+        run.balancer = Balancer(self.fabric, config, run.module, plan.info)
         run.scheduler = build_scheduler(config, run.optimizer, total)
         run.total, run.steps_per_epoch, run.tokenizer = total, steps_per_epoch, tokenizer
         self.history, self.evaluations = run.history, run.evaluations
@@ -118,6 +121,7 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         TrainingLoop(self.fabric, config, run, self.clip_gradients_if_needed, on_step).train(
             position
         )
+        run.balancer.close()
         return self._finish(run, config)
 
     def _evaluate(self, evaluator: Evaluator, run: TrainRun, step: int) -> None:

@@ -98,6 +98,7 @@ def _layout(fabric: Any, config: TrainingConfig, run: TrainRun) -> dict[str, Any
         "batch_size": config.batch_size,
         "sharded": run.sharded,
         "stage": config.stage,
+        "balancing": config.balancing,
     }
 
 
@@ -114,8 +115,10 @@ def _trainable(run: TrainRun) -> dict[str, nn.Parameter]:
 
 
 def _tensors(run: TrainRun) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """This rank's parts of the trainable parameters and of their optimiser state."""
-    params, states = {}, {}
+    """This rank's parts of the trainable parameters and of their optimiser state, and the
+    router biases that bias balancing updates (buffers, replicated on every rank)."""
+    params = {n: b.detach().contiguous().cpu() for n, b in _biases(run).items()}
+    states = {}
     optimizer = _optimizer(run)
     for name, param in _trainable(run).items():
         params[name] = local(param.detach()).contiguous().cpu()
@@ -124,6 +127,10 @@ def _tensors(run: TrainRun) -> tuple[dict[str, torch.Tensor], dict[str, torch.Te
                 raise TypeError(f"optimizer state {key!r} of {name} is not a tensor: {value!r}")
             states[f"{name}::{key}"] = local(value).contiguous().cpu()
     return params, states
+
+
+def _biases(run: TrainRun) -> dict[str, torch.Tensor]:
+    return run.balancer.named_biases() if run.balancer is not None else {}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -270,12 +277,15 @@ def _load_tensors(fabric: Any, run: TrainRun, directory: Path) -> None:
     states = _load_file(directory, f"optimizer{suffix}.safetensors")
     optimizer = _optimizer(run)
     trainable = _trainable(run)
-    missing = sorted(set(trainable) - set(params))
+    biases = _biases(run)
+    missing = sorted((set(trainable) | set(biases)) - set(params))
     if missing:
         raise ValueError(
             f"ckpt_path={directory} lacks trainable parameters {missing[:3]}: it was written "
             "for another stage or model; resume with the settings it was written with."
         )
+    for name, bias in biases.items():
+        bias.copy_(params[name])
     for name, param in trainable.items():
         local(param.data).copy_(params[name])
         prefix = f"{name}::"

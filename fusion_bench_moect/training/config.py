@@ -33,6 +33,8 @@ from ..schema import (
 
 STAGES = ("router", "experts", "router_then_experts")
 CLIP_ALGORITHMS = ("norm", "value")
+BALANCING = ("aux_loss", "bias", "aux_loss+bias", "none")
+AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
 #: transformers 5's implementations of the experts' forward (``config.experts_implementation``).
 EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 
@@ -144,6 +146,25 @@ class TrainingConfig:
         0, "linear ramp of that weight over the first steps (0 = none)", check=check_int(0)
     )
     router_z_loss_coef: float = param(0.0, "router z-loss weight (0 = off)", check=check_float(0.0))
+    balancing: str = param(
+        "aux_loss",
+        "aux_loss | bias (aux-loss-free router bias; glm4_moe) | aux_loss+bias | none",
+        check=check_choice(BALANCING),
+    )
+    bias_update_rate: float = param(
+        1e-3,
+        "bias step per optimiser step: b_i += rate * sign(mean load - load_i) (DeepSeek-V3)",
+        check=check_float(0.0, low_open=True),
+    )
+    bias_update_ramp_steps: int = param(
+        0, "linear ramp of that rate over the first steps (0 = none)", check=check_int(0)
+    )
+    aux_loss_scope: str = param(
+        "micro_batch",
+        "micro_batch | global_batch (expert loads all-reduced over processes and the step's "
+        "micro-batches, Qwen's global-batch balancing)",
+        check=check_choice(AUX_LOSS_SCOPES),
+    )
     anchor_experts: list[int] | None = param(
         None, "frozen experts; null = the model's config.moe_ct.anchor_experts", check=_anchors
     )
@@ -257,3 +278,13 @@ def parameter_table() -> str:
 def docstring(summary: str) -> str:
     """An algorithm docstring: ``summary`` and the generated ``Args:`` section."""
     return summary.rstrip() + "\n\n" + args_docstring(TrainingConfig)
+
+
+def uses_aux_loss(config: TrainingConfig) -> bool:
+    """Whether the load-balancing loss is added to the training loss."""
+    return config.balancing in ("aux_loss", "aux_loss+bias")
+
+
+def uses_bias(config: TrainingConfig) -> bool:
+    """Whether the routers' selection biases are updated after each optimiser step."""
+    return config.balancing in ("bias", "aux_loss+bias")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..progress import progress
-from .config import TrainingConfig
+from .config import TrainingConfig, uses_aux_loss
 from .data import WindowBatchSampler
 from .freeze import AnchorGuard, TrainingPlan
 from .losses import aux_loss_coefficient, router_z_loss
@@ -46,6 +46,7 @@ class TrainRun:
         steps_per_epoch: Optimiser steps per pass over the data.
         tokenizer: The model's tokenizer.
         sharded: Parameters are sharded over the processes (FSDP2 DTensors).
+        balancer: Routing, load-balancing loss and router-bias updates.
         identity: The starting model's identity (``checkpoints.model_identity``).
         history: One record per optimiser step.
         evaluations: One record per held-out evaluation.
@@ -64,6 +65,7 @@ class TrainRun:
     steps_per_epoch: int
     tokenizer: Any
     sharded: bool = False
+    balancer: Any = None
     identity: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
@@ -118,17 +120,15 @@ class TrainingLoop:
             micro, stats, started = skip, StepStats(run.plan), time.perf_counter()
             for batch in run.loader:
                 micro += 1
-                coef = aux_loss_coefficient(
-                    step, self.config.router_aux_loss_coef, self.config.aux_loss_ramp_steps
-                )
+                coef = self._aux_coefficient(step)
                 if self._accumulate(batch, coef, stats, last=micro % accumulate == 0):
                     continue
                 self._optimizer_step(step)
                 step += 1
                 lr = float(run.optimizer.param_groups[0]["lr"])
-                self._report(
-                    stats.finish(self.fabric, step, coef, lr, time.perf_counter() - started), bar
-                )
+                record = stats.finish(self.fabric, step, coef, lr, time.perf_counter() - started)
+                run.balancer.after_step(step - 1, stats.routing.counts, record)
+                self._report(record, bar)
                 done_epoch = micro >= run.steps_per_epoch * accumulate
                 self.on_step(
                     {"step": step, "epoch": epoch + done_epoch, "skip": 0 if done_epoch else micro}
@@ -139,6 +139,14 @@ class TrainingLoop:
             epoch, skip = epoch + 1, 0
         bar.close()
 
+    def _aux_coefficient(self, step: int) -> float:
+        """The load-balancing loss's weight at ``step`` (0 when ``balancing`` leaves it out)."""
+        if not uses_aux_loss(self.config):
+            return 0.0
+        return aux_loss_coefficient(
+            step, self.config.router_aux_loss_coef, self.config.aux_loss_ramp_steps
+        )
+
     def _accumulate(self, batch: torch.Tensor, coef: float, stats: StepStats, last: bool) -> bool:
         """Forward and backward of one micro-batch; True while the step still accumulates."""
         model = self.run.model
@@ -148,19 +156,21 @@ class TrainingLoop:
         return not last
 
     def _forward(self, batch: torch.Tensor, coef: float, stats: StepStats) -> torch.Tensor:
+        balancer = self.run.balancer
         out = self.run.model(
-            input_ids=batch, labels=batch, output_router_logits=True, use_cache=False
+            input_ids=batch, labels=batch, use_cache=False, **balancer.forward_kwargs
         )
-        aux = getattr(out, "aux_loss", None)
+        logits, selected = balancer.routing(out)
+        aux = balancer.aux_loss(out, logits, selected)
         loss = out.loss
         if aux is not None and coef:
             loss = loss + coef * aux.to(loss.device)
         z = None
         if self.config.router_z_loss_coef:
-            z = router_z_loss(out.router_logits)
+            z = router_z_loss(logits)
             loss = loss + self.config.router_z_loss_coef * z.to(loss.device)
         losses = {"loss": loss, "lm_loss": out.loss, "aux_loss": aux, "z_loss": z}
-        stats.add(losses, batch.numel(), out.router_logits)
+        stats.add(losses, batch.numel(), logits, selected)
         return loss
 
     def _optimizer_step(self, step: int) -> None:

@@ -10,11 +10,12 @@ length, so its perplexities compare with the task pool's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from ..arch import router_scoring
 from ..eval.routing import RoutingAccumulator, summarize_layers
 from ..eval.taskpool import MoETextTaskPool
 from .config import TrainingConfig
@@ -38,14 +39,27 @@ class StepStats:
     def __init__(self, plan: TrainingPlan) -> None:
         info = plan.info
         self.sums = torch.zeros(len(_LOSSES) + 2, dtype=torch.float64)  # + batches, tokens
-        self.routing = RoutingAccumulator(len(info.moe_layers), info.num_experts, info.top_k)
+        self.routing = RoutingAccumulator(
+            len(info.moe_layers), info.num_experts, info.top_k, router_scoring(info.model_type)
+        )
         self.anchors = plan.anchors
 
-    def add(self, losses: Mapping[str, torch.Tensor | None], tokens: int, router_logits) -> None:
-        """One micro-batch: its losses (None: not computed), token count and router logits."""
+    def add(
+        self,
+        losses: Mapping[str, torch.Tensor | None],
+        tokens: int,
+        router_logits: Sequence[torch.Tensor],
+        selected: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """One micro-batch: its losses (None: not computed), token count, router logits and
+        (routers whose selection is not their logits' top-k) the selected experts."""
         values = [float(v.detach()) if v is not None else 0.0 for v in map(losses.get, _LOSSES)]
         self.sums += torch.tensor([*values, 1.0, float(tokens)], dtype=torch.float64)
-        self.routing.update([logits.detach().float().cpu() for logits in router_logits])
+        if selected is not None:
+            selected = [s.detach().cpu() for s in selected]
+        self.routing.update(
+            [logits.detach().float().cpu() for logits in router_logits], selected=selected
+        )
 
     def finish(
         self, fabric: Any, step: int, coef: float, lr: float, seconds: float
@@ -94,12 +108,18 @@ def log_line(h: Mapping[str, Any]) -> None:
         "-" if h["mean_anchor_share"] is None else f"{h['mean_anchor_share']:.3f}",
         h["tokens_per_s"],
     )
+    if "bias_min" in h:
+        log.info("step %d: router bias in [%.4f, %.4f]", h["step"], h["bias_min"], h["bias_max"])
 
 
 def send_to_loggers(fabric: Any, record: Mapping[str, Any]) -> None:
     """A step record to the Fabric loggers (None: a metric without meaning here)."""
     fabric.log_dict(
-        {f"train/{k}": v for k, v in record.items() if k != "step" and v is not None},
+        {
+            f"train/{k}": v
+            for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float))  # not bias_range's list
+        },
         step=record["step"],
     )
 

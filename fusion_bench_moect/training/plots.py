@@ -20,7 +20,7 @@ def plot_training_history(
     Args:
         history: Per-step training records (``step``, ``loss``, ``lm_loss``, ``aux_loss``,
             ``mean_cv``, ``mean_max_violation``, ``mean_router_entropy``,
-            ``mean_anchor_share``).
+            ``mean_anchor_share``; with bias balancing ``bias_min``, ``bias_max``).
         evaluations: Evaluation records (``step``, ``perplexity``: {source: ppl}).
         path: Output PNG.
         title: Figure title.
@@ -45,6 +45,8 @@ def plot_training_history(
     axes[0, 1].set_title("load balance (lower = more even)")
     curve(axes[1, 0], "mean_router_entropy", "router entropy")
     curve(axes[1, 0], "mean_anchor_share", "anchor share")
+    curve(axes[1, 0], "bias_min", "router bias min")
+    curve(axes[1, 0], "bias_max", "router bias max")
     axes[1, 0].set_title("routing")
     ax = axes[1, 1]
     sources = sorted({s for e in evaluations for s in e.get("perplexity", {})})
