@@ -252,3 +252,16 @@ def test_bias_balancing_on_mixtral_is_refused_naming_glm4_moe(saved, tok_dir, tm
     assert not out.exists()
     with pytest.raises(ValueError, match="balancing"):
         MoECTTrainingAlgorithm(balancing="biased")
+
+
+@pytest.mark.slow
+def test_bias_updates_under_fsdp2_equal_one_process(saved, tok_dir, tmp_path):  # noqa: F811
+    """The sharded preset: the biases are buffers (replicated, not sharded) and every rank
+    applies the global batch's update, as one process with 2 micro-batches does."""
+    moe_dir, _ = build_glm4(saved, tok_dir)
+    extra = dict(stage="router", balancing="bias", bias_update_rate=0.01, learning_rate=1e-6)
+    fsdp = run_fabric(tmp_path, moe_dir, tok_dir, 2, "moe_fsdp2", **extra)
+    sharded = biases(fsdp["states"][0])
+    assert sharded and all(v.any() for v in sharded.values())
+    _, single = run_local(moe_dir, tok_dir, accumulate_grad_batches=2, **extra)
+    assert all(torch.equal(sharded[k], biases(single)[k]) for k in sharded)

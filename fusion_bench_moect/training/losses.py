@@ -1,9 +1,9 @@
 """Auxiliary router losses and their schedules.
 
-The load-balancing loss is the architecture's own (transformers computes it from the router
-logits of the forward pass, ``output.aux_loss``); we set the model's coefficient to zero for
-the forward pass and add ``coefficient(step) * aux_loss`` ourselves, so the coefficient can
-ramp up linearly over the first steps. The router z-loss (ST-MoE, Zoph et al. 2022) keeps
+The load-balancing loss (``balancing.Balancer.aux_loss``: the architecture's own
+``output.aux_loss`` where transformers computes one, else ``ops.balancing``'s); we set the
+model's coefficient to zero for the forward pass and add ``coefficient(step) * aux_loss``
+ourselves, so the coefficient can ramp up linearly over the first steps. The router z-loss (ST-MoE, Zoph et al. 2022) keeps
 router logits small: the mean over tokens of ``logsumexp(logits)^2``, averaged over layers.
 """
 
