@@ -435,29 +435,34 @@ class MoEEngine:
                 overlap with the work); default ``output_config()``. ``base.config`` may then
                 be a plain ``JsonConfig``: the tensor names derived from it are checked against
                 this config before anything is moved into place.
-            fused_order: Write each layer's experts in transformers 5's fused order (see
-                ``arch.hub_layer_tensors``), so that ``io.mapped`` can map the checkpoint
-                back as a model without copies; holds one layer's experts at a time.
+            fused_order: Lay each layer's experts out in transformers 5's fused order (see
+                ``arch.hub_layer_tensors``), each fused tensor within one shard
+                (``io.mapped.fused_units``), so that ``io.mapped`` can map the checkpoint
+                back as a model without copies. The experts are still computed and written
+                one at a time.
 
         Returns:
             The router condition number of every layer (also in the record).
         """
+        from .io.mapped import fused_units
         from .io.streaming import DEFAULT_MAX_SHARD_BYTES, write_hub_checkpoint
 
         names = self.arch.non_ffn_names(self._structure())
         non_ffn = plan_non_ffn(self.arch, self.base, names)
+        specs = self.hub_specs(non_ffn, fused_order)
         conds: list[float] = []
         with engine_threads():
             write_hub_checkpoint(
                 directory,
-                self.hub_specs(non_ffn, fused_order),
-                self._hub_tensors(non_ffn, conds, fused_order),
+                specs,
+                self._hub_tensors(non_ffn, conds),
                 lambda: self._final_config(config, names, params, conds),
                 tokenizer=tokenizer,
                 tokenizer_dir=tokenizer_dir,
                 generation_config_from=base_dir,
                 overwrite=overwrite,
                 max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+                units=fused_units(specs, self.arch.expert_proj_names) if fused_order else None,
             )
         return conds
 
@@ -504,10 +509,11 @@ class MoEEngine:
         return specs
 
     def _hub_tensors(
-        self, non_ffn: Sequence[NonFFNTensor], conds: list[float], fused_order: bool = False
+        self, non_ffn: Sequence[NonFFNTensor], conds: list[float]
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """The output as (hub name, tensor) pairs, experts one by one; appends every layer's
-        router condition number to ``conds`` on the way."""
+        """The output as (hub name, tensor) pairs, experts one by one (each expert's
+        projections together, whatever the file order: the writer places every tensor);
+        appends every layer's router condition number to ``conds`` on the way."""
         from .ops.routers import condition_number
 
         for item in self.tensors(non_ffn):
@@ -519,7 +525,6 @@ class MoEEngine:
                     item.experts(),
                     item.shared,
                     item.shared_gate,
-                    fused_order,
                     router_bias=item.router_bias,
                 )
             else:

@@ -3,12 +3,15 @@ copy-on-write (io/mapped.py): the same model as the in-memory build, without a c
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import make_model, perturbed, pool, train_tokenizer
 from test_streaming import CASES, read_tensors, reload
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
+from fusion_bench_moect.arch.mixtral import MixtralArchitecture
 from fusion_bench_moect.inspection import expert_triples, moe_block
 
 
@@ -57,7 +60,9 @@ def test_saved_run_returns_the_checkpoint_mapped(
     assert all(torch.equal(t, on_disk[k]) for k, t in read_tensors(out).items())
 
 
-def test_layers_across_shards_are_copied_correctly(tmp_path, saved, real_ids, monkeypatch):
+def test_small_shards_keep_each_fused_expert_tensor_in_one_file(
+    tmp_path, saved, real_ids, monkeypatch
+):
     from fusion_bench_moect.io import streaming
 
     base = saved(make_model("llama", layers=3))
@@ -69,6 +74,17 @@ def test_layers_across_shards_are_copied_correctly(tmp_path, saved, real_ids, mo
     mapped = OrthogonalMoECTMergingAlgorithm(
         num_experts=4, dtype="float32", save_checkpoint=str(out)
     ).run(pool({"_pretrained_": base}))
-    assert len(list(out.glob("*.safetensors"))) > 2
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) > 2
+    gate, up, down = MixtralArchitecture.expert_proj_names
+    for layer in range(3):
+        for projs in ((gate, up), (down,)):
+            prefix = f"model.layers.{layer}.block_sparse_moe.experts."
+            names = [f"{prefix}{j}.{p}.weight" for j in range(4) for p in projs]
+            assert len({weight_map[name] for name in names}) == 1, names
     with torch.no_grad():
         assert torch.equal(mapped(real_ids).logits, built(real_ids).logits)
+    experts = moe_block(mapped.model.layers[2]).experts
+    for fused in (getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)):
+        if fused is not None:  # transformers 5: a view of the whole file's mapping, no copy
+            assert fused.untyped_storage().nbytes() > fused.nbytes

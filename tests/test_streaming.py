@@ -202,6 +202,46 @@ def test_writer_checks_the_plan_and_writes_valid_safetensors(tmp_path):
         writer.close()
 
 
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_writer_places_tensors_in_any_order(tmp_path, monkeypatch, direct):
+    """Direct I/O (aligned blocks, edges held until complete) and the page cache, tensors in
+    plan order or shuffled, small staging buffers: always the same bytes."""
+    from fusion_bench_moect.io import filewriter
+    from fusion_bench_moect.io.streaming import ShardedSafetensorsWriter
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [1, 3, 1023, 4096, 4097, 9000, 20_000, 2, 12_289]
+    tensors = {
+        f"t{i}": torch.randn(n, generator=gen).to(torch.bfloat16) for i, n in enumerate(sizes)
+    }
+    tensors["f32"] = torch.randn(7, 301, generator=gen)
+    specs = [(k, tuple(t.shape), t.dtype) for k, t in tensors.items()]
+    shuffled = [list(tensors)[i] for i in torch.randperm(len(tensors), generator=gen)]
+
+    def write(folder: Path, order: list[str]) -> dict[str, bytes]:
+        folder.mkdir()
+        with ShardedSafetensorsWriter(folder, specs, max_shard_bytes=40_000) as writer:
+            for key in order:
+                writer.write(key, tensors[key])
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+    monkeypatch.setenv(filewriter.DIRECT_IO_ENV, "0")
+    reference = write(tmp_path / "plain", list(tensors))
+    monkeypatch.setenv(filewriter.DIRECT_IO_ENV, direct)
+    monkeypatch.setattr(filewriter, "STAGE_BYTES", 3 * filewriter.ALIGN)
+    assert write(tmp_path / "shuffled", shuffled) == reference
+    assert len(reference) > 3  # several shards and the index
+    loaded = read_tensors(tmp_path / "shuffled")
+    assert all(torch.equal(loaded[k], t) for k, t in tensors.items())
+
+    writer = ShardedSafetensorsWriter(tmp_path / "shuffled", specs)
+    writer.write("t0", tensors["t0"])
+    with pytest.raises(RuntimeError, match="'t0' was written twice"):
+        writer.write("t0", tensors["t0"])
+    with pytest.raises(RuntimeError, match="'t1' was never written"):
+        writer.close()
+
+
 def test_lean_cli_writes_what_the_algorithm_streams(tmp_path, saved, real_ids):
     from fusion_bench_moect.upcycle import main
 

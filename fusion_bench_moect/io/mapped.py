@@ -2,11 +2,11 @@
 
 ``run()`` with ``save_checkpoint`` streams the MoE to disk (one layer in flight), then maps
 it back: every safetensors shard is memory-mapped copy-on-write and every parameter is a
-view of its bytes. Nothing is copied: pages come from the page cache the writer just
-filled, on first use, and a weight that is changed later (training) gets private memory
-then; the file never changes. The fused 3-D expert tensors of transformers 5 are single
-views when the checkpoint was written in ``fused_order``; where a layer straddles two
-shards its experts are copied (one layer).
+view of its bytes. Nothing is copied: pages are read on first use, and a weight that is
+changed later (training) gets private memory then; the file never changes. The fused 3-D
+expert tensors of transformers 5 are single views: the checkpoint is written in
+``fused_order`` and ``fused_units`` keeps each of them in one shard, so the memory of the
+returned model does not grow with the number of experts.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,32 @@ from .streaming import _DTYPE_CODES, INDEX_FILE, SINGLE_FILE
 log = logging.getLogger(__name__)
 
 _DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+_EXPERT_TENSOR = re.compile(r"(.+)\.experts\.\d+\.(\w+)\.weight")
+
+
+def fused_units(specs: Sequence[tuple[str, Any, Any]], proj_names: Sequence[str]) -> list[int]:
+    """Lengths of the runs of ``specs`` (in ``fused_order``) that become one transformers-5
+    tensor, for ``shard_layout``: per MoE block, every expert's gate and up projections, then
+    every down projection; 1 for any other tensor.
+
+    Args:
+        specs: (hub name, shape, dtype) in file order.
+        proj_names: The per-expert (gate, up, down) projection names.
+    """
+    gate, up, _ = proj_names
+    units: list[int] = []
+    previous = None
+    for name, _, _ in specs:
+        match = _EXPERT_TENSOR.fullmatch(name)
+        key = None
+        if match is not None:
+            key = (match[1], match[2] in (gate, up))
+        if key is not None and key == previous:
+            units[-1] += 1
+        else:
+            units.append(1)
+        previous = key
+    return units
 
 
 def safetensors_views(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -138,8 +165,8 @@ def _tensor_for(
 
 
 def _stacked(parts: Sequence[torch.Tensor], num_experts: int) -> torch.Tensor:
-    """(E, rows, cols) from per-expert 2-D ``parts`` (E x len(parts)/E of them): a view when
-    their bytes follow each other in one file, else a copy."""
+    """(E, rows, cols) from per-expert 2-D ``parts`` (E x len(parts)/E of them) whose bytes
+    follow each other in one file, as a view."""
     per = len(parts) // num_experts
     rows = sum(p.shape[0] for p in parts[:per])
     shape = (num_experts, rows, parts[0].shape[1])
@@ -149,10 +176,13 @@ def _stacked(parts: Sequence[torch.Tensor], num_experts: int) -> torch.Tensor:
         and p.data_ptr() == q.data_ptr() + q.numel() * size
         for q, p in zip(parts, parts[1:], strict=False)
     )
-    if chained:
-        stride = (rows * shape[2], shape[2], 1)
-        return first.as_strided(shape, stride, first.storage_offset())
-    return torch.cat([p.reshape(-1) for p in parts]).view(shape)
+    if not chained:
+        raise RuntimeError(
+            "Internal error: the experts of a fused tensor are not contiguous in one file "
+            "(written without fused_order / fused_units)."
+        )
+    stride = (rows * shape[2], shape[2], 1)
+    return first.as_strided(shape, stride, first.storage_offset())
 
 
 def _persistent_buffers(model: nn.Module) -> list[str]:

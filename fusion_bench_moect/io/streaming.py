@@ -3,9 +3,10 @@
 The safetensors format is an 8-byte header length, a JSON header giving every tensor's
 dtype, shape and byte range, then the raw bytes. When the names, shapes and dtypes of all
 tensors are known before any is computed (they are: the expert plan fixes them), every
-shard's header can be written first and each tensor appended as soon as it exists, straight
-from its memory (no serialisation copy). Peak memory is then the tensors in flight, not the
-shard and not the model.
+shard's header and every tensor's place are known first, and each tensor is written there as
+soon as it exists, in whatever order it comes (``io.filewriter``: a background thread, direct
+I/O where available). Peak memory is then the tensors in flight plus a few staging buffers,
+not the shard and not the model.
 
 The result is the standard hub layout: ``model.safetensors``, or
 ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``, then
@@ -20,7 +21,7 @@ import logging
 import os
 import shutil
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 
 from ..progress import progress
 from .checkpoint import atomic_directory, make_portable
+from .filewriter import PositionalWriter
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +78,30 @@ def spec_nbytes(spec: TensorSpec) -> int:
     return count * dtype.itemsize
 
 
-def shard_layout(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
-    """Split ``specs``, in order, into shards of at most ``max_shard_bytes`` (a single larger
-    tensor gets a shard of its own)."""
+def shard_layout(
+    specs: Sequence[TensorSpec], max_shard_bytes: int, units: Sequence[int] | None = None
+) -> list[list[TensorSpec]]:
+    """Split ``specs``, in order, into shards of at most ``max_shard_bytes``.
+
+    Args:
+        specs: The tensors in file order.
+        max_shard_bytes: Largest shard; a single larger unit gets a shard of its own.
+        units: Lengths of consecutive runs of ``specs`` that must share a shard (their sum is
+            ``len(specs)``); default every tensor alone.
+    """
     shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        nbytes = spec_nbytes(spec)
+    size = start = 0
+    for length in units if units is not None else [1] * len(specs):
+        unit = specs[start : start + length]
+        start += length
+        nbytes = sum(spec_nbytes(spec) for spec in unit)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(spec)
+        shards[-1].extend(unit)
         size += nbytes
+    if start != len(specs):
+        raise ValueError(f"Internal error: units cover {start} of {len(specs)} tensors.")
     return shards if shards[-1] else []
 
 
@@ -115,15 +129,18 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 class ShardedSafetensorsWriter:
-    """Write tensors, arriving in the order of ``specs``, straight into safetensors shards.
+    """Write planned tensors, in any order, straight into safetensors shards.
 
     Args:
         directory: An existing (temporary) directory.
-        specs: (name, shape, dtype) of every tensor, in the order ``write`` will get them.
+        specs: (name, shape, dtype) of every tensor, in file order.
         max_shard_bytes: Largest shard.
+        units: Runs of ``specs`` kept in one shard (``shard_layout``).
 
-    Use as a context manager; ``close`` checks that every planned tensor was written and
-    writes the index when there is more than one shard.
+    Every tensor's file and offset follow from the plan, so each is written where it belongs
+    as soon as it arrives (``io.filewriter``, in the background); a shard is closed when its
+    last tensor is in. Use as a context manager; ``close`` checks that every planned tensor
+    was written and writes the index when there is more than one shard.
     """
 
     def __init__(
@@ -131,24 +148,33 @@ class ShardedSafetensorsWriter:
         directory: str | os.PathLike,
         specs: Sequence[TensorSpec],
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        units: Sequence[int] | None = None,
     ) -> None:
         names = [name for name, _, _ in specs]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"Tensor '{dup}' is planned twice.")
         self.directory = Path(directory)
-        self.shards = shard_layout(specs, max_shard_bytes)
+        self.shards = shard_layout(specs, max_shard_bytes, units)
         count = len(self.shards)
         self.files = (
             [SINGLE_FILE]
             if count == 1
             else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         )
-        self._expected: Iterator[tuple[int, TensorSpec]] = iter(
-            [(i, spec) for i, shard in enumerate(self.shards) for spec in shard]
-        )
-        self._current = -1
-        self._handle: Any = None
+        self._headers = [_header(shard) for shard in self.shards]
+        #: name -> (shard, offset in its file, spec)
+        self._place: dict[str, tuple[int, int, TensorSpec]] = {}
+        self._sizes = []
+        for i, shard in enumerate(self.shards):
+            offset = len(self._headers[i])
+            for spec in shard:
+                self._place[spec[0]] = (i, offset, spec)
+                offset += spec_nbytes(spec)
+            self._sizes.append(offset)
+        self._left = [len(shard) for shard in self.shards]
+        self._written: set[str] = set()
+        self._sink: PositionalWriter | None = None
         self.bytes_written = 0
 
     def __enter__(self) -> ShardedSafetensorsWriter:
@@ -157,45 +183,45 @@ class ShardedSafetensorsWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.close()
-        elif self._handle is not None:
-            self._handle.close()
+        elif self._sink is not None:
+            self._sink.abort()
+            self._sink = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor; its name, shape and dtype must be the next planned ones."""
-        try:
-            index, (want_name, want_shape, want_dtype) = next(self._expected)
-        except StopIteration:
+        """Write a planned tensor; its shape and dtype must be the planned ones."""
+        if name not in self._place or name in self._written:
+            state = "written twice" if name in self._written else "not planned"
+            raise RuntimeError(f"Internal error: tensor '{name}' was {state}.")
+        index, offset, (_, want_shape, want_dtype) = self._place[name]
+        if (tuple(tensor.shape), tensor.dtype) != (tuple(want_shape), want_dtype):
             raise RuntimeError(
-                f"Internal error: tensor '{name}' was not planned (all planned tensors written)."
-            ) from None
-        got = (name, tuple(tensor.shape), tensor.dtype)
-        if got != (want_name, tuple(want_shape), want_dtype):
-            raise RuntimeError(
-                f"Internal error: the writer expected {want_name} {list(want_shape)} "
+                f"Internal error: the writer expected {name} {list(want_shape)} "
                 f"{want_dtype}, got {name} {list(tensor.shape)} {tensor.dtype}."
             )
-        if index != self._current:
-            self._open(index)
-        data = _tensor_bytes(tensor)
-        while data:  # raw writes may be partial
-            data = data[self._handle.write(data) :]
+        if self._sink is None:
+            self._sink = PositionalWriter()
+        if self._left[index] == len(self.shards[index]):  # the shard's first tensor
+            self._sink.open(index, self.directory / self.files[index], self._sizes[index])
+            self._sink.write(index, 0, memoryview(self._headers[index]))
+        self._sink.write(index, offset, _tensor_bytes(tensor))
+        self._written.add(name)
+        self._left[index] -= 1
+        if not self._left[index]:
+            self._sink.finish(index)
         self.bytes_written += tensor.numel() * tensor.element_size()
 
-    def _open(self, index: int) -> None:
-        if self._handle is not None:
-            self._handle.close()
-        self._current = index
-        self._handle = open(self.directory / self.files[index], "wb", buffering=0)  # noqa: SIM115
-        self._handle.write(_header(self.shards[index]))
-
     def close(self) -> list[str]:
-        """Finish the last shard and write the index; returns the shard file names."""
-        left = next(self._expected, None)
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        """Finish the writes and write the index; returns the shard file names."""
+        planned = (spec[0] for shard in self.shards for spec in shard)
+        left = next((name for name in planned if name not in self._written), None)
+        if self._sink is not None:
+            sink, self._sink = self._sink, None
+            if left is None:
+                sink.close()
+            else:
+                sink.abort()
         if left is not None:
-            raise RuntimeError(f"Internal error: planned tensor '{left[1][0]}' was never written.")
+            raise RuntimeError(f"Internal error: planned tensor '{left}' was never written.")
         if len(self.files) > 1:
             weight_map = {
                 name: self.files[i] for i, shard in enumerate(self.shards) for name, _, _ in shard
@@ -221,13 +247,14 @@ def write_hub_checkpoint(
     generation_config_from: str | os.PathLike | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    units: Sequence[int] | None = None,
 ) -> Path:
     """Write a Hugging Face checkpoint from a stream of tensors, all or nothing.
 
     Args:
         directory: Target directory (refused if non-empty unless ``overwrite``).
-        specs: (name, shape, dtype) of every tensor ``tensors`` yields, in the same order.
-        tensors: (hub name, tensor) pairs, each written as soon as it arrives.
+        specs: (name, shape, dtype) of every tensor ``tensors`` yields, in file order.
+        tensors: (hub name, tensor) pairs in any order, each written as soon as it arrives.
         config: The transformers config, or a function returning it, called after the last
             tensor (so it can record what was computed on the way).
         tokenizer: A tokenizer object to save (``save_pretrained``).
@@ -236,12 +263,13 @@ def write_hub_checkpoint(
         generation_config_from: Or a directory whose ``generation_config.json`` is copied.
         overwrite: Replace a non-empty ``directory``.
         max_shard_bytes: Largest shard.
+        units: Runs of ``specs`` kept in one shard (``shard_layout``).
 
     Returns:
         The checkpoint directory.
     """
     with atomic_directory(directory, overwrite) as tmp:
-        with ShardedSafetensorsWriter(tmp, specs, max_shard_bytes) as writer:
+        with ShardedSafetensorsWriter(tmp, specs, max_shard_bytes, units) as writer:
             for name, tensor in progress(tensors, total=len(specs), desc="Writing", leave=False):
                 writer.write(name, tensor)
         final_config = config() if callable(config) else config
