@@ -2,9 +2,10 @@
 the right virtual environment (each in its own process, so its peak RSS is its own).
 
     python benchmarks/jobs.py ours-api BASE OUT EXPERTS [--streaming] [--granularity G] [--topk K]
-                                       [--source NAME=DIR ...]
+                                       [--source NAME=DIR ...] [--touch]
     python benchmarks/jobs.py fusionbench BASE OUT EXPERTS      # in .venv-tf4
     python benchmarks/jobs.py make-qwen3 DIR
+    python benchmarks/jobs.py make-llama1b DIR [--tokenizer DIR]   # Llama-3.2-1B shape, random
     python benchmarks/jobs.py make-finetunes BASE DIR N         # N fine-tune stand-ins
     python benchmarks/jobs.py check DENSE OUT [OUT ...]         # max |logit difference|
 
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 GPL = Path("/usr/share/common-licenses/GPL-3")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def _peak_rss() -> int:
@@ -34,9 +36,10 @@ def ours_api(args: argparse.Namespace) -> None:
     from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 
     sources = dict(entry.split("=", 1) for entry in args.source)
+    has_tokenizer = any((Path(args.base) / f).is_file() for f in TOKENIZER_FILES)
     pool = CausalLMPool(
         models={"_pretrained_": args.base, **sources},
-        tokenizer=args.base,
+        tokenizer=args.base if has_tokenizer else None,
         model_kwargs={"dtype": "bfloat16"},
     )
     algo = OrthogonalMoECTMergingAlgorithm(
@@ -49,8 +52,21 @@ def ours_api(args: argparse.Namespace) -> None:
         streaming=args.streaming,
     )
     baseline = _peak_rss()
-    algo.run(pool)
+    model = algo.run(pool)
+    if args.touch:
+        _read_every_page(model)
     print(json.dumps({"baseline_rss": baseline}))
+
+
+def _read_every_page(model) -> None:
+    """Read one value per 4 KiB of every weight: what a first evaluation of the returned model
+    costs in I/O (its weights are the written files, mapped)."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            flat = param.view(-1)
+            flat[:: max(1, 4096 // flat.element_size())].float().sum()
 
 
 def fusionbench(args: argparse.Namespace) -> None:
@@ -93,6 +109,84 @@ def make_qwen3(args: argparse.Namespace) -> None:
     )
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(out)
+
+
+#: Llama-3.2-1B's shape with SmolLM2's vocabulary (so SmolLM2's tokenizer fits): 16 layers,
+#: hidden 2048, FFN 8192, 32 heads over 8 KV heads, tied embeddings: 1.07B parameters.
+LLAMA_1B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+}
+
+
+def llama1b_specs() -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor of the ``LLAMA_1B`` model, sorted as hub files are."""
+    c = LLAMA_1B
+    hidden, ffn, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"]
+    kv_rows = kv * c["head_dim"]
+    specs = [
+        ("model.embed_tokens.weight", (c["vocab_size"], hidden)),
+        ("model.norm.weight", (hidden,)),
+    ]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        specs += [
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+            (p + "self_attn.q_proj.weight", (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", (kv_rows, hidden)),
+            (p + "self_attn.v_proj.weight", (kv_rows, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "mlp.gate_proj.weight", (ffn, hidden)),
+            (p + "mlp.up_proj.weight", (ffn, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, ffn)),
+        ]
+    return sorted(specs)
+
+
+def make_llama1b(args: argparse.Namespace) -> None:
+    """A dense Llama-3.2-1B-shaped model with random bf16 weights (2.15 GB, one file): every
+    matrix N(0, 0.02) from its own seeded generator, norms 1, so the bytes are the same on
+    every run. ``--tokenizer`` copies a tokenizer directory's files (SmolLM2's fits)."""
+    import torch
+
+    from fusion_bench_moect.io.streaming import ShardedSafetensorsWriter, copy_tokenizer_files
+
+    out = Path(args.dir)
+    if (out / "config.json").is_file():
+        return
+    tmp = out.with_name(out.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    specs = [(name, shape, torch.bfloat16) for name, shape in llama1b_specs()]
+    with ShardedSafetensorsWriter(tmp, specs, max_shard_bytes=1 << 40) as writer:
+        for i, (name, shape, dtype) in enumerate(specs):
+            if len(shape) == 1:
+                tensor = torch.ones(shape, dtype=dtype)
+            else:
+                gen = torch.Generator().manual_seed(i)
+                tensor = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+            writer.write(name, tensor)
+    (tmp / "config.json").write_text(json.dumps(LLAMA_1B, indent=2) + "\n")
+    if args.tokenizer:
+        copy_tokenizer_files(args.tokenizer, tmp)
+    tmp.rename(out)
 
 
 def make_finetunes(args: argparse.Namespace) -> None:
@@ -166,9 +260,13 @@ def main() -> None:
         p.add_argument("--granularity", type=int, default=1)
         p.add_argument("--gate-mode", default="random")
         p.add_argument("--streaming", action="store_true")
+        p.add_argument("--touch", action="store_true", help="then read every weight once")
         p.add_argument("--source", action="append", default=[], help="NAME=DIR, repeatable")
     p = sub.add_parser("make-qwen3")
     p.add_argument("dir")
+    p = sub.add_parser("make-llama1b")
+    p.add_argument("dir")
+    p.add_argument("--tokenizer", default=None, help="directory whose tokenizer files are copied")
     p = sub.add_parser("make-finetunes")
     p.add_argument("base")
     p.add_argument("dir")
@@ -182,6 +280,7 @@ def main() -> None:
         "ours-api": ours_api,
         "fusionbench": fusionbench,
         "make-qwen3": make_qwen3,
+        "make-llama1b": make_llama1b,
         "make-finetunes": make_finetunes,
         "check": check,
     }[args.command](args)

@@ -4,6 +4,7 @@
     python3 benchmarks/run.py                 # set up (idempotent), compare, scale: ~10-15 min
     python3 benchmarks/run.py --only compare  # the side-by-side table only
     python3 benchmarks/run.py --only scaling  # the scaling table only
+    python3 benchmarks/run.py --only large    # the 1B-shape table (13.4 GB per run, ~25 min)
 
 The same job for every tool: SmolLM2-135M-Instruct (bf16) upcycled into 8 experts, top-2,
 random gates, bf16, saved to disk. Each run is a whole process, timed from spawn to exit
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -35,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "benchmarks" / "jobs.py"
@@ -103,8 +106,16 @@ def smollm2_dir() -> Path:
 # -- measuring ---------------------------------------------------------------------------
 
 
-def measure(cmd: list[str], out: Path | None, cwd: Path = REPO, env: dict | None = None) -> dict:
-    """Run ``cmd`` as its own process: wall seconds, peak RSS bytes, its JSON line if any."""
+def measure(
+    cmd: list[str],
+    out: Path | None,
+    cwd: Path = REPO,
+    env: dict | None = None,
+    sync: bool = False,
+) -> dict:
+    """Run ``cmd`` as its own process: wall seconds, peak RSS bytes, its JSON line if any.
+    With ``sync`` the wall time runs until a ``sync`` after the process returns (its writes
+    are on the disk)."""
     if out is not None:
         shutil.rmtree(out, ignore_errors=True)
     os.sync()
@@ -114,6 +125,8 @@ def measure(cmd: list[str], out: Path | None, cwd: Path = REPO, env: dict | None
             cmd, cwd=cwd, env={**ENV, **(env or {})}, stdout=stdout, stderr=stderr
         )
         _, status, usage = os.wait4(proc.pid, 0)
+        if sync:
+            os.sync()
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         stdout.seek(0)
@@ -281,6 +294,48 @@ def spread(values: list[float]) -> dict:
     }
 
 
+def interleaved(
+    jobs: dict[str, tuple[list[str], Path | None, dict]],
+    rounds: int,
+    sync: bool = False,
+    command: Any = None,
+) -> dict[str, list[dict]]:
+    """Every job once per round, in order (ours and theirs alternate); each job's results.
+
+    With ``sync`` each run is timed until ``sync`` returns and its output is deleted right
+    after (one output on disk at a time). ``command(name, results so far)`` may give a job's
+    command at run time (an empty command in ``jobs``).
+    """
+    runs: dict[str, list[dict]] = {name: [] for name in jobs}
+    for r in range(rounds):
+        for name, (cmd, out, env) in jobs.items():
+            result = measure(cmd or command(name, runs), out, env=env, sync=sync)
+            if sync and out is not None:
+                shutil.rmtree(out, ignore_errors=True)
+            runs[name].append(result)
+            log(
+                f"  round {r + 1}: {name:62s} {result['wall_s']:6.2f} s "
+                f"{result['peak_rss'] / 1e9:5.2f} GB  (load {os.getloadavg()[0]:.1f})"
+            )
+    return runs
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per job: min / median / max of wall and peak RSS, all walls, the output's size."""
+    return {
+        name: {
+            "wall": spread([r["wall_s"] for r in results]),
+            "rss": spread([r["peak_rss"] for r in results]),
+            "wall_s": statistics.median(r["wall_s"] for r in results),
+            "wall_all": [round(r["wall_s"], 2) for r in results],
+            "peak_rss": statistics.median(r["peak_rss"] for r in results),
+            "baseline_rss": statistics.median(r.get("baseline_rss", 0) for r in results),
+            "output_bytes": results[-1].get("output_bytes", 0),
+        }
+        for name, results in runs.items()
+    }
+
+
 def compare(
     args: argparse.Namespace,
     work: Path,
@@ -290,28 +345,9 @@ def compare(
 ) -> dict:
     base = smollm2_dir()
     jobs = compare_jobs(base, work, experts, small, sources)
-    runs: dict[str, list[dict]] = {name: [] for name in jobs}
     what = f"base + {len(sources)} fine-tunes" if sources else f"{experts} experts"
     log(f"== side by side: SmolLM2-135M bf16 -> {what}, {args.rounds} rounds")
-    for r in range(args.rounds):
-        for name, (cmd, out, env) in jobs.items():
-            result = measure(cmd, out, env=env)
-            runs[name].append(result)
-            log(
-                f"  round {r + 1}: {name:62s} {result['wall_s']:6.2f} s "
-                f"{result['peak_rss'] / 1e9:5.2f} GB  (load {os.getloadavg()[0]:.1f})"
-            )
-    summary = {}
-    for name, results in runs.items():
-        summary[name] = {
-            "wall": spread([r["wall_s"] for r in results]),
-            "rss": spread([r["peak_rss"] for r in results]),
-            "wall_s": statistics.median(r["wall_s"] for r in results),
-            "wall_all": [round(r["wall_s"], 2) for r in results],
-            "peak_rss": statistics.median(r["peak_rss"] for r in results),
-            "baseline_rss": statistics.median(r.get("baseline_rss", 0) for r in results),
-            "output_bytes": results[-1].get("output_bytes", 0),
-        }
+    summary = summarize(interleaved(jobs, args.rounds))
     base_bytes = weights_bytes(base)
     written = summary[MERGEKIT]["output_bytes"]
     throughput = copy_throughput(written, work, 3 if small else 1)
@@ -398,6 +434,127 @@ def scaling(args: argparse.Namespace, work: Path) -> list[dict]:
         shutil.rmtree(out, ignore_errors=True)
         rows.append(row)
     return rows
+
+
+# -- the 1B-shape case ---------------------------------------------------------------------
+
+LEAN = "ours: python -m fusion_bench_moect.upcycle (streaming)"
+DD_BUFFERED = "dd conv=fdatasync, the same bytes (through the page cache)"
+DD_DIRECT = "dd oflag=direct, the same bytes (the disk alone)"
+API_TOUCH = "ours: Python API run(), then every weight read once"
+SMALL_LEAN = "ours: lean CLI, SmolLM2-135M, same experts"
+SMALL_API = "ours: Python API run(), SmolLM2-135M, same experts"
+#: dd's flags per dd row.
+DD_FLAGS = {DD_BUFFERED: ["conv=fdatasync"], DD_DIRECT: ["oflag=direct", "conv=fdatasync"]}
+
+
+def large_jobs(base: Path, work: Path, experts: int) -> dict[str, tuple[list[str], Path, dict]]:
+    """The 1B-shape rows: every writer of ``compare_jobs`` on ``base``, the import-only row,
+    the Python API followed by a read of every weight of the model it returns, our two default
+    paths on SmolLM2 at the same expert count (time per GB at both scales), and dd writing the
+    same bytes (its command is made once the lean CLI has written)."""
+    jobs = compare_jobs(base, work, experts, small=True)
+    jobs.pop(MERGEKIT_1T)
+    jobs.pop(FUSIONBENCH)
+    touch = [py(VENV), str(JOBS), "ours-api", str(base), str(work / "touch"), str(experts)]
+    jobs[API_TOUCH] = (touch + ["--touch"], work / "touch", {})
+    small = work / "smollm2"
+    small.mkdir(exist_ok=True)
+    smollm2 = compare_jobs(smollm2_dir(), small, experts, small=False)
+    jobs[SMALL_LEAN] = smollm2[LEAN]
+    jobs[SMALL_API] = smollm2[API_SAVE]
+    for name in DD_FLAGS:
+        jobs[name] = ([], work / name.split(",")[0].replace(" ", "-"), {})
+    return jobs
+
+
+def dd_command(out: Path, nbytes: int, flags: list[str]) -> list[str]:
+    """``dd`` writing ``nbytes`` zeros to ``out/dd.bin`` (``out`` made first)."""
+    dd = ["dd", "if=/dev/zero", f"of={out / 'dd.bin'}", "bs=16M", f"count={nbytes}"]
+    dd += ["iflag=count_bytes", "status=none", *flags]
+    return ["sh", "-c", f"mkdir -p {shlex.quote(str(out))} && exec {shlex.join(dd)}"]
+
+
+def large(args: argparse.Namespace, work: Path, experts: int) -> dict:
+    """``args.rounds`` interleaved rounds of ``large_jobs``, sync included, one output on
+    disk at a time; dd writes as many bytes as the lean CLI did."""
+    base = work / "llama1b"
+    tokenizer = ["--tokenizer", str(smollm2_dir())]
+    measure([py(VENV), str(JOBS), "make-llama1b", str(base), *tokenizer], None)
+    jobs = large_jobs(base, work, experts)
+
+    def dd(name: str, runs: dict[str, list[dict]]) -> list[str]:
+        return dd_command(jobs[name][1], runs[LEAN][-1]["output_bytes"], DD_FLAGS[name])
+
+    log(f"== 1B shape: {LARGE_JOB} -> {experts} experts, {args.rounds} rounds, sync included")
+    try:
+        summary = summarize(interleaved(jobs, args.rounds, sync=True, command=dd))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return {"experts": experts, "rounds": args.rounds, "tools": summary}
+
+
+#: The synthetic base (benchmarks/jobs.py make-llama1b).
+LARGE_JOB = (
+    "Llama-3.2-1B shape (hidden 2048, FFN 8192, 16 layers, vocab 49152, tied embeddings), "
+    "random bf16 weights, 2.15 GB"
+)
+#: (label, row, reference row, target): the ratios of issue 21, medians.
+LARGE_TARGETS = (
+    ("default path (Python API) / lean CLI, wall", API_SAVE, LEAN, 1.15),
+    ("default path (fusion_bench CLI) / lean CLI, wall", CLI_SAVE, LEAN, 1.15),
+    ("default path (Python API) / lean CLI, peak RSS", API_SAVE, LEAN, 1.3),
+    ("default path (Python API) / mergekit-moe, wall", API_SAVE, MERGEKIT, 0.55),
+    ("default path (fusion_bench CLI) / mergekit-moe, wall", CLI_SAVE, MERGEKIT, 0.55),
+    ("lean CLI / dd conv=fdatasync, wall", LEAN, DD_BUFFERED, 1.2),
+    ("lean CLI / dd oflag=direct, wall", LEAN, DD_DIRECT, None),
+)
+
+
+def large_table(result: dict) -> str:
+    tools = result["tools"]
+    lines = [
+        f"Job: {LARGE_JOB} -> {result['experts']} experts, top-2, random gates, bf16, saved; "
+        f"{result['rounds']} interleaved rounds; every run timed from spawn until `sync` "
+        "returns after it; min / median / max per row; rows whose spread exceeds 30% of the "
+        "median are flagged.",
+        "",
+        "| row | wall s min / median / max | GB written / s (median) | peak RSS GB min / median "
+        "/ max | output GB | spread > 30% |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, t in tools.items():
+        w, m, out = t["wall"], t["rss"], t["output_bytes"] / 1e9
+        cells = [
+            name,
+            f"{w['min']:.2f} / {w['median']:.2f} / {w['max']:.2f}",
+            f"{out / w['median']:.2f}" if out else "",
+            f"{m['min'] / 1e9:.2f} / {m['median'] / 1e9:.2f} / {m['max'] / 1e9:.2f}",
+            f"{out:.2f}" if out else "",
+            "**yes**" if w["noisy"] else "no",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| ratio (medians) | value | target |", "| --- | --- | --- |"]
+    for label, row, ref, target in LARGE_TARGETS:
+        key = "rss" if "RSS" in label else "wall"
+        value = tools[row][key]["median"] / tools[ref][key]["median"]
+        verdict = (
+            "" if target is None else f"<= {target}x: {'met' if value <= target else '**not met**'}"
+        )
+        lines.append(f"| {label} | {value:.2f}x | {verdict} |")
+    bare = tools[API_SAVE]["wall"]["median"] - tools[IMPORT_FUSIONBENCH]["wall"]["median"]
+    lines += [
+        "",
+        f"The Python API without FusionBench's import (the import-only row's median subtracted):"
+        f" {bare:.2f} s, {bare / tools[LEAN]['wall']['median']:.2f}x the lean CLI.",
+    ]
+    per_gb = [
+        f"{name}: {t['wall']['median'] / (t['output_bytes'] / 1e9):.2f} s/GB"
+        for name, t in tools.items()
+        if name in (SMALL_LEAN, SMALL_API, LEAN, API_SAVE)
+    ]
+    lines += ["", "Seconds per GB written (median wall / output): " + "; ".join(per_gb) + "."]
+    return "\n".join(lines)
 
 
 # -- reporting ---------------------------------------------------------------------------
@@ -511,29 +668,39 @@ def scaling_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def numbers(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("compare", "scaling"), default=None)
+    parser.add_argument("--only", choices=("compare", "scaling", "large"), default=None)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (compare)")
     parser.add_argument(
         "--experts",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=numbers,
         default=[8, 32],
         help="expert counts of the side-by-side tables (comma-separated)",
     )
-    parser.add_argument(
-        "--scaling-experts",
-        type=lambda s: [int(x) for x in s.split(",")],
-        default=[4, 8, 16, 32, 64],
-    )
+    parser.add_argument("--scaling-experts", type=numbers, default=[4, 8, 16, 32, 64])
     parser.add_argument("--scaling-rounds", type=int, default=1)
     parser.add_argument(
         "--merge", type=int, default=3, help="fine-tunes in the merge table (0 = no merge table)"
     )
+    parser.add_argument(
+        "--large-experts",
+        type=numbers,
+        default=[8],
+        help="expert counts of the 1B-shape tables (--only large; one output on disk at a time: "
+        "13.4 GB at 8 experts, 26 GB at 16, 52 GB at 32, plus the 2.15 GB base)",
+    )
     parser.add_argument("--skip-setup", action="store_true")
     parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> int:
+    args = parse_args()
     start = time.perf_counter()
     if not args.skip_setup:
         setup()
@@ -542,6 +709,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report: dict = {"date": stamp, "machine": machine()}
+    tables = []
     try:
         if args.only in (None, "compare"):
             report["compare"] = [
@@ -549,24 +717,22 @@ def main() -> int:
             ]
             if args.merge:
                 report["compare"].append(merge_compare(args, work))
-            for result in report["compare"]:
-                log("\n" + compare_table(result) + "\n")
+            tables += [compare_table(result) for result in report["compare"]]
         if args.only in (None, "scaling"):
             report["scaling"] = scaling(args, work)
-            table = scaling_table(report["scaling"])
-            log("\n" + table + "\n")
+            tables.append(scaling_table(report["scaling"]))
+        if args.only == "large":
+            report["large"] = [large(args, work, experts) for experts in args.large_experts]
+            tables += [large_table(result) for result in report["large"]]
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    for table in tables:
+        log("\n" + table + "\n")
     report["total_s"] = time.perf_counter() - start
     path = RESULTS / f"bench-{stamp}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
-    markdown = []
-    if "compare" in report:
-        markdown += [compare_table(result) for result in report["compare"]]
-    if "scaling" in report:
-        markdown.append(scaling_table(report["scaling"]))
-    (RESULTS / f"bench-{stamp}.md").write_text("\n\n".join(markdown) + "\n")
+    (RESULTS / f"bench-{stamp}.md").write_text("\n\n".join(tables) + "\n")
     log(f"== done in {report['total_s']:.0f} s; results in {path} and {path.with_suffix('.md')}")
     return 0
 
