@@ -21,7 +21,6 @@ FAMILY_NAMES = re.compile(r"mixtral|qwen2_moe|qwen3_moe|glm4_moe|Mixtral[A-Z]|Qw
 ALLOWED = {
     "_compat.py": "makes FusionBench's own Mixtral module importable under transformers 5",
     "algorithm.py": "subclasses FusionBench's MixtralForCausalLMMergingAlgorithm",
-    "experiments/": "the study's settings choose an output family, as a user's config does",
 }
 
 

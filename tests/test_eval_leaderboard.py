@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import make_model, real_text, train_tokenizer
 
-from fusion_bench_moect.experiments import leaderboard
-from fusion_bench_moect.experiments.leaderboard import (
+from fusion_bench_moect.eval import leaderboard
+from fusion_bench_moect.eval.leaderboard import (
     Row,
     build_rows,
     get_metric,

@@ -1,4 +1,4 @@
-"""Plumbing of the MoE-CT study (fusion_bench_moect.experiments.study) on tiny Llama models."""
+"""Plumbing of the MoE-CT study (study/, beside the package) on tiny Llama models."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from fusion_bench_moect.experiments.study.common import gain_retained, mean_std, specialisation
 from fusion_bench_moect.paths import cache_root
+from study.common import gain_retained, mean_std, specialisation
 
 SMOLLM2 = cache_root() / "SmolLM2-135M-Instruct"
 
@@ -28,7 +28,7 @@ def test_gain_retained_and_mean_std():
 
 
 def test_grid_rows_design():
-    from fusion_bench_moect.experiments.study.grid import grid_rows
+    from study.grid import grid_rows
 
     rows = grid_rows(quick=False, focus_seeds=(42, 1))
     names = [r["name"] for r in rows if r["group"] == "main"]
@@ -76,9 +76,9 @@ def tiny_models(tmp_path_factory):
 
 
 def test_grid_and_collapse_and_report_on_tiny_models(tiny_models, tmp_path):
-    from fusion_bench_moect.experiments.study.collapse import combine_runs, run_collapse
-    from fusion_bench_moect.experiments.study.grid import _row, run_grid
-    from fusion_bench_moect.experiments.study.report import write_report
+    from study.collapse import combine_runs, run_collapse
+    from study.grid import _row, run_grid
+    from study.report import write_report
 
     experts = {"de": tiny_models["de"]}
     text = {
@@ -178,7 +178,7 @@ def test_grid_and_collapse_and_report_on_tiny_models(tiny_models, tmp_path):
 
 
 def test_run_log_resumes_only_matching_runs(tmp_path):
-    from fusion_bench_moect.experiments.runs import RunLog
+    from study.runs import RunLog
 
     runs = RunLog(tmp_path / "all.json", {"settings": {"a": 1}}, "runs", 2, order=lambda r: r["i"])
     runs.record(tmp_path / "2.json", {"i": 2, "settings": {"a": 1}})
@@ -195,7 +195,7 @@ def test_run_log_resumes_only_matching_runs(tmp_path):
 
 def test_train_expert_fine_tunes_the_mlp_and_resumes(tiny_models, tmp_path):
     from fusion_bench_moect.eval.text import debian_reference_available
-    from fusion_bench_moect.experiments.study.experts import (
+    from study.experts import (
         ExpertSettings,
         is_built,
         train_expert,
@@ -214,7 +214,7 @@ def test_train_expert_fine_tunes_the_mlp_and_resumes(tiny_models, tmp_path):
 
 
 def test_trained_runs_merge_then_train_router_then_experts(tiny_models, tmp_path):
-    from fusion_bench_moect.experiments.study.trained import POINTS, run_trained, trained_rows
+    from study.trained import POINTS, run_trained, trained_rows
 
     experts = {"de": tiny_models["de"]}
     text = {
@@ -245,7 +245,7 @@ def test_trained_runs_merge_then_train_router_then_experts(tiny_models, tmp_path
     assert ppl[0] != ppl[1] != ppl[2]
     again = run_trained(tiny_models["base"], experts, tmp_path, rows, resume=True, **kwargs)
     assert [r["points"] for r in again["runs"]] == [r["points"] for r in result["runs"]]
-    from fusion_bench_moect.experiments.study.report import write_report
+    from study.report import write_report
 
     doc = write_report(None, None, {}, tmp_path / "study.md", tmp_path / "img", trained=result)
     assert "Claim 2 after continued training" in doc.read_text()

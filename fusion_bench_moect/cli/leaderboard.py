@@ -1,6 +1,6 @@
 """``python -m fusion_bench_moect.cli.leaderboard``: a grid of ``fusion_bench`` runs, ranked.
 
-See ``fusion_bench_moect/experiments/leaderboard.py`` and docs/leaderboard.md.
+See ``fusion_bench_moect/eval/leaderboard.py`` and docs/leaderboard.md.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..experiments.leaderboard import build_rows, row_command, run_leaderboard, slug
+from ..eval.leaderboard import build_rows, row_command, run_leaderboard, slug
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point (see ``experiments/leaderboard.py``'s docstring)."""
+    """Command line entry point (see ``eval/leaderboard.py``'s docstring)."""
     parser = argparse.ArgumentParser(
         prog="python -m fusion_bench_moect.cli.leaderboard",
         description="Run a grid of fusion_bench settings and rank them.",

@@ -2,9 +2,9 @@
 
 Usage::
 
-    python -m fusion_bench_moect.cli.study            # the full run (docs/study.md numbers)
-    python -m fusion_bench_moect.cli.study --quick    # smoke run, < 20 min on a 2-core CPU
-    python -m fusion_bench_moect.cli.study --parts grid,collapse --resume
+    python -m study            # the full run (docs/study.md numbers)
+    python -m study --quick    # smoke run, < 20 min on a 2-core CPU
+    python -m study --parts grid,collapse --resume
 
 ``--quick`` trains its own small experts (in ``<cache>/experts-quick``), runs a handful
 of grid rows, 2 trained rows of a few steps and 2 seeds x 2 gate modes x aux loss on/off of
@@ -28,14 +28,15 @@ from typing import Any
 
 import torch
 
-from ..experiments.study import collapse as collapse_mod
-from ..experiments.study import experts as experts_mod
-from ..experiments.study import grid as grid_mod
-from ..experiments.study import trained as trained_mod
-from ..experiments.study.report import write_report
-from ..paths import cache_root
+from fusion_bench_moect.paths import cache_root
 
-log = logging.getLogger("fusion_bench_moect.study")
+from . import collapse as collapse_mod
+from . import experts as experts_mod
+from . import grid as grid_mod
+from . import trained as trained_mod
+from .report import write_report
+
+log = logging.getLogger(__name__)
 
 PARTS = ("experts", "grid", "trained", "collapse", "report")
 
@@ -46,9 +47,7 @@ def _parse_ints(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The study's options (the expert options included)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fusion_bench_moect.cli.study", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m study", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (< 20 min on CPU)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     parser.add_argument(

@@ -21,7 +21,6 @@ from typing import Any
 
 from fusion_bench_moect.eval.routing import STEP_METRICS
 
-from ..runs import RunLog
 from .common import ensure_dir, make_pool, make_taskpool
 from .grid import (
     _key,
@@ -32,6 +31,7 @@ from .grid import (
     row_path,
     train_split_sources,
 )
+from .runs import RunLog
 
 log = logging.getLogger(__name__)
 

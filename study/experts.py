@@ -16,7 +16,7 @@ rebuilds).
 
 Usage::
 
-    python -m fusion_bench_moect.cli.study --parts experts [--langs de,fr,es] [--steps 150] [--force]
+    python -m study --parts experts [--langs de,fr,es] [--steps 150] [--force]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ TRAIN_TARGETS = ("mlp", "all")
 
 
 def base_model_dir() -> Path:
-    """The prepared SmolLM2-135M-Instruct directory (``python -m fusion_bench_moect.assets.smollm2``)."""
+    """The prepared SmolLM2-135M-Instruct directory (``python -m fusion_bench_moect.cli.smollm2``)."""
     return cache_root() / "SmolLM2-135M-Instruct"
 
 
@@ -319,7 +319,7 @@ def build_experts(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The expert options (of ``python -m fusion_bench_moect.cli.study``)."""
+    """The expert options (of ``python -m study``)."""
     d = ExpertSettings()
     parser.add_argument("--langs", default=",".join(DEFAULT_LANGS), help="expert languages")
     parser.add_argument("--steps", type=int, default=d.steps)

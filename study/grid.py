@@ -29,8 +29,8 @@ import torch
 
 from fusion_bench_moect.eval.routing import HEADLINE_METRICS
 
-from ..runs import RunLog
 from .common import STUDY_MERGE, ensure_dir, gain_retained, make_pool, make_taskpool, specialisation
+from .runs import RunLog
 
 log = logging.getLogger(__name__)
 

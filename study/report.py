@@ -611,8 +611,8 @@ def generated_block(
 
 SKELETON = """# The MoE-CT study
 
-(Hand-written sections go above and below the generated block; `python -m
-fusion_bench_moect.cli.study` only rewrites the block between the markers.)
+(Hand-written sections go above and below the generated block; `python -m study`
+only rewrites the block between the markers.)
 
 {block}
 """

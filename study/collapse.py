@@ -23,9 +23,9 @@ from typing import Any
 
 from fusion_bench_moect.eval.routing import HEADLINE_METRICS, STEP_METRICS
 
-from ..runs import RunLog
 from .common import STUDY_MERGE, ensure_dir, make_pool, make_taskpool, specialisation
 from .grid import train_split_sources
+from .runs import RunLog
 
 log = logging.getLogger(__name__)
 
