@@ -9,7 +9,7 @@ their llama.cpp perplexity with the dense model's.
    ``vendor/llama.cpp``) and builds ``llama-perplexity`` with cmake (CPU, Release, that
    target only), cached in ``~/.cache/fusion_bench_moect/llama.cpp``.
 2. Builds the outputs from SmolLM2-135M with the lean CLI (``python -m
-   fusion_bench_moect.upcycle``): Mixtral G=1 (8 experts), Mixtral G=4 (32 experts),
+   fusion_bench_moect.cli.upcycle``): Mixtral G=1 (8 experts), Mixtral G=4 (32 experts),
    Qwen2-MoE (tied base: explicit ``lm_head``), and Qwen3-MoE G=8 (64 experts) from a Qwen3
    version of SmolLM2 (unit q/k norms: a different dense model, compared with its own
    conversion).
@@ -216,7 +216,7 @@ def main() -> int:
                 log(f"  dense {base_name}: PPL {reference[base_name]:.4f}")
             out = work / "moe"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [str(VENV / "bin" / "python"), "-m", "fusion_bench_moect.upcycle", str(base)]
+            cmd = [str(VENV / "bin" / "python"), "-m", "fusion_bench_moect.cli.upcycle", str(base)]
             run(cmd + [str(out), "-q", *flags], cwd=REPO)
             gguf = work / "moe.gguf"
             convert(src, out, gguf, args.outtype)

@@ -93,7 +93,7 @@ def setup() -> None:
     if not (smollm2 / "model.safetensors").is_file():
         log("== preparing SmolLM2-135M-Instruct")
         subprocess.run(
-            [py(VENV), "-m", "fusion_bench_moect.assets.smollm2"], check=True, cwd=REPO, env=ENV
+            [py(VENV), "-m", "fusion_bench_moect.cli.smollm2"], check=True, cwd=REPO, env=ENV
         )
 
 
@@ -212,8 +212,8 @@ def compare_jobs(
     source_args = [f"--source={name}={path}" for name, path in (sources or {}).items()]
     fusion_bench = str(VENV / "bin" / "fusion_bench")
     jobs = {
-        "ours: python -m fusion_bench_moect.upcycle (streaming)": (
-            [py(VENV), "-m", "fusion_bench_moect.upcycle", str(base), str(out["lean"])]
+        "ours: python -m fusion_bench_moect.cli.upcycle (streaming)": (
+            [py(VENV), "-m", "fusion_bench_moect.cli.upcycle", str(base), str(out["lean"])]
             + (source_args or size)
             + ["--gate-mode", "random", "--dtype", "bfloat16"],
             out["lean"],
@@ -401,7 +401,7 @@ def scaling(args: argparse.Namespace, work: Path) -> list[dict]:
         flags = ["--num-experts", str(experts), "--granularity", str(granularity)]
         flags += ["--experts-per-token", str(topk), "--dtype", "bfloat16", "-q"]
         gate = "random" if granularity == 1 else "orthogonal"
-        lean = [py(VENV), "-m", "fusion_bench_moect.upcycle", str(model), str(out)]
+        lean = [py(VENV), "-m", "fusion_bench_moect.cli.upcycle", str(model), str(out)]
         lean += flags + ["--gate-mode", gate]
         api = [py(VENV), str(JOBS), "ours-api", str(model), str(out), str(experts)]
         api += ["--granularity", str(granularity), "--topk", str(topk), "--gate-mode", gate]

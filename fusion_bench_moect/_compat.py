@@ -9,6 +9,8 @@ missing, never replace anything, and never use the stand-in: our algorithm overr
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 
@@ -24,10 +26,12 @@ class _RemovedMixtralBlockSparseTop2MLP(nn.Module):
 
 def ensure_fusion_bench_mixtral_importable() -> None:
     """Add the two missing names, if missing, before FusionBench's Mixtral module is imported."""
+    # Lazy: transformers' modelling code only when FusionBench's Mixtral module follows.
     import transformers.modeling_utils as modeling_utils
     from transformers.models.mixtral import modeling_mixtral
 
     if not hasattr(modeling_utils, "no_init_weights"):
+        # Lazy: transformers.initialization exists in transformers 5 only.
         from transformers.initialization import no_init_weights
 
         modeling_utils.no_init_weights = no_init_weights
@@ -40,10 +44,7 @@ def ensure_lm_eval_importable() -> None:
     ``transformers.AutoModelForVision2Seq``, which transformers 5 renamed
     ``AutoModelForImageTextToText``; add the old name if missing (only its vision-language
     model class uses it)."""
-    import sys
-
-    # Importing these makes transformers 5 replace its lazy module in sys.modules (losing
-    # attributes set on the old object), so do it first.
+    # Lazy (~10 s), and needed here: loading these swaps transformers' module in sys.modules.
     import transformers.models.auto  # noqa: F401
     import transformers.processing_utils  # noqa: F401
 

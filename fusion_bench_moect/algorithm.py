@@ -23,12 +23,8 @@ ensure_fusion_bench_mixtral_importable()
 from fusion_bench.method import MixtralForCausalLMMergingAlgorithm  # noqa: E402
 
 from .errors import one_line_errors  # noqa: E402
-from .io.sources import (  # noqa: E402
-    check_local_path,
-    declared_model_path,
-    open_source,
-    pool_model_path,
-)
+from .io.pool import declared_model_path, open_source, pool_model_path  # noqa: E402
+from .io.sources import check_local_path  # noqa: E402
 from .io.streaming import TOKENIZER_FILES  # noqa: E402
 from .params import MoECTConfig, init_signature  # noqa: E402
 from .pipeline import ModelInputs, run_pipeline  # noqa: E402

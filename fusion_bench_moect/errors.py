@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 
 #: FusionBench's CLI logger, which logs a failed run's exception with its traceback.
@@ -54,8 +55,6 @@ def raised_by_plugin(err: BaseException) -> bool:
 
 def under_hydra() -> bool:
     """Whether this runs inside a Hydra job (the ``fusion_bench`` CLI)."""
-    from hydra.core.hydra_config import HydraConfig
-
     return HydraConfig.initialized()
 
 

@@ -2,10 +2,10 @@
 
 ``MoECTConfig`` holds each parameter with its default, a one-line description and its
 field-level checks. ``OrthogonalMoECTMergingAlgorithm.__init__``, the lean CLI's options
-(``fusion_bench_moect.upcycle``), ``config/method/moe_ct_upcycling.yaml`` (``method_yaml``),
+(``fusion_bench_moect.cli.upcycle``), ``config/method/moe_ct_upcycling.yaml`` (``method_yaml``),
 the parameter table of docs/algorithm.md (``parameter_table``), the ``moe_ct`` record saved in
-``config.json`` (``MoECTConfig.record``) and the study defaults are all generated from it:
-adding a parameter means adding one field here plus its use.
+``config.json`` (``MoECTConfig.record``) and the study's merge settings (``study/common.py``)
+are all generated from it: adding a parameter means adding one field here plus its use.
 
 Checks that need the base model (divisibility by the intermediate size, expert names, top-k
 against the expert count) live in ``plan.make_plan``. No torch import: the lean CLI parses its

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,11 +24,21 @@ def package_modules() -> dict[str, Path]:
 
 
 def imports(path: Path) -> list[tuple[str, ast.stmt]]:
-    """The absolute module names ``path`` imports, with the statement (top level or nested)."""
+    """The absolute module names ``path`` imports, with the statement (top level or nested;
+    not those under ``if TYPE_CHECKING:``, which never run)."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test).endswith("TYPE_CHECKING")
+        for n in ast.walk(block)
+    }
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found += [(alias.name, node) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -47,3 +60,99 @@ def test_the_package_does_not_import_the_study_or_experiments():
             assert not target.startswith("fusion_bench_moect.experiments"), name
     assert not (PACKAGE / "experiments").exists()
     assert not (PACKAGE / "cli" / "study.py").exists()
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Package module -> the package modules it imports, at the top or inside a function
+    (not its own parent packages, which Python always initialises first)."""
+    modules = package_modules()
+    return {
+        name: {t for t, _ in imports(path) if t in modules and not (name + ".").startswith(t + ".")}
+        for name, path in modules.items()
+    }
+
+
+def dependency_order(graph: dict[str, set[str]]) -> list[str]:
+    """The modules, each after everything it imports; fails on a cycle, naming it."""
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        assert state.get(name) != "open", "import cycle: " + " -> ".join([*path, name])
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            visit(target, [*path, name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    return order
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    dependency_order(graph)
+    lora, sources = "fusion_bench_moect.io.lora", "fusion_bench_moect.io.sources"
+    assert sources in graph[lora] and lora not in graph[sources]
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    """Dependents first, so that each import loads its own dependencies as a user's would."""
+    order = dependency_order(import_graph())[::-1]
+    script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script, *order], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_only_cli_imports_cli():
+    for name, path in package_modules().items():
+        if name.startswith("fusion_bench_moect.cli"):
+            continue
+        for target, node in imports(path):
+            assert not target.startswith("fusion_bench_moect.cli"), f"{name}:{node.lineno}"
+
+
+#: Modules being reworked in parallel (issue 20, parts 2 and 3); they join the check below
+#: once their function-local imports carry their reason.
+PENDING = ("arch/", "training/", "plan.py", "pipeline.py", "build.py")
+
+
+def local_imports(path: Path) -> list[ast.stmt]:
+    """The import statements inside functions of ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found += [n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return found
+
+
+def has_reason(line: str) -> bool:
+    """Whether ``line`` carries a comment other than a linter's ``# noqa``."""
+    return "#" in re.sub(r"#\s*noqa[\w:, ]*", "", line)
+
+
+def test_function_local_imports_say_why_and_repeat_nothing():
+    """A function-local import keeps a module cheap to import (or an optional extra out of
+    it): a comment says so just above it, and it never repeats a top-level import."""
+    for path in package_modules().values():
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative.startswith(PENDING):
+            continue
+        lines = path.read_text().splitlines()
+        tree = ast.parse(path.read_text())
+        top = {t for t, node in imports(path) if node in tree.body}
+        for node in local_imports(path):
+            where = f"{relative}:{node.lineno}"
+            line = node.lineno - 1
+            if not has_reason(lines[line]):  # else the reason is on the import's own line
+                line -= 1
+                while lines[line].strip().startswith(("import ", "from ")):
+                    line -= 1  # a block of imports shares one comment
+            assert has_reason(lines[line]), f"{where}: say why this import is function-local"
+            repeated = {t for t, n in imports(path) if n is node} & top
+            assert not repeated, f"{where} repeats the top-level import of {sorted(repeated)}"

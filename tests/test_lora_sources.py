@@ -97,7 +97,7 @@ def test_rslora_and_alpha_pattern_scaling(saved, base_dir, real_ids):
 def test_lean_cli_reads_adapters(saved, base_dir, real_ids):
     from safetensors.torch import load_file
 
-    from fusion_bench_moect.upcycle import main
+    from fusion_bench_moect.cli.upcycle import main
 
     adapter_dir = saved.root / "adapter"
     merged_dir = saved(train_adapter(base_dir, adapter_dir, real_ids).merge_and_unload(), "m")

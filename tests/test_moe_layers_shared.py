@@ -233,7 +233,7 @@ def test_task_pool_routing_statistics_skip_dense_layers(saved, tmp_path):
 
 
 def test_lean_cli_options(saved, tmp_path):
-    from fusion_bench_moect.upcycle import main
+    from fusion_bench_moect.cli.upcycle import main
 
     dense = make_model("llama", layers=3)
     base, ft = saved(dense), saved(perturbed(dense, 1))

@@ -69,8 +69,8 @@ def test_field_checks_normalise_numbers():
 
 
 def test_lean_cli_parses_every_form_into_the_schema():
+    from fusion_bench_moect.cli.upcycle import build_parser
     from fusion_bench_moect.params import config_from_args
-    from fusion_bench_moect.upcycle import build_parser
 
     args = build_parser().parse_args(["base", "out"])
     assert config_from_args(args) == MoECTConfig()
@@ -100,7 +100,7 @@ def test_lean_cli_help_is_generated_from_the_schema_and_agrees_with_the_parser()
     option with choices lists exactly the choices the parser accepts."""
     import re
 
-    from fusion_bench_moect.upcycle import build_parser
+    from fusion_bench_moect.cli.upcycle import build_parser
 
     parser = build_parser()
     actions = [a for a in parser._actions if a.dest in MoECTConfig.names()]
@@ -123,7 +123,7 @@ def test_lean_cli_help_is_generated_from_the_schema_and_agrees_with_the_parser()
 
 def test_lean_cli_refuses_prompt_gates():
     out = subprocess.run(
-        [sys.executable, "-m", "fusion_bench_moect.upcycle", "b", "o", "--gate-mode", "hidden"],
+        [sys.executable, "-m", "fusion_bench_moect.cli.upcycle", "b", "o", "--gate-mode", "hidden"],
         capture_output=True,
         text=True,
         timeout=120,

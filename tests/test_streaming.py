@@ -243,7 +243,7 @@ def test_writer_places_tensors_in_any_order(tmp_path, monkeypatch, direct):
 
 
 def test_lean_cli_writes_what_the_algorithm_streams(tmp_path, saved, real_ids):
-    from fusion_bench_moect.upcycle import main
+    from fusion_bench_moect.cli.upcycle import main
 
     dense = make_model("qwen3", layers=2)
     tok = tmp_path / "tok"
@@ -276,7 +276,7 @@ def test_lean_cli_writes_what_the_algorithm_streams(tmp_path, saved, real_ids):
 
 def test_lean_cli_imports_neither_fusion_bench_nor_modelling_code():
     code = (
-        "import sys, fusion_bench_moect.upcycle as u; "
+        "import sys, fusion_bench_moect.cli.upcycle as u; "
         "u.build_parser(); import fusion_bench_moect.build; "
         "print(sorted(m for m in sys.modules if m.startswith(('fusion_bench.', 'lightning')) "
         "or m == 'fusion_bench' or '.modeling_' in m))"

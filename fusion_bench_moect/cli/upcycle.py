@@ -3,7 +3,7 @@
     python -m fusion_bench_moect.cli.upcycle BASE_DIR OUT_DIR [--num-experts 8] [--gate-mode random]
     python -m fusion_bench_moect.cli.upcycle BASE_DIR OUT_DIR --source math=DIR --source code=DIR
 
-(also ``moect-upcycle``, or the older ``python -m fusion_bench_moect.upcycle``). It runs the same
+(also the console script ``moect-upcycle``). It runs the same
 pipeline as ``fusion_bench method=moe_ct_upcycling`` with ``streaming: true``
 (``pipeline.run_pipeline``) and records the same ``moe_ct`` parameters in
 ``config.json``, but imports neither FusionBench nor transformers' modelling code: only torch,
@@ -21,19 +21,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from ..params import add_cli_options, config_from_args
+
+# A fixed name: under ``python -m`` __name__ is "__main__", and the log lines show the name.
 log = logging.getLogger("fusion_bench_moect.upcycle")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one option per parameter of ``MoECTConfig`` (its defaults)."""
-    from ..params import add_cli_options
-
     p = argparse.ArgumentParser(
         prog="python -m fusion_bench_moect.cli.upcycle",
         description="Upcycle a dense model (or merge its fine-tunes) into an MoE checkpoint, "
@@ -98,6 +100,7 @@ class _ConfigLoader(threading.Thread):
 
     def run(self) -> None:
         try:
+            # Lazy: the point of this thread is to import transformers (~2.5 s) off the main one.
             from transformers import AutoConfig
 
             self.config = AutoConfig.from_pretrained(self.directory)
@@ -107,6 +110,7 @@ class _ConfigLoader(threading.Thread):
     def result(self) -> Any:
         self.join()
         if self.error is not None:
+            # Lazy: io.sources imports torch; upcycle() has loaded it by the time this runs.
             from ..io.sources import SourceError
 
             raise SourceError(
@@ -135,6 +139,7 @@ def _checked_base_config(loader: _ConfigLoader, raw: Any) -> Any:
 def _check_inputs(dirs: dict[str, Path], tokenizer: str | None) -> None:
     """Every model directory (and ``--tokenizer``) exists, is readable and is a full model
     with safetensors weights (a source may be a PEFT LoRA adapter)."""
+    # Lazy, as in upcycle(), which calls this after its own imports.
     from ..io.lora import is_adapter_dir
     from ..io.sources import SourceError, check_local_path, is_safetensors_dir
     from ..io.streaming import TOKENIZER_FILES
@@ -157,13 +162,12 @@ def _check_inputs(dirs: dict[str, Path], tokenizer: str | None) -> None:
 
 def upcycle(args: argparse.Namespace) -> list[float]:
     """Run the job described by parsed ``args``; returns the router condition numbers."""
-    # Everything the main thread needs is imported before the loader thread starts, so the
-    # two never import the same module at once.
+    # Lazy, so that --help and bad options answer before torch (~2 s); all before the loader
+    # thread starts, so that the two threads never import the same module at once.
     from ..build import output_config as moe_config
-    from ..io.lora import is_adapter_dir
-    from ..io.sources import SourceError, open_adapter, open_directory, read_config_json
+    from ..io.lora import is_adapter_dir, open_adapter
+    from ..io.sources import SourceError, open_directory, read_config_json
     from ..io.streaming import write_hub_checkpoint  # noqa: F401
-    from ..params import config_from_args
     from ..pipeline import ModelInputs, run_pipeline
 
     config = config_from_args(args, save_checkpoint=args.output, streaming=True)
@@ -203,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if args.quiet:
-        import os
-
         os.environ.setdefault("TQDM_DISABLE", "1")
     start = time.perf_counter()
     try:

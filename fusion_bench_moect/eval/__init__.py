@@ -16,6 +16,7 @@ __all__ = ["MoETextTaskPool"]
 
 def __getattr__(name: str) -> Any:
     if name == "MoETextTaskPool":
+        # Lazy: the task pool pulls in FusionBench and torch; routing and text stay cheap.
         from fusion_bench_moect.eval.taskpool import MoETextTaskPool
 
         return MoETextTaskPool

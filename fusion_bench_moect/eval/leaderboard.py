@@ -41,9 +41,11 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from fusion_bench_moect.eval.plots import plot_leaderboard
 from fusion_bench_moect.eval.routing import HEADLINE_METRICS
 
 log = logging.getLogger(__name__)
@@ -405,8 +407,6 @@ def _write_csv(path: Path, headers: Sequence[str], table_rows: Sequence[dict[str
 def _plot(
     rows: Sequence[Row], metric: str, baseline: Row | None, path: Path, title: str | None
 ) -> None:
-    from fusion_bench_moect.eval.plots import plot_leaderboard
-
     base_value = get_metric(baseline.report, metric) if baseline else None
     ranked = [r for r in rows if r.report is not None and not r.baseline]
     plot_leaderboard(
@@ -443,6 +443,7 @@ def _markdown_table(headers: Sequence[str], table_rows: Sequence[dict[str, str]]
 
 def _markdown_tail(metric: str, command: str, rows: Sequence[Row]) -> list[str]:
     """The plot, the reproducing command, the versions, and the failed rows' errors."""
+    # Lazy: the runner only spawns ``fusion_bench``; torch and transformers for versions only.
     import torch
     import transformers
 
@@ -508,8 +509,6 @@ def _git_revision() -> str | None:
 
 
 def _dist_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(name)
     except PackageNotFoundError:

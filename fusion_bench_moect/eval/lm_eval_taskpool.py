@@ -28,7 +28,11 @@ from ..errors import one_line_errors
 from .taskpool import to_jsonable
 
 ensure_lm_eval_importable()
+import lightning.fabric  # noqa: E402
 from fusion_bench.taskpool.lm_eval_harness import LMEvalHarnessTaskPool  # noqa: E402
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +93,6 @@ class MoELMEvalHarnessTaskPool(LMEvalHarnessTaskPool):
     def evaluate(self, model: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Run the tasks on ``model``; returns ``{task: {metric: value}}`` (also written to
         ``output_path/results.json``)."""
-        import lightning.fabric
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-
         tokenizer = self._tokenizer_path(model)
         paths = [str(TASKS_DIR)] + ([str(self.include_path)] if self.include_path else [])
         manager = TaskManager(

@@ -16,9 +16,11 @@ __all__ = ["plot_alpha_schedule", "plot_expert_load", "plot_leaderboard"]
 
 def pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
+    # Lazy: matplotlib is an optional extra, and the backend is set before pyplot loads.
     import matplotlib
 
     matplotlib.use("Agg", force=True)
+    # Lazy: after the backend is chosen.
     import matplotlib.pyplot as plt
 
     return plt

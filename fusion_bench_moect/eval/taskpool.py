@@ -13,11 +13,14 @@ import torch
 import torch.nn.functional as F
 from fusion_bench import auto_register_config
 from fusion_bench.taskpool import BaseTaskPool
+from fusion_bench.utils import instantiate
 from torch import nn
+from transformers import AutoTokenizer
 
 from fusion_bench_moect._config import to_plain
 from fusion_bench_moect.arch import router_scoring
 from fusion_bench_moect.eval.capture import RouterCapture, needs_capture
+from fusion_bench_moect.eval.plots import plot_alpha_schedule, plot_expert_load
 from fusion_bench_moect.eval.routing import (
     RoutingAccumulator,
     distinct_row_condition,
@@ -157,14 +160,10 @@ class MoETextTaskPool(BaseTaskPool):
         """
         if self._tokenizer_obj is not None:
             return self._tokenizer_obj
-        from transformers import AutoTokenizer
-
         if self.tokenizer is not None:
             if isinstance(self.tokenizer, str):
                 tokenizer = AutoTokenizer.from_pretrained(self.tokenizer)
             else:
-                from fusion_bench.utils import instantiate
-
                 tokenizer = instantiate(self.tokenizer)
         elif getattr(self._modelpool(), "tokenizer", None) is not None:
             tokenizer = self._modelpool().load_tokenizer()
@@ -417,8 +416,6 @@ class MoETextTaskPool(BaseTaskPool):
         folder = self._plot_dir()
         if not self.plots or folder is None:
             return {}
-        from fusion_bench_moect.eval.plots import plot_alpha_schedule, plot_expert_load
-
         suffix = "" if self._num_evaluations == 1 else f"_{self._num_evaluations}"
         written: dict[str, str] = {}
         record = report["model"].get("moe_ct") or {}

@@ -25,6 +25,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from ..arch import legacy_config_fields
+
 try:
     import fcntl
 except ImportError:  # not POSIX: liveness by process id alone
@@ -119,8 +121,6 @@ def _check_replaceable(target: Path) -> None:
 
 def add_legacy_config_fields(config_json: Path) -> None:
     """Make a config.json written by transformers 5 loadable by transformers 4 as well."""
-    from ..arch import legacy_config_fields
-
     config = json.loads(config_json.read_text())
     extra = legacy_config_fields(config)
     if extra:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from .sources import SourceError, TensorSource, read_json_object
 
@@ -137,8 +139,6 @@ class LoraSource(TensorSource):
         return cfg
 
     def _load_weights(self, weights: Path, cfg: dict[str, Any]) -> None:
-        from safetensors import safe_open
-
         try:
             handle = safe_open(str(weights), framework="pt")
             keys = list(handle.keys())
@@ -240,3 +240,19 @@ class LoraSource(TensorSource):
 
     def close(self) -> None:
         self._handle = None
+
+
+def open_adapter(
+    name: str, path: str | os.PathLike, base: TensorSource | None, base_path: Path | None
+) -> TensorSource:
+    """Open a PEFT LoRA adapter directory as a source over ``base``.
+
+    Raises:
+        SourceError: If there is no base to apply it to, or the adapter does not fit.
+    """
+    if base is None:
+        raise SourceError(
+            f"Model '{name}' at {path} is a PEFT adapter, not a full model: the base "
+            "(_pretrained_) must be a full model; adapters can only be sources."
+        )
+    return LoraSource(name, path, base, base_path)

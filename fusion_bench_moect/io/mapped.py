@@ -101,6 +101,7 @@ def mapped_model(directory: str | os.PathLike, arch: Any, config: Any) -> nn.Mod
         ValueError: When the checkpoint lacks a parameter of the model or has a tensor the
             model does not use (it was not written for this config).
     """
+    # Lazy: accelerate (~3 s) only when a model is mapped, not on ``import io.mapped``.
     from accelerate import init_empty_weights
 
     views = safetensors_views(directory)
@@ -212,6 +213,7 @@ def _set(model: nn.Module, name: str, tensor: torch.Tensor, buffer: bool = False
 
 def _load_generation_config(model: nn.Module, directory: Path) -> None:
     if (directory / "generation_config.json").is_file() and hasattr(model, "generation_config"):
+        # Lazy: transformers' generation module (~1 s) only for a directory that has one.
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(directory)

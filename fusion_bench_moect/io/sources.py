@@ -1,4 +1,5 @@
-"""Read dense models tensor by tensor: safetensors directories lazily, anything else via the pool."""
+"""Read dense models tensor by tensor: safetensors directories lazily, loaded modules as they
+are (PEFT adapters: ``io/lora.py``; FusionBench pool entries: ``io/pool.py``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -116,8 +118,6 @@ class SafetensorsSource(TensorSource):
 
     def __init__(self, name: str, config: Any, directory: Path) -> None:
         super().__init__(name, config)
-        from safetensors import safe_open
-
         self.directory = Path(directory)
         index = self.directory / SAFETENSORS_INDEX
         if index.is_file():
@@ -209,23 +209,6 @@ class ModuleSource(TensorSource):
         self._state.clear()
 
 
-def declared_model_path(modelpool: Any, name: str) -> Any:
-    """What the pool gives for entry ``name``: a path or hub id, or a config (None if none)."""
-    getter = getattr(modelpool, "get_model_path", None)
-    try:
-        return getter(name) if getter is not None else modelpool.get_model_config(name)
-    except Exception:
-        return None
-
-
-def pool_model_path(modelpool: Any, name: str) -> Path | None:
-    """The local directory behind a pool entry, or None when the pool must load it."""
-    path = declared_model_path(modelpool, name)
-    if isinstance(path, (str, os.PathLike)) and Path(path).expanduser().is_dir():
-        return Path(path).expanduser()
-    return None
-
-
 #: ``name`` or ``namespace/name``: what a pool entry that is not a local path may be (a model
 #: in the Hugging Face cache); anything else that does not exist is a missing path.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -292,6 +275,7 @@ def read_vocabulary(directory: str | os.PathLike) -> dict[str, int] | None:
         added = {t["content"]: t["id"] for t in data.get("added_tokens") or []}
         return {**vocab, **added}
     if (directory / "tokenizer_config.json").is_file():
+        # Lazy: transformers (~5 s) only for a slow tokenizer; the lean CLI never loads it.
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(directory).get_vocab()
@@ -344,6 +328,7 @@ def open_directory(name: str, path: str | os.PathLike, config: Any = None) -> Sa
     """
     path = Path(path)
     if config is None:
+        # Lazy: the lean CLI passes a JSON config and never imports transformers here.
         from transformers import AutoConfig
 
         try:
@@ -353,50 +338,6 @@ def open_directory(name: str, path: str | os.PathLike, config: Any = None) -> Sa
                 f"Model '{name}': cannot read {path / 'config.json'} ({err})."
             ) from err
     return SafetensorsSource(name, config, path)
-
-
-def open_source(modelpool: Any, name: str, base: TensorSource | None = None) -> TensorSource:
-    """Open pool entry ``name`` lazily when it is a safetensors directory or a PEFT LoRA
-    adapter directory (read over ``base``), else load it through the pool.
-
-    Raises:
-        SourceError: If the entry cannot be read.
-    """
-    path = pool_model_path(modelpool, name)
-    if path is not None:
-        from .lora import is_adapter_dir
-
-        if is_adapter_dir(path):
-            return open_adapter(name, path, base, pool_model_path(modelpool, "_pretrained_"))
-        if is_safetensors_dir(path):
-            return open_directory(name, path)
-    try:
-        module = modelpool.load_model(name)
-    except Exception as err:
-        raise SourceError(f"Model '{name}' could not be loaded by the model pool: {err}") from err
-    if not hasattr(module, "config") or not hasattr(module, "state_dict"):
-        raise SourceError(
-            f"Model '{name}' loaded as {type(module).__name__}, not a transformers causal LM."
-        )
-    return ModuleSource(name, module)
-
-
-def open_adapter(
-    name: str, path: str | os.PathLike, base: TensorSource | None, base_path: Path | None
-) -> TensorSource:
-    """Open a PEFT LoRA adapter directory as a source over ``base`` (``io/lora.py``).
-
-    Raises:
-        SourceError: If there is no base to apply it to, or the adapter does not fit.
-    """
-    from .lora import LoraSource
-
-    if base is None:
-        raise SourceError(
-            f"Model '{name}' at {path} is a PEFT adapter, not a full model: the base "
-            "(_pretrained_) must be a full model; adapters can only be sources."
-        )
-    return LoraSource(name, path, base, base_path)
 
 
 #: Output dtype names accepted by ``dtype`` parameters.

@@ -7,13 +7,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from datasets import Dataset, DatasetDict
+
+from fusion_bench_moect.eval.text import load_debian_reference
+
 
 def load(language: str = "en", split: str = "heldout", **_: Any) -> Any:
     """A ``DatasetDict`` with one ``test`` split: one document per chapter of ``split``."""
-    from datasets import Dataset, DatasetDict
-
-    from fusion_bench_moect.eval.text import load_debian_reference
-
     docs = load_debian_reference(language, split)
     rows = [{"name": d.name, "text": d.text} for d in docs if d.text.strip()]
     return DatasetDict({"test": Dataset.from_list(rows)})
