@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experts-steps", type=int, default=None, help="experts stage steps")
     parser.add_argument("--router-lr", type=float, default=5e-4)
     parser.add_argument("--experts-lr", type=float, default=1e-4)
+    _add_collapse_arguments(parser)
+    parser.add_argument("--label", default="", help="a line describing the run, in the doc")
+    experts_mod.add_arguments(parser)
+    return parser
+
+
+def _add_collapse_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the collapse runs (``--collapse-*``)."""
     parser.add_argument("--collapse-seeds", default=None)
     parser.add_argument("--collapse-steps", type=int, default=None)
     parser.add_argument("--collapse-eval-tokens", type=int, default=None)
@@ -104,9 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="other collapse.json files (comma-separated, e.g. from a parallel --out with "
         "other --collapse-modes) whose runs the report adds",
     )
-    parser.add_argument("--label", default="", help="a line describing the run, in the doc")
-    experts_mod.add_arguments(parser)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +96,6 @@ def run_collapse(
 
     ``eval_sources``, ``train_sources`` and ``prompts`` (``{lang: [...]}``, ``en`` for the
     base expert) replace the Debian Reference defaults, e.g. for tests."""
-    out = ensure_dir(out_dir)
-    run_dir = ensure_dir(out / "runs")
     langs = ["en", *[lang for lang in experts if lang != "en"]]
     if eval_sources is None:
         eval_sources = {lang: {"debian_reference": lang, "split": "heldout"} for lang in langs}
@@ -119,8 +118,35 @@ def run_collapse(
         "languages": langs,
         "experts": dict(experts),
     }
-    modes = list(gate_modes)
+    inputs = _RunInputs(base_dir, experts, taskpool, train_sources, eval_sources, raw_prompts)
+    run_one = functools.partial(_merge_train_evaluate, inputs, settings)
     header = {"settings": settings, "prompts": raw_prompts}
+    return _run_all(ensure_dir(out_dir), header, list(gate_modes), coefs, seeds, resume, run_one)
+
+
+@dataclass(frozen=True)
+class _RunInputs:
+    """What every run of one invocation shares: models, evaluation, training text, prompts
+    (``{lang: [...]}``, ``en`` for the base expert)."""
+
+    base_dir: str
+    experts: Mapping[str, str]
+    taskpool: Any
+    train_sources: Mapping[str, Any]
+    eval_sources: Mapping[str, Any]
+    prompts: Mapping[str, Sequence[str]]
+
+
+def _run_all(
+    out: Path,
+    header: dict[str, Any],
+    modes: Sequence[str],
+    coefs: Sequence[float],
+    seeds: Sequence[int],
+    resume: bool,
+    run_one: Callable[[str, float, int], dict[str, Any]],
+) -> dict[str, Any]:
+    """Every (gate mode, coefficient, seed) run, resumed or done now; the summary."""
     runs = RunLog(
         out / "collapse.json",
         header,
@@ -128,16 +154,7 @@ def run_collapse(
         len(modes) * len(seeds) * len(coefs),
         order=_run_order(modes, coefs),
     )
-    run_one = functools.partial(
-        _merge_train_evaluate,
-        base_dir=base_dir,
-        experts=experts,
-        taskpool=taskpool,
-        train_sources=train_sources,
-        eval_sources=eval_sources,
-        prompts={("_pretrained_" if k == "en" else k): v for k, v in raw_prompts.items()},
-        settings=settings,
-    )
+    run_dir = ensure_dir(out / "runs")
     # seed-major order: a run cut short still has every gate mode for the first seeds
     for seed in seeds:
         for coef in coefs:
@@ -181,12 +198,10 @@ def _run_or_resume(
 ) -> None:
     """Keep the run saved at ``path`` (``resume``, same settings) or do it now."""
     mode, coef = variant
-    saved = RunLog.finished(path, settings=runs.header["settings"]) if resume else None
-    if saved is not None:
-        runs.keep(saved)
+    compute = functools.partial(run_one, mode, coef, seed)
+    result = runs.run(path, compute, resume, settings=runs.header["settings"])
+    if result is None:
         return
-    result = run_one(mode, coef, seed)
-    runs.record(path, result)
     log.info(
         "[%d/%d] %s aux %g seed %d: CV %.3f -> %.3f, eval ppl %.3f, %.0f s",
         len(runs.results),
@@ -202,49 +217,29 @@ def _run_or_resume(
 
 
 def _merge_train_evaluate(
-    mode: str,
-    aux_loss_coef: float,
-    seed: int,
-    base_dir: str,
-    experts: Mapping[str, str],
-    taskpool: Any,
-    train_sources: Mapping[str, Any],
-    eval_sources: Mapping[str, Any],
-    prompts: Mapping[str, Any],
-    settings: Mapping[str, Any],
+    inputs: _RunInputs, settings: Mapping[str, Any], mode: str, aux_loss_coef: float, seed: int
 ) -> dict[str, Any]:
     """One run: merge with ``gate_mode`` ``mode``, train ``settings["steps"]`` steps with
     load-balancing loss coefficient ``aux_loss_coef``, evaluate."""
-    from fusion_bench_moect import MoECTTrainingAlgorithm, OrthogonalMoECTMergingAlgorithm
+    from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 
     t0 = time.perf_counter()
     params = {**MERGE_PARAMS, "gate_mode": mode, "seed": seed}
     if mode in ("hidden", "cheap_embed"):
-        params["prompts"] = prompts
-    merged = OrthogonalMoECTMergingAlgorithm(**params).run(make_pool(base_dir, experts, "float32"))
+        params["prompts"] = {
+            ("_pretrained_" if k == "en" else k): v for k, v in inputs.prompts.items()
+        }
+    pool = make_pool(inputs.base_dir, inputs.experts, "float32")
+    merged = OrthogonalMoECTMergingAlgorithm(**params).run(pool)
     merge_s = time.perf_counter() - t0
-    steps = settings["steps"]
-    trainer = MoECTTrainingAlgorithm(
-        train_sources=train_sources,
-        stage=settings["stage"],
-        max_steps=steps,
-        learning_rate=settings["learning_rate"],
-        lr_scheduler="constant",
-        router_aux_loss_coef=aux_loss_coef,
-        batch_size=settings["batch_size"],
-        seq_len=settings["seq_len"],
-        max_tokens_per_source=settings["train_tokens_per_language"],
-        seed=seed,
-        log_every=max(steps // 4, 1),
-        # held-out routing during training: the specialisation curve
-        eval_sources=eval_sources,
-        eval_every=settings["curve_eval_every"],
-        eval_max_tokens_per_source=settings["curve_eval_tokens_per_language"],
-    )
+    trainer = _trainer(inputs, settings, aux_loss_coef, seed)
     t1 = time.perf_counter()
-    model = trainer.run(make_pool(base_dir, {}, "float32", in_memory={"_pretrained_": merged}))
+    model = trainer.run(
+        make_pool(inputs.base_dir, {}, "float32", in_memory={"_pretrained_": merged})
+    )
     train_s = time.perf_counter() - t1
-    report = taskpool.evaluate_model(model, label=f"{mode} aux {aux_loss_coef:g} seed {seed}")
+    label = f"{mode} aux {aux_loss_coef:g} seed {seed}"
+    report = inputs.taskpool.evaluate_model(model, label=label)
     routing = report.get("routing") or {}
     overall = routing.get("overall") or {}
     record = (report.get("model") or {}).get("moe_ct") or {}
@@ -267,6 +262,32 @@ def _merge_train_evaluate(
         "train_seconds": train_s,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _trainer(
+    inputs: _RunInputs, settings: Mapping[str, Any], aux_loss_coef: float, seed: int
+) -> Any:
+    """The ``moe_ct_training`` algorithm of one run (constant learning rate), evaluating
+    held-out routing during training for the specialisation curve."""
+    from fusion_bench_moect import MoECTTrainingAlgorithm
+
+    steps = settings["steps"]
+    return MoECTTrainingAlgorithm(
+        train_sources=inputs.train_sources,
+        stage=settings["stage"],
+        max_steps=steps,
+        learning_rate=settings["learning_rate"],
+        lr_scheduler="constant",
+        router_aux_loss_coef=aux_loss_coef,
+        batch_size=settings["batch_size"],
+        seq_len=settings["seq_len"],
+        max_tokens_per_source=settings["train_tokens_per_language"],
+        seed=seed,
+        log_every=max(steps // 4, 1),
+        eval_sources=inputs.eval_sources,
+        eval_every=settings["curve_eval_every"],
+        eval_max_tokens_per_source=settings["curve_eval_tokens_per_language"],
+    )
 
 
 def _curve_point(evaluation: Mapping[str, Any], experts: Sequence[str] | None) -> dict[str, Any]:

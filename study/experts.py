@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,15 +179,7 @@ def train_expert(
         "trainable_parameters": sum(p.numel() for p in trainable),
         **_loss_summary(losses),
         "heldout_tokens": settings.eval_tokens,
-        "heldout_perplexity_base": ppl_before[lang],
-        "heldout_perplexity_expert": ppl_after[lang],
-        "heldout_perplexity_change": ppl_after[lang] / ppl_before[lang] - 1.0,
-        # English forgetting of the dense expert (> 0: worse than the base).
-        "english_perplexity_base": {k: v for k, v in ppl_before.items() if k != lang},
-        "english_perplexity_expert": {k: v for k, v in ppl_after.items() if k != lang},
-        "english_forgetting": {
-            k: ppl_after[k] / v - 1.0 for k, v in ppl_before.items() if k != lang
-        },
+        **_perplexity_entries(lang, ppl_before, ppl_after),
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - started,
         "accelerator": device,
@@ -204,6 +196,21 @@ def train_expert(
         marker["seconds"],
     )
     return marker
+
+
+def _perplexity_entries(
+    lang: str, before: Mapping[str, float], after: Mapping[str, float]
+) -> dict[str, Any]:
+    """The marker's held-out perplexities of the base (``before``) and of the expert, on its
+    own language and on the English texts (forgetting > 0: the expert is worse)."""
+    return {
+        "heldout_perplexity_base": before[lang],
+        "heldout_perplexity_expert": after[lang],
+        "heldout_perplexity_change": after[lang] / before[lang] - 1.0,
+        "english_perplexity_base": {k: v for k, v in before.items() if k != lang},
+        "english_perplexity_expert": {k: v for k, v in after.items() if k != lang},
+        "english_forgetting": {k: after[k] / v - 1.0 for k, v in before.items() if k != lang},
+    }
 
 
 def _train_windows(lang: str, tokenizer: Any, settings: ExpertSettings) -> torch.Tensor:

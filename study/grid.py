@@ -17,6 +17,7 @@ Design (a full factorial is too expensive on a CPU):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -237,13 +238,13 @@ def run_grid(
     )
     refs = runs.header["references"]
     for i, row in enumerate(priority_order(rows), 1):
-        path = row_path(row_dir, row)
-        saved = RunLog.finished(path, settings=settings, params=row["params"]) if resume else None
-        if saved is not None:
-            runs.keep({**saved, "index": row.get("index", 0)})
+        compute = functools.partial(
+            _merge_and_evaluate, row, base_dir, experts, dtype, taskpool, refs, settings
+        )
+        path, index = row_path(row_dir, row), {"index": row.get("index", 0)}
+        result = runs.run(path, compute, resume, index, settings=settings, params=row["params"])
+        if result is None:
             continue
-        result = _merge_and_evaluate(row, base_dir, experts, dtype, taskpool, refs, settings)
-        runs.record(path, result)
         m = result["metrics"]
         log.info(
             "[%d/%d] %s: en %+.2f%%, gain retained %.3f, anchor share %s, %.0f s",

@@ -43,6 +43,24 @@ class RunLog:
         saved = json.loads(path.read_text())
         return saved if all(saved.get(k) == v for k, v in expected.items()) else None
 
+    def run(
+        self,
+        path: Path,
+        compute: Callable[[], dict[str, Any]],
+        resume: bool,
+        also: Mapping[str, Any] | None = None,
+        **expected: Any,
+    ) -> dict[str, Any] | None:
+        """Keep the result saved at ``path`` (``resume`` and it has the ``expected`` entries;
+        ``also`` updates it) and return None, or compute, record and return a new one."""
+        saved = self.finished(path, **expected) if resume else None
+        if saved is not None:
+            self.keep({**saved, **(also or {})})
+            return None
+        result = compute()
+        self.record(path, result)
+        return result
+
     def keep(self, result: dict[str, Any]) -> None:
         """Count a result that is already on disk (a resumed run)."""
         self.results.append(result)

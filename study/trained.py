@@ -31,7 +31,6 @@ from .grid import (
     row_path,
     train_split_sources,
 )
-from .runs import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -98,34 +97,29 @@ def run_trained(
     runs = referenced_run_log(
         out / "trained.json", "runs", len(rows), settings, resume, taskpool, base_dir, experts
     )
+    refs = runs.header["references"]
     run_one = functools.partial(
-        _merge_train_evaluate,
-        base_dir=base_dir,
-        experts=experts,
-        taskpool=taskpool,
-        refs=runs.header["references"],
-        train_sources=train_sources,
-        settings=settings,
+        _merge_train_evaluate, base_dir, experts, taskpool, refs, train_sources, settings
     )
     for i, row in enumerate(rows, 1):
+        compute = functools.partial(run_one, row)
         path = row_path(run_dir, row)
-        saved = RunLog.finished(path, settings=settings, params=row["params"]) if resume else None
-        if saved is not None:
-            runs.keep(saved)
-            continue
-        result = run_one(row)
-        runs.record(path, result)
-        pts = result["points"]
-        log.info(
-            "[%d/%d] %s: en %s, gain retained %s (merged -> router -> experts), %.0f s",
-            i,
-            len(rows),
-            _key(row),
-            " -> ".join(f"{100 * pts[p].get('forgetting_en', math.nan):+.2f}%" for p in POINTS),
-            " -> ".join(f"{pts[p].get('gain_retained') or math.nan:.3f}" for p in POINTS),
-            result["seconds"],
-        )
+        result = runs.run(path, compute, resume, settings=settings, params=row["params"])
+        if result is not None:
+            _log_run(f"[{i}/{len(rows)}] {_key(row)}", result)
     return runs.dump()
+
+
+def _log_run(prefix: str, result: Mapping[str, Any]) -> None:
+    """One log line per finished run: English forgetting and gain kept at each point."""
+    pts = result["points"]
+    log.info(
+        "%s: en %s, gain retained %s (merged -> router -> experts), %.0f s",
+        prefix,
+        " -> ".join(f"{100 * pts[p].get('forgetting_en', math.nan):+.2f}%" for p in POINTS),
+        " -> ".join(f"{pts[p].get('gain_retained') or math.nan:.3f}" for p in POINTS),
+        result["seconds"],
+    )
 
 
 def _train(
@@ -156,13 +150,13 @@ def _train(
 
 
 def _merge_train_evaluate(
-    row: Mapping[str, Any],
     base_dir: str,
     experts: Mapping[str, str],
     taskpool: Any,
     refs: Mapping[str, Any],
     train_sources: Mapping[str, Any],
     settings: Mapping[str, Any],
+    row: Mapping[str, Any],
 ) -> dict[str, Any]:
     """One run: merge with the row's parameters, then the two stages; metrics at each point."""
     from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
