@@ -17,8 +17,17 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import torch
+from fusion_bench.modelpool import CausalLMPool
+from transformers import AutoModelForCausalLM
+
+from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 from fusion_bench_moect.assets.smollm2 import default_model_dir
+from fusion_bench_moect.eval.lm_eval_taskpool import MoELMEvalHarnessTaskPool
+from fusion_bench_moect.eval.taskpool import MoETextTaskPool
+from fusion_bench_moect.eval.text import load_debian_reference
 
 
 def main() -> None:
@@ -30,16 +39,6 @@ def main() -> None:
         "--chapters", type=int, default=None, help="first N held-out chapters (default all 3)"
     )
     args = parser.parse_args()
-
-    import torch
-    from fusion_bench.modelpool import CausalLMPool
-    from transformers import AutoModelForCausalLM
-
-    from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
-    from fusion_bench_moect.eval.lm_eval_taskpool import MoELMEvalHarnessTaskPool
-    from fusion_bench_moect.eval.taskpool import MoETextTaskPool
-    from fusion_bench_moect.eval.text import load_debian_reference
-
     torch.set_num_threads(2)
     base = str(default_model_dir())
     dense = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
@@ -50,36 +49,8 @@ def main() -> None:
     tmp_root = tempfile.mkdtemp(prefix="moect-evalcmp-")
     rows = []
     for label, model in (("SmolLM2-135M (dense)", dense), (f"Mixtral {args.experts}x top-2", moe)):
-        started = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            theirs = MoELMEvalHarnessTaskPool(
-                tasks=[f"moect_debian_reference_{lang}" for lang in languages],
-                tokenizer=base,
-                max_length=args.window,
-                limit=args.chapters,
-                output_path=tmp,
-            ).evaluate(model)["results"]
-        lm_eval_s = time.perf_counter() - started
-        started = time.perf_counter()
-        texts = {
-            lang: load_debian_reference(lang, "heldout")[: args.chapters] for lang in languages
-        }
-        files = {}
-        for lang, docs in texts.items():  # the same chapters as lm-eval's documents
-            files[lang] = Path(tmp_root) / f"{lang}.txt"
-            files[lang].write_text("\n\n".join(d.text for d in docs))
-        ours = MoETextTaskPool(
-            sources={lang: str(path) for lang, path in files.items()},
-            max_tokens_per_source=None,
-            window_length=args.window,
-            batch_size=1,
-            tokenizer=base,
-            reference_models=[],
-            routing_stats=False,
-            plots=False,
-            show_progress=False,
-        ).evaluate(model)["sources"]
-        ours_s = time.perf_counter() - started
+        theirs, lm_eval_s = _lm_eval(model, base, languages, args)
+        texts, ours, ours_s = _ours(model, base, languages, args, Path(tmp_root))
         for lang in languages:
             text_bytes = sum(len(d.text.encode()) for d in texts[lang])
             src = ours[lang]
@@ -99,6 +70,47 @@ def main() -> None:
     )
     print("\n".join(rows))
     shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def _lm_eval(
+    model: Any, base: str, languages: list[str], args: argparse.Namespace
+) -> tuple[dict[str, Any], float]:
+    """lm-eval's results per task, through FusionBench's task pool, and the seconds taken."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = MoELMEvalHarnessTaskPool(
+            tasks=[f"moect_debian_reference_{lang}" for lang in languages],
+            tokenizer=base,
+            max_length=args.window,
+            limit=args.chapters,
+            output_path=tmp,
+        ).evaluate(model)["results"]
+    return results, time.perf_counter() - started
+
+
+def _ours(
+    model: Any, base: str, languages: list[str], args: argparse.Namespace, tmp_root: Path
+) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """The same chapters as lm-eval's documents through ``MoETextTaskPool``: the texts, our
+    per-source results, and the seconds taken."""
+    started = time.perf_counter()
+    texts = {lang: load_debian_reference(lang, "heldout")[: args.chapters] for lang in languages}
+    files = {}
+    for lang, docs in texts.items():
+        files[lang] = tmp_root / f"{lang}.txt"
+        files[lang].write_text("\n\n".join(d.text for d in docs))
+    ours = MoETextTaskPool(
+        sources={lang: str(path) for lang, path in files.items()},
+        max_tokens_per_source=None,
+        window_length=args.window,
+        batch_size=1,
+        tokenizer=base,
+        reference_models=[],
+        routing_stats=False,
+        plots=False,
+        show_progress=False,
+    ).evaluate(model)["sources"]
+    return texts, ours, time.perf_counter() - started
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv"
@@ -199,51 +201,68 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     text = heldout_text(work / f"heldout-{args.lang}.txt", args.lang)
     bases = {"smollm2": smollm2_dir(), "qwen3": qwen3_from_smollm2(work / "qwen3-dense")}
-    reference: dict[str, float] = {}
-    rows = []
     cases = list(enumerate(CASES, 1))
     if args.only:
         wanted = {int(i) for i in args.only.split(",")}
         cases = [(i, c) for i, c in cases if i in wanted]
+    llama = SimpleNamespace(src=src, binary=binary, text=text, args=args)
+    reference: dict[str, float] = {}
     try:
-        for _, (label, base_name, flags) in cases:
-            base = bases[base_name]
-            if base_name not in reference:
-                gguf = work / f"{base_name}-dense.gguf"
-                convert(src, base, gguf, args.outtype)
-                reference[base_name] = perplexity(binary, gguf, text, args.ctx, args.chunks)
-                gguf.unlink()
-                log(f"  dense {base_name}: PPL {reference[base_name]:.4f}")
-            out = work / "moe"
-            shutil.rmtree(out, ignore_errors=True)
-            cmd = [str(VENV / "bin" / "python"), "-m", "fusion_bench_moect.cli.upcycle", str(base)]
-            run(cmd + [str(out), "-q", *flags], cwd=REPO)
-            gguf = work / "moe.gguf"
-            convert(src, out, gguf, args.outtype)
-            ppl = perplexity(binary, gguf, text, args.ctx, args.chunks)
-            gguf.unlink()
-            shutil.rmtree(out)
-            diff = ppl / reference[base_name] - 1
-            ok = abs(diff) <= TOLERANCE
-            log(f"  {label}: PPL {ppl:.4f} ({diff:+.3%}) {'ok' if ok else 'FAIL'}")
-            rows.append(
-                {
-                    "label": label,
-                    "base": base_name,
-                    "flags": " ".join(flags),
-                    "ppl": ppl,
-                    "dense_ppl": reference[base_name],
-                    "diff": diff,
-                    "ok": ok,
-                }
-            )
+        rows = [run_case(llama, work, bases, reference, case) for _, case in cases]
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    write_results(rows, args, time.perf_counter() - started)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def ppl_of(llama: SimpleNamespace, model_dir: Path, gguf: Path) -> float:
+    """llama.cpp's perplexity of ``model_dir`` after its own conversion to ``gguf`` (deleted)."""
+    convert(llama.src, model_dir, gguf, llama.args.outtype)
+    ppl = perplexity(llama.binary, gguf, llama.text, llama.args.ctx, llama.args.chunks)
+    gguf.unlink()
+    return ppl
+
+
+def run_case(
+    llama: SimpleNamespace,
+    work: Path,
+    bases: dict[str, Path],
+    reference: dict[str, float],
+    case: tuple[str, str, list[str]],
+) -> dict[str, Any]:
+    """One output of the lean CLI in llama.cpp, against its dense base (measured once)."""
+    label, base_name, flags = case
+    base = bases[base_name]
+    if base_name not in reference:
+        reference[base_name] = ppl_of(llama, base, work / f"{base_name}-dense.gguf")
+        log(f"  dense {base_name}: PPL {reference[base_name]:.4f}")
+    out = work / "moe"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(VENV / "bin" / "python"), "-m", "fusion_bench_moect.cli.upcycle", str(base)]
+    run(cmd + [str(out), "-q", *flags], cwd=REPO)
+    ppl = ppl_of(llama, out, work / "moe.gguf")
+    shutil.rmtree(out)
+    diff = ppl / reference[base_name] - 1
+    ok = abs(diff) <= TOLERANCE
+    log(f"  {label}: PPL {ppl:.4f} ({diff:+.3%}) {'ok' if ok else 'FAIL'}")
+    return {
+        "label": label,
+        "base": base_name,
+        "flags": " ".join(flags),
+        "ppl": ppl,
+        "dense_ppl": reference[base_name],
+        "diff": diff,
+        "ok": ok,
+    }
+
+
+def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> None:
+    """Log the table and write it (Markdown) and the rows (JSON) to benchmarks/results/."""
     table = [
         f"llama.cpp {LLAMA_CPP_PYTHON} (llama-cpp-python sdist), {args.outtype} GGUF from its "
         f"convert_hf_to_gguf.py, llama-perplexity -c {args.ctx} --chunks {args.chunks} on the "
-        f"held-out Debian Reference ({args.lang}); {time.perf_counter() - started:.0f} s.",
+        f"held-out Debian Reference ({args.lang}); {seconds:.0f} s.",
         "",
         "| output (lean CLI flags) | dense base | llama.cpp PPL | dense PPL | difference | within 0.5% |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -260,7 +279,6 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (results / f"interop-{stamp}.md").write_text(text_out + "\n")
     (results / f"interop-{stamp}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    return 0 if all(r["ok"] for r in rows) else 1
 
 
 if __name__ == "__main__":

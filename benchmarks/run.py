@@ -205,12 +205,34 @@ def compare_jobs(
 
     With ``sources`` (fine-tunes of the base) the job is a merge: the base + the sources as
     experts (ours with MoE-CT lerp, its default), without the FusionBench-only rows."""
+    jobs = job_table(base, work, experts, sources)
+    if sources:
+        drop = (*SMALL_ONLY, CLI_SAVE)
+        return {name: job for name, job in jobs.items() if name not in drop}
+    if not small:
+        return {name: job for name, job in jobs.items() if name not in SMALL_ONLY}
+    jobs[IMPORT_FUSIONBENCH] = (
+        [
+            py(VENV),
+            "-c",
+            "from fusion_bench.modelpool import CausalLMPool; "
+            "from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm",
+        ],
+        None,
+        {},
+    )
+    return jobs
+
+
+def job_table(
+    base: Path, work: Path, experts: int, sources: dict[str, Path] | None
+) -> dict[str, tuple[list[str], Path, dict]]:
+    """Every job of ``compare_jobs``, in its order."""
     names = ("lean", "api", "mergekit", "mergekit1", "cli", "stream", "fb")
     out = {name: work / name for name in names}
     mergekit_yml = str(mergekit_config(base, experts, work / "mergekit.yml", sources))
     size = ["--num-experts", str(experts)]
     source_args = [f"--source={name}={path}" for name, path in (sources or {}).items()]
-    fusion_bench = str(VENV / "bin" / "fusion_bench")
     jobs = {
         "ours: python -m fusion_bench_moect.cli.upcycle (streaming)": (
             [py(VENV), "-m", "fusion_bench_moect.cli.upcycle", str(base), str(out["lean"])]
@@ -240,23 +262,7 @@ def compare_jobs(
             out["fb"],
             {},
         ),
-        CLI_SAVE: (
-            [
-                fusion_bench,
-                "method=moe_ct_upcycling",
-                f"method.num_experts={experts}",
-                "method.gate_mode=random",
-                "method.dtype=bfloat16",
-                f"method.save_checkpoint={out['cli']}",
-                "modelpool=CausalLMPool/moe_ct_upcycle",
-                f"modelpool.models._pretrained_={base}",
-                "taskpool=dummy",
-                f"hydra.run.dir={work / 'hydra'}",
-                f"path.log_dir={work / 'hydra'}",
-            ],
-            out["cli"],
-            {},
-        ),
+        CLI_SAVE: (fusion_bench_command(base, out["cli"], experts, work / "hydra"), out["cli"], {}),
         "ours: Python API run(), streaming": (
             [py(VENV), str(JOBS), "ours-api", str(base), str(out["stream"]), str(experts)]
             + ["--streaming", *source_args],
@@ -264,23 +270,24 @@ def compare_jobs(
             {},
         ),
     }
-    if sources:
-        drop = (*SMALL_ONLY, CLI_SAVE)
-        return {name: job for name, job in jobs.items() if name not in drop}
-    if small:
-        jobs[IMPORT_FUSIONBENCH] = (
-            [
-                py(VENV),
-                "-c",
-                "from fusion_bench.modelpool import CausalLMPool; "
-                "from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm",
-            ],
-            None,
-            {},
-        )
-    else:
-        jobs = {name: job for name, job in jobs.items() if name not in SMALL_ONLY}
     return jobs
+
+
+def fusion_bench_command(base: Path, out: Path, experts: int, logs: Path) -> list[str]:
+    """The ``fusion_bench`` CLI job: upcycle ``base`` and save to ``out``, no evaluation."""
+    return [
+        str(VENV / "bin" / "fusion_bench"),
+        "method=moe_ct_upcycling",
+        f"method.num_experts={experts}",
+        "method.gate_mode=random",
+        "method.dtype=bfloat16",
+        f"method.save_checkpoint={out}",
+        "modelpool=CausalLMPool/moe_ct_upcycle",
+        f"modelpool.models._pretrained_={base}",
+        "taskpool=dummy",
+        f"hydra.run.dir={logs}",
+        f"path.log_dir={logs}",
+    ]
 
 
 def spread(values: list[float]) -> dict:
