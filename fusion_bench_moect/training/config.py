@@ -148,7 +148,7 @@ class TrainingConfig:
     router_z_loss_coef: float = param(0.0, "router z-loss weight (0 = off)", check=check_float(0.0))
     balancing: str = param(
         "aux_loss",
-        "aux_loss | bias (aux-loss-free router bias; glm4_moe) | aux_loss+bias | none",
+        "aux_loss | bias (aux-loss-free router bias; outputs with one) | aux_loss+bias | none",
         check=check_choice(BALANCING),
     )
     bias_update_rate: float = param(
