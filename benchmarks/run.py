@@ -191,6 +191,7 @@ SMALL_ONLY = (MERGEKIT_1T, FUSIONBENCH)
 IMPORT_FUSIONBENCH = "import CausalLMPool + OrthogonalMoECTMergingAlgorithm only (no work)"
 #: The default paths: run() with save_checkpoint returns the model (the written files, mapped).
 API_SAVE = "ours: Python API run() (returns the model + saves)"
+LEAN = "ours: python -m fusion_bench_moect.cli.upcycle (streaming)"
 CLI_SAVE = "ours: fusion_bench CLI (model + save)"
 
 
@@ -234,7 +235,7 @@ def job_table(
     size = ["--num-experts", str(experts)]
     source_args = [f"--source={name}={path}" for name, path in (sources or {}).items()]
     jobs = {
-        "ours: python -m fusion_bench_moect.cli.upcycle (streaming)": (
+        LEAN: (
             [py(VENV), "-m", "fusion_bench_moect.cli.upcycle", str(base), str(out["lean"])]
             + (source_args or size)
             + ["--gate-mode", "random", "--dtype", "bfloat16"],
@@ -445,7 +446,6 @@ def scaling(args: argparse.Namespace, work: Path) -> list[dict]:
 
 # -- the 1B-shape case ---------------------------------------------------------------------
 
-LEAN = "ours: python -m fusion_bench_moect.upcycle (streaming)"
 DD_BUFFERED = "dd conv=fdatasync, the same bytes (through the page cache)"
 DD_DIRECT = "dd oflag=direct, the same bytes (the disk alone)"
 API_TOUCH = "ours: Python API run(), then every weight read once"
