@@ -4,9 +4,10 @@ outputs must be identical (``diff``).
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/identity.py > /tmp/identity-after.txt
 
-The models come from the tests' tiny-model factory (``tests/conftest.py``: 3 layers, 9 heads /
-3 KV heads, tied embeddings, seeded) and its BPE tokenizer, saved under ``--root`` (fixed, as
-``save_checkpoint`` is recorded in ``config.json``; wiped first). Five builds (Mixtral G1 and G4
+The models come from the tests' tiny-model factory (``tests/helpers.py``'s ``make_tiny_model``,
+the tests' ``tiny_model`` fixture: 3 layers, 9 heads / 3 KV heads, tied embeddings, seeded) and
+its BPE tokenizer, saved under ``--root`` (fixed, as ``save_checkpoint`` is recorded in
+``config.json``; wiped first). Five builds (Mixtral G1 and G4
 with permutation, noise, drop and sources; Qwen2-MoE with sources, a shared expert of two FFNs
 and prompt gates; Qwen3-MoE G2 and G4 with dense layers) each run through
 ``OrthogonalMoECTMergingAlgorithm(...).run(pool)`` with ``save_checkpoint``, in memory and
@@ -106,9 +107,9 @@ CLI_BUILDS = ("mixtral-g1", "qwen3_moe-g2")
 
 def make_models(root: Path, family: str, num_sources: int) -> dict[str, str]:
     """The seeded tiny base and its fine-tune stand-ins, saved; pool name -> directory."""
-    from conftest import make_model, perturbed, save
+    from helpers import make_tiny_model, perturbed, save
 
-    base = make_model(family, seed=0, layers=3)
+    base = make_tiny_model(family, seed=0, layers=3)
     dirs = {"_pretrained_": save(base, root / family / "base")}
     for i in range(1, num_sources + 1):
         dirs[f"ft{i}"] = save(perturbed(base, seed=i), root / family / f"ft{i}")
@@ -142,7 +143,7 @@ def _byte_dtype() -> Any:
 
 def run_algorithm(name: str, dirs: dict[str, str], tok: Path, out: Path, streamed: bool) -> list:
     """One algorithm build; the hashes of its files (and, in memory, of ``build_model``)."""
-    from conftest import pool
+    from helpers import pool
 
     from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 
@@ -184,7 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.ERROR)
-    from conftest import train_tokenizer
+    from helpers import train_tokenizer
 
     shutil.rmtree(args.root, ignore_errors=True)
     tok = args.root / "tokenizer"

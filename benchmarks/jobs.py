@@ -88,27 +88,28 @@ def fusionbench(args: argparse.Namespace) -> None:
 
 
 def make_qwen3(args: argparse.Namespace) -> None:
-    """A random Qwen3 base for the 128-expert fine-grained build (bf16, saved once)."""
+    """A random Qwen3 base for the 128-expert fine-grained build (bf16, saved once): the tests'
+    model factory (``tests/helpers.py``), seed 0, at a larger size."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import make_tiny_model
 
     out = Path(args.dir)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return
-    torch.manual_seed(0)
-    config = Qwen3Config(
+    model = make_tiny_model(
+        "qwen3",
+        layers=8,
         vocab_size=32000,
         hidden_size=512,
         intermediate_size=2048,
-        num_hidden_layers=8,
         num_attention_heads=8,
         num_key_value_heads=4,
         head_dim=64,
         max_position_embeddings=2048,
-        tie_word_embeddings=True,
     )
-    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    model.save_pretrained(out)
+    model.to(torch.bfloat16).save_pretrained(out)
 
 
 #: Llama-3.2-1B's shape with SmolLM2's vocabulary (so SmolLM2's tokenizer fits): 16 layers,

@@ -1,22 +1,49 @@
-"""Shared fixtures: tiny real transformers models and tokenizers saved to temp dirs."""
+"""Shared fixtures: tiny real transformers models and one tokenizer, saved to temp dirs.
+
+Every fixture is defined here once; test modules take them as arguments and import plain
+helpers from ``helpers.py``, never from this file.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from helpers import (
+    REPO,
+    add_tokenizer,
+    in_ci,
+    make_tiny_model,
+    perturbed,
+    pool,
+    real_text,
+    save,
+    train_tokenizer,
+    unavailable,
+)
 
-GPL = Path("/usr/share/common-licenses/GPL-3")
-VOCAB = 320  # byte ids (< 256) plus room for the tiny BPE tokenizer
+THIS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
-def real_text() -> str:
-    """Real English prose shipped by Debian (base-files), with a fallback sentence."""
-    if GPL.is_file():
-        return GPL.read_text()[:4000]
-    return "The GNU General Public License is a free, copyleft license for software. " * 40
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The one tiny-model factory: ``tiny_model(family, seed=0, layers=2, **config_overrides)``
+    for the dense families (llama, mistral, qwen2, qwen3) and the MoE ones (mixtral,
+    qwen2_moe, qwen3_moe)."""
+    return make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The one tokenizer: a byte-level BPE trained on real text (``helpers.train_tokenizer``),
+    vocabulary ``VOCAB``, ``<eos>`` as EOS; a read-only directory."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(directory)
+    return directory
 
 
 @pytest.fixture(scope="session")
@@ -24,62 +51,6 @@ def real_ids() -> torch.Tensor:
     """Real text as byte-level token ids, shape (2, 24)."""
     data = list(real_text().encode("utf-8")[:48])
     return torch.tensor(data, dtype=torch.long).view(2, 24)
-
-
-def tiny_config(family: str, layers: int = 2, **overrides):
-    """A tiny config with real-model quirks: 9 heads / 3 KV heads (GQA), tied embeddings."""
-    import transformers
-
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=72,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=8,
-        tie_word_embeddings=True,
-        max_position_embeddings=128,
-    )
-    common.update(overrides)
-    cls = {
-        "llama": transformers.LlamaConfig,
-        "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config,
-        "qwen3": transformers.Qwen3Config,
-    }[family]
-    return cls(**common)
-
-
-def make_model(family: str, seed: int = 0, layers: int = 2, **overrides):
-    """A tiny causal LM with random weights; Qwen2 biases are made non-zero."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, layers, **overrides))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0, 0.1)
-    return model.eval()
-
-
-def perturbed(model, seed: int, scale: float = 0.05, ffn_only: bool = True):
-    """A 'fine-tune' of ``model``: same architecture, FFN weights nudged."""
-    import copy
-
-    clone = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in clone.named_parameters():
-            if ".mlp." in name or not ffn_only:
-                param.add_(torch.randn(param.shape, generator=gen) * scale)
-    return clone
-
-
-def save(model, directory: Path) -> str:
-    model.save_pretrained(directory)
-    return str(directory)
 
 
 @pytest.fixture
@@ -94,31 +65,87 @@ def saved(tmp_path):
     return _save
 
 
-def pool(models: dict, tokenizer=None, **kwargs):
-    from fusion_bench.modelpool import CausalLMPool
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory, tiny_model, tokenizer_dir) -> Path:
+    """A saved tiny Llama base (seed 0, 2 layers) with the tokenizer's files; read-only."""
+    directory = tmp_path_factory.mktemp("models") / "base"
+    save(tiny_model("llama"), directory)
+    add_tokenizer(tokenizer_dir, directory)
+    return directory
 
-    return CausalLMPool(models=models, tokenizer=tokenizer, **kwargs)
+
+@pytest.fixture
+def moe_checkpoint(saved, tiny_model, tokenizer_dir):
+    """``moe_checkpoint(arch="mixtral") -> (directory, model)``: a tiny Llama base and two
+    fine-tunes (de, fr) upcycled and merged with the defaults, saved with the tokenizer."""
+    from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
+
+    def build(arch: str = "mixtral"):
+        dense = tiny_model("llama")
+        models = {
+            "_pretrained_": saved(dense),
+            "de": saved(perturbed(dense, 1)),
+            "fr": saved(perturbed(dense, 2)),
+        }
+        directory = saved.root / f"moe_{arch}"
+        moe = OrthogonalMoECTMergingAlgorithm(
+            architecture=arch, dtype="float32", save_checkpoint=str(directory)
+        ).run(pool(models, tokenizer=str(tokenizer_dir)))
+        return str(directory), moe
+
+    return build
 
 
-def train_tokenizer(directory: Path, vocab_size: int = VOCAB, extra: str = ""):
-    """A real byte-level BPE tokenizer trained on Debian's GPL text, saved to ``directory``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<eos>"],
-        show_progress=False,
+def _find_other_python() -> str | None:
+    explicit = os.environ.get("MOECT_OTHER_PYTHON")
+    candidates = (
+        [explicit] if explicit else [str(REPO / v / "bin/python") for v in (".venv", ".venv-tf4")]
     )
-    tok.train_from_iterator([real_text() + extra], trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-    fast.save_pretrained(directory)
-    return fast
+    for python in candidates:
+        if not python or not Path(python).is_file():
+            continue
+        probe = subprocess.run(
+            [python, "-c", "import transformers; print(transformers.__version__)"],
+            capture_output=True,
+            text=True,
+        )
+        if probe.returncode == 0 and int(probe.stdout.split(".")[0]) != THIS_MAJOR:
+            return python
+    return None
 
 
-def in_ci() -> bool:
-    return bool(os.environ.get("CI"))
+@pytest.fixture(scope="session")
+def other_python() -> str:
+    """The interpreter of the virtualenv with the other transformers major
+    (``MOECT_OTHER_PYTHON``, else ``.venv`` / ``.venv-tf4``); a failure in CI when missing."""
+    found = _find_other_python()
+    if found is None:
+        unavailable("the other transformers major (MOECT_OTHER_PYTHON; run scripts/test.sh)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The prepared SmolLM2-135M-Instruct (``python -m fusion_bench_moect.cli.smollm2``);
+    prepared here in CI, a skip elsewhere when missing."""
+    from fusion_bench_moect.assets.smollm2 import default_model_dir, is_prepared, prepare_smollm2
+
+    if not is_prepared(default_model_dir(), verify_hashes=False) and not in_ci():
+        unavailable(
+            f"SmolLM2 is not prepared in {default_model_dir()}; run: "
+            "python -m fusion_bench_moect.cli.smollm2"
+        )
+    return prepare_smollm2()
+
+
+@pytest.fixture(scope="session")
+def debian_reference():
+    """``debian_reference(*langs)``: a skip (a failure in CI) unless the Debian Reference of
+    every language is installed."""
+    from fusion_bench_moect.eval.text import apt_install_command, debian_reference_available
+
+    def require(*langs: str) -> None:
+        if not all(debian_reference_available(lang) for lang in langs):
+            unavailable(f"Debian Reference not installed; run: {apt_install_command(langs)}")
+
+    return require

@@ -38,9 +38,9 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT
 
 def make_models(root: Path) -> dict[str, str]:
     """A tiny Llama base with a tokenizer, and two fine-tunes of it."""
-    from conftest import make_model, perturbed, train_tokenizer
+    from helpers import make_tiny_model, perturbed, train_tokenizer
 
-    dense = make_model("llama")
+    dense = make_tiny_model("llama")
     paths = {"_pretrained_": root / "base", "de": root / "de", "fr": root / "fr"}
     dense.save_pretrained(paths["_pretrained_"])
     perturbed(dense, 1).save_pretrained(paths["de"])

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_model, perturbed, pool, train_tokenizer
+from helpers import make_tiny_model, perturbed, pool, save, train_tokenizer
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 
@@ -41,13 +41,8 @@ class Case:
     exc: type[Exception] = ValueError
 
 
-def _save(model, directory: Path) -> str:
-    model.save_pretrained(directory)
-    return str(directory)
-
-
 def _base(root: Path, family: str = "llama", **overrides) -> str:
-    return _save(make_model(family, **overrides), root / f"base_{family}")
+    return save(make_tiny_model(family, **overrides), root / f"base_{family}")
 
 
 def base_only(**params) -> Callable[[Path], Setup]:
@@ -56,9 +51,9 @@ def base_only(**params) -> Callable[[Path], Setup]:
 
 def base_and_source(**params) -> Callable[[Path], Setup]:
     def setup(root: Path) -> Setup:
-        dense = make_model("llama")
-        ft = _save(perturbed(dense, 1), root / "ft")
-        return Setup({"_pretrained_": _save(dense, root / "base"), "ft": ft}, params)
+        dense = make_tiny_model("llama")
+        ft = save(perturbed(dense, 1), root / "ft")
+        return Setup({"_pretrained_": save(dense, root / "base"), "ft": ft}, params)
 
     return setup
 
@@ -66,7 +61,10 @@ def base_and_source(**params) -> Callable[[Path], Setup]:
 def other_source(**overrides) -> Callable[[Path], Setup]:
     family = overrides.pop("family", "llama")
     return lambda root: Setup(
-        {"_pretrained_": _base(root), "odd": _save(make_model(family, **overrides), root / "odd")}
+        {
+            "_pretrained_": _base(root),
+            "odd": save(make_tiny_model(family, **overrides), root / "odd"),
+        }
     )
 
 
@@ -74,35 +72,35 @@ def unsupported_base(root: Path) -> Setup:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
-    return Setup({"_pretrained_": _save(gpt2, root / "gpt2")})
+    return Setup({"_pretrained_": save(gpt2, root / "gpt2")})
 
 
 def non_finite(where: str, bad: float) -> Callable[[Path], Setup]:
     def setup(root: Path) -> Setup:
-        dense = make_model("llama")
+        dense = make_tiny_model("llama")
         broken = perturbed(dense, 1)
         with torch.no_grad():
             (dense if where == "base" else broken).model.layers[1].mlp.up_proj.weight[3, 4] = bad
-        return Setup({"_pretrained_": _save(dense, root / "b"), "ft": _save(broken, root / "s")})
+        return Setup({"_pretrained_": save(dense, root / "b"), "ft": save(broken, root / "s")})
 
     return setup
 
 
 def damaged_source(damage: str) -> Callable[[Path], Setup]:
     def setup(root: Path) -> Setup:
-        dense = make_model("llama")
-        src = Path(_save(perturbed(dense, 1), root / "s"))
+        dense = make_tiny_model("llama")
+        src = Path(save(perturbed(dense, 1), root / "s"))
         file = src / "model.safetensors"
         data = file.read_bytes()
         file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07garbage" * 20)
-        return Setup({"_pretrained_": _save(dense, root / "b"), "s": str(src)})
+        return Setup({"_pretrained_": save(dense, root / "b"), "s": str(src)})
 
     return setup
 
 
 def other_vocabulary(root: Path) -> Setup:
-    dense = make_model("llama")
-    base, src = _save(dense, root / "b"), _save(perturbed(dense, 1), root / "s")
+    dense = make_tiny_model("llama")
+    base, src = save(dense, root / "b"), save(perturbed(dense, 1), root / "s")
     train_tokenizer(Path(base))
     train_tokenizer(Path(src), vocab_size=300, extra=" zebra quokka " * 50)
     return Setup({"_pretrained_": base, "s": src}, tokenizer=base)
@@ -304,6 +302,8 @@ def snapshot(root: Path) -> dict[str, float]:
     return {str(p): p.stat().st_mtime for p in root.rglob("*")}
 
 
+# Version-sensitive (errors from this major's configs before any work): also under 4.57.
+@pytest.mark.cross_version
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bad_input(tmp_path, case):
     setup = case.setup(tmp_path)
@@ -369,7 +369,6 @@ def missing_text_source(root: Path) -> tuple[list[str], str]:
     return argv, r"Text source '.*/nope.txt' does not exist"
 
 
-@pytest.mark.slow
 def test_bad_input_through_fusion_bench_ends_with_the_message(tmp_path):
     """Each case above through the real CLI (and one of the task pool's): exit status 1,
     the plugin's one-line message among the last 3 lines of the output, nothing written."""

@@ -3,39 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, perturbed, pool, train_tokenizer
+from helpers import perturbed, pool, reload_logits
 from safetensors import safe_open
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 
-RELOAD = """
-import sys, torch, transformers
-from transformers import AutoModelForCausalLM
-key = "torch_dtype" if transformers.__version__.startswith("4.") else "dtype"
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], **{key: "auto"}).eval()
-ids = torch.load(sys.argv[2])
-with torch.no_grad():
-    torch.save(model(ids).logits, sys.argv[3])
-print(type(model).__name__, model.dtype)
-"""
-
-
-def reload_logits(directory: Path, ids: torch.Tensor, tmp_path: Path, python: str = sys.executable):
-    torch.save(ids, tmp_path / "ids.pt")
-    out = subprocess.run(
-        [python, "-c", RELOAD, str(directory), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return torch.load(tmp_path / "out.pt"), out.stdout
+# Version-sensitive (save and reload under this major, config keys transformers 4 needs): also run under transformers 4.57.
+pytestmark = pytest.mark.cross_version
 
 
 def hub_keys(directory: Path) -> set[str]:
@@ -96,10 +74,9 @@ def hub_keys(directory: Path) -> set[str]:
     ],
 )
 def test_saved_checkpoint_reloads_in_a_fresh_process(
-    tmp_path, saved, real_ids, family, arch, dtype, expected_keys
+    tmp_path, saved, real_ids, family, arch, dtype, expected_keys, tiny_model, tokenizer_dir
 ):
-    dense = make_model(family)
-    train_tokenizer(tmp_path / "tok")
+    dense = tiny_model(family)
     models = {"_pretrained_": saved(dense), "ft": saved(perturbed(dense, 1))}
     out_dir = tmp_path / "moe"
     algo = OrthogonalMoECTMergingAlgorithm(
@@ -109,7 +86,7 @@ def test_saved_checkpoint_reloads_in_a_fresh_process(
         dtype=dtype,
         save_checkpoint=str(out_dir),
     )
-    moe = algo.run(pool(models, tokenizer=str(tmp_path / "tok")))
+    moe = algo.run(pool(models, tokenizer=str(tokenizer_dir)))
     with torch.no_grad():
         expected = moe(real_ids).logits
     logits, stdout = reload_logits(out_dir, real_ids, tmp_path)
@@ -131,8 +108,8 @@ def test_saved_checkpoint_reloads_in_a_fresh_process(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".moe.")]
 
 
-def test_existing_non_empty_directory_is_refused_then_overwritten(tmp_path, saved):
-    base = saved(make_model("llama"))
+def test_existing_non_empty_directory_is_refused_then_overwritten(tmp_path, saved, tiny_model):
+    base = saved(tiny_model("llama"))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("precious")
@@ -149,11 +126,11 @@ def test_existing_non_empty_directory_is_refused_then_overwritten(tmp_path, save
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", Path(base).name])
 
 
-def test_empty_existing_directory_is_accepted(tmp_path, saved):
+def test_empty_existing_directory_is_accepted(tmp_path, saved, tiny_model):
     out_dir = tmp_path / "empty"
     out_dir.mkdir()
     OrthogonalMoECTMergingAlgorithm(num_experts=2, save_checkpoint=str(out_dir)).run(
-        pool({"_pretrained_": saved(make_model("llama"))})
+        pool({"_pretrained_": saved(tiny_model("llama"))})
     )
     assert (out_dir / "config.json").is_file()
 
@@ -166,11 +143,11 @@ class _FailingTokenizer:
         raise OSError("disk full")
 
 
-def test_a_failure_while_saving_leaves_nothing(tmp_path, saved):
+def test_a_failure_while_saving_leaves_nothing(tmp_path, saved, tiny_model):
     from fusion_bench_moect.io.checkpoint import save_checkpoint
 
     model = OrthogonalMoECTMergingAlgorithm(num_experts=2).run(
-        pool({"_pretrained_": saved(make_model("llama"), "base")})
+        pool({"_pretrained_": saved(tiny_model("llama"), "base")})
     )
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(model, tmp_path / "out", tokenizer=_FailingTokenizer())

@@ -7,47 +7,23 @@ import os
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
-from conftest import make_model, perturbed, pool
+from helpers import REPO, fusion_bench, perturbed, pool, report
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def fusion_bench(
-    cwd: Path, *overrides: str, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    out = subprocess.run(
-        [str(BIN / "fusion_bench"), *overrides],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **(env or {})},
-    )
-    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
-    return out
-
-
-def report(log_dir: Path) -> dict:
-    return json.loads((log_dir / "program_report.json").read_text())
-
 
 @pytest.fixture(scope="module")
-def tiny_pool(tmp_path_factory):
+def tiny_pool(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("pool")
-    dense = make_model("llama")
+    dense = tiny_model("llama")
     dense.save_pretrained(root / "base")
     perturbed(dense, 1).save_pretrained(root / "de")
     perturbed(dense, 2).save_pretrained(root / "fr")
     return root
 
 
-@pytest.mark.slow
 def test_cli_from_the_repository_root(tiny_pool, tmp_path):
     """The repo root has a config/ folder, which FusionBench alone would take as its only
     config directory; our search-path plugin keeps FusionBench's own configs reachable."""
@@ -74,7 +50,6 @@ def test_cli_from_the_repository_root(tiny_pool, tmp_path):
     )
 
 
-@pytest.mark.slow
 def test_cli_from_another_directory_saves_a_checkpoint(tiny_pool, tmp_path):
     log_dir, out_dir = tmp_path / "logs", tmp_path / "moe"
     fusion_bench(
@@ -97,7 +72,6 @@ def test_cli_from_another_directory_saves_a_checkpoint(tiny_pool, tmp_path):
     assert "model_info" in report(log_dir)
 
 
-@pytest.mark.slow
 def test_wheel_ships_the_configs_and_the_plugin(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],

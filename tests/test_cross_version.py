@@ -3,58 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
-from conftest import in_ci, make_model, perturbed, pool, real_text, train_tokenizer
-from test_checkpoint import reload_logits
+from helpers import add_tokenizer, perturbed, pool, real_text, reload_logits
+from transformers import AutoTokenizer
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 
-REPO = Path(__file__).resolve().parents[1]
-THIS_MAJOR = int(transformers.__version__.split(".")[0])
+# Version-sensitive (checkpoints loaded under the other major): also run under transformers 4.57.
+pytestmark = pytest.mark.cross_version
 
 
-def other_python() -> str | None:
-    """The interpreter of the virtualenv with the other transformers major."""
-    explicit = os.environ.get("MOECT_OTHER_PYTHON")
-    candidates = (
-        [explicit] if explicit else [str(REPO / v / "bin/python") for v in (".venv", ".venv-tf4")]
-    )
-    for python in candidates:
-        if not python or not Path(python).is_file():
-            continue
-        probe = subprocess.run(
-            [python, "-c", "import transformers; print(transformers.__version__)"],
-            capture_output=True,
-            text=True,
-        )
-        if probe.returncode == 0 and int(probe.stdout.split(".")[0]) != THIS_MAJOR:
-            return python
-    return None
-
-
-@pytest.fixture(scope="module")
-def python():
-    found = other_python()
-    if found is None:
-        if in_ci():
-            pytest.fail("CI must provide the other transformers major (MOECT_OTHER_PYTHON)")
-        pytest.skip("no virtualenv with the other transformers major (run scripts/test.sh)")
-    return found
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "family, arch",
     [("llama", "mixtral"), ("llama", "qwen2_moe"), ("qwen3", "qwen3_moe"), ("qwen3", "glm4_moe")],
 )
-def test_checkpoint_loads_under_the_other_major(tmp_path, saved, real_ids, python, family, arch):
-    dense = make_model(family)
+def test_checkpoint_loads_under_the_other_major(
+    tmp_path, saved, real_ids, other_python, tiny_model, family, arch
+):
+    dense = tiny_model(family)
     out_dir = tmp_path / "moe"
     moe = OrthogonalMoECTMergingAlgorithm(
         architecture=arch,
@@ -65,7 +35,7 @@ def test_checkpoint_loads_under_the_other_major(tmp_path, saved, real_ids, pytho
     ).run(pool({"_pretrained_": saved(dense), "ft": saved(perturbed(dense, 1))}))
     with torch.no_grad():
         expected = moe(real_ids).logits
-    logits, _ = reload_logits(out_dir, real_ids, tmp_path, python=python)
+    logits, _ = reload_logits(out_dir, real_ids, tmp_path, python=other_python)
     assert (logits - expected).abs().max().item() < 1e-5
 
 
@@ -94,18 +64,20 @@ def write_with(writer: str, base: Path, out: Path) -> None:
         save_checkpoint(model, out, models.load_tokenizer())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("writer", ["streamed", "in_memory", "lean"])
-def test_tokenizer_loads_under_the_other_major(tmp_path, python, writer):
+def test_tokenizer_loads_under_the_other_major(
+    tmp_path, other_python, tiny_model, tokenizer_dir, writer
+):
     """The tokenizer saved by this major (transformers 5 names its class TokenizersBackend,
     which 4.57 cannot load) tokenizes real text the same under the other major."""
     base = tmp_path / "base"
-    make_model("llama").save_pretrained(base)
-    tokenizer = train_tokenizer(base)
+    tiny_model("llama").save_pretrained(base)
+    add_tokenizer(tokenizer_dir, base)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     write_with(writer, base, tmp_path / "moe")
     text = real_text()[:600]
     out = subprocess.run(
-        [python, "-c", TOKENIZE, str(tmp_path / "moe"), text],
+        [other_python, "-c", TOKENIZE, str(tmp_path / "moe"), text],
         capture_output=True,
         text=True,
         timeout=300,

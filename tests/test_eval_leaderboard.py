@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
-from conftest import make_model, real_text, train_tokenizer
+from helpers import REPO, real_text
 
 from fusion_bench_moect.eval import leaderboard
 from fusion_bench_moect.eval.leaderboard import (
@@ -17,8 +16,6 @@ from fusion_bench_moect.eval.leaderboard import (
     rank_rows,
     split_values,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_split_values_respects_brackets():
@@ -123,12 +120,8 @@ def test_written_files(tmp_path):
     assert data["rows"][0]["metrics"]["routing.overall.mean_max_violation"] == 0.1
 
 
-@pytest.mark.slow
-def test_real_fusion_bench_grid(tmp_path, monkeypatch):
+def test_real_fusion_bench_grid(tmp_path, monkeypatch, base_dir, tokenizer_dir):
     """Three real `fusion_bench` CLI runs on a tiny Llama: dense baseline + two gate modes."""
-    base = tmp_path / "base"
-    make_model("llama", layers=2).save_pretrained(base)
-    train_tokenizer(base)
     text = tmp_path / "text.txt"
     text.write_text(real_text())
     monkeypatch.chdir(REPO)
@@ -138,8 +131,8 @@ def test_real_fusion_bench_grid(tmp_path, monkeypatch):
         out=tmp_path / "board",
         grid=["gate_mode=orthogonal,random"],
         fixed=[
-            f"modelpool.models._pretrained_={base}",
-            f"modelpool.tokenizer={base}",
+            f"modelpool.models._pretrained_={base_dir}",
+            f"modelpool.tokenizer={tokenizer_dir}",
             "modelpool.model_kwargs.dtype=float32",
             "num_experts=4",
             f"taskpool.sources.gpl3='{text}'",

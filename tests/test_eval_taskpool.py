@@ -7,20 +7,16 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, make_model, real_text, train_tokenizer
+from helpers import real_text
 
 from fusion_bench_moect.eval.routing import selection_counts
 from fusion_bench_moect.eval.taskpool import MoETextTaskPool
 from fusion_bench_moect.inspection import describe_moe
 
+# Version-sensitive (routing captured from this major's MoE blocks): also run under transformers 4.57.
+pytestmark = pytest.mark.cross_version
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -28,35 +24,6 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "gpl.txt"
     path.write_text(real_text())
     return path
-
-
-def tiny_moe(family: str = "mixtral", seed: int = 0, **overrides):
-    import transformers
-
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        num_experts_per_tok=2,
-    )
-    if family == "mixtral":
-        config = transformers.MixtralConfig(**common, num_local_experts=4)
-    elif family == "qwen2_moe":
-        config = transformers.Qwen2MoeConfig(
-            **common, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24
-        )
-    else:
-        config = transformers.Qwen3MoeConfig(
-            **common, num_experts=4, moe_intermediate_size=16, head_dim=8
-        )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
 def make_pool(tokenizer_dir, sources, **kwargs) -> MoETextTaskPool:
@@ -78,8 +45,8 @@ def manual_perplexity(model, tokenizer, text: str, max_tokens: int, window: int)
     return math.exp(total / count)
 
 
-def test_dense_perplexity_matches_manual_windows(tokenizer_dir, text_file):
-    model = make_model("llama", layers=2)
+def test_dense_perplexity_matches_manual_windows(tokenizer_dir, text_file, tiny_model):
+    model = tiny_model("llama", layers=2)
     pool = make_pool(
         tokenizer_dir,
         {"gpl": str(text_file), "inline": {"text": real_text()[1000:3000]}},
@@ -104,8 +71,8 @@ def test_dense_perplexity_matches_manual_windows(tokenizer_dir, text_file):
     json.dumps(report, allow_nan=False)
 
 
-def test_padding_is_excluded_from_loss_and_routing(tokenizer_dir, text_file):
-    model = tiny_moe("mixtral")
+def test_padding_is_excluded_from_loss_and_routing(tokenizer_dir, text_file, tiny_model):
+    model = tiny_model("mixtral", layers=3)
     reports = [
         make_pool(
             tokenizer_dir,
@@ -124,8 +91,8 @@ def test_padding_is_excluded_from_loss_and_routing(tokenizer_dir, text_file):
         assert sum(a["shares"]) == pytest.approx(1.0)
 
 
-def test_routing_counts_match_the_routers_own_choice(tokenizer_dir, text_file):
-    model = tiny_moe("mixtral", seed=3)
+def test_routing_counts_match_the_routers_own_choice(tokenizer_dir, text_file, tiny_model):
+    model = tiny_model("mixtral", seed=3, layers=3)
     pool = make_pool(
         tokenizer_dir, {"gpl": str(text_file)}, max_tokens_per_source=64, window_length=64
     )
@@ -164,8 +131,8 @@ def test_routing_counts_match_the_routers_own_choice(tokenizer_dir, text_file):
     assert report["model"]["num_experts"] == 4 and report["model"]["experts_per_token"] == 2
 
 
-def test_record_gives_anchor_share_alpha_and_plots(tokenizer_dir, text_file, tmp_path):
-    model = tiny_moe("mixtral")
+def test_record_gives_anchor_share_alpha_and_plots(tokenizer_dir, text_file, tmp_path, tiny_model):
+    model = tiny_model("mixtral", layers=3)
     model.config.moe_ct = {
         "version": 1,
         "architecture": "mixtral",
@@ -205,9 +172,9 @@ def test_record_gives_anchor_share_alpha_and_plots(tokenizer_dir, text_file, tmp
     ],
 )
 def test_qwen_moe_layers_and_shared_expert(
-    tokenizer_dir, text_file, family, overrides, moe_layers, shared
+    tokenizer_dir, text_file, family, overrides, moe_layers, shared, tiny_model
 ):
-    model = tiny_moe(family, **overrides)
+    model = tiny_model(family, layers=3, **overrides)
     report = make_pool(
         tokenizer_dir,
         {"gpl": str(text_file)},
@@ -220,8 +187,8 @@ def test_qwen_moe_layers_and_shared_expert(
     assert report["routing"]["overall"]["tokens"] == 48
 
 
-def test_bos_is_prepended_when_asked(tokenizer_dir, text_file):
-    model = make_model("llama", layers=1)
+def test_bos_is_prepended_when_asked(tokenizer_dir, text_file, tiny_model):
+    model = tiny_model("llama", layers=1)
     pool = make_pool(
         tokenizer_dir,
         {"gpl": str(text_file)},
@@ -237,67 +204,60 @@ def test_bos_is_prepended_when_asked(tokenizer_dir, text_file):
     assert pool.evaluate(model)["sources"]["gpl"]["scored_tokens"] == 30
 
 
-def test_bad_settings_and_missing_tokenizer(text_file):
+def test_bad_settings_and_missing_tokenizer(text_file, tiny_model):
     with pytest.raises(ValueError, match="at least one text source"):
         MoETextTaskPool(sources={})
     with pytest.raises(ValueError, match="window_length"):
         MoETextTaskPool(sources={"a": str(text_file)}, window_length=1)
     pool = MoETextTaskPool(sources={"a": str(text_file)}, show_progress=False)
     with pytest.raises(ValueError, match="no tokenizer"):
-        pool.evaluate(make_model("llama", layers=1))
+        pool.evaluate(tiny_model("llama", layers=1))
 
 
-def test_through_fusion_bench_program(tokenizer_dir, text_file, tmp_path):
-    """A real FabricModelFusionProgram run: upcycle, evaluate, compare with _pretrained_."""
+def fusion_program(base_dir, tokenizer_dir, text_file, log_dir):
+    """A FabricModelFusionProgram that upcycles ``base_dir`` into 4 experts and evaluates it
+    with our task pool, logging to ``log_dir``."""
     from fusion_bench.programs import FabricModelFusionProgram
     from omegaconf import DictConfig
 
-    base_dir = tmp_path / "base"
-    make_model("llama", layers=2).save_pretrained(base_dir)
-    log_dir = tmp_path / "logs"
-    program = FabricModelFusionProgram(
-        method=DictConfig(
-            {"_target_": "fusion_bench_moect.OrthogonalMoECTMergingAlgorithm", "num_experts": 4}
+    def node(target: str, **values) -> DictConfig:
+        return DictConfig({"_target_": target, **values})
+
+    logger = node(
+        "lightning.fabric.loggers.TensorBoardLogger", root_dir=str(log_dir), name="", version=""
+    )
+    return FabricModelFusionProgram(
+        method=node("fusion_bench_moect.OrthogonalMoECTMergingAlgorithm", num_experts=4),
+        modelpool=node(
+            "fusion_bench.modelpool.CausalLMPool",
+            models={"_pretrained_": str(base_dir)},
+            tokenizer=str(tokenizer_dir),
+            model_kwargs={"dtype": "float32"},
         ),
-        modelpool=DictConfig(
-            {
-                "_target_": "fusion_bench.modelpool.CausalLMPool",
-                "models": {"_pretrained_": str(base_dir)},
-                "tokenizer": str(tokenizer_dir),
-                "model_kwargs": {"dtype": "float32"},
-            }
+        taskpool=node(
+            "fusion_bench_moect.eval.taskpool.MoETextTaskPool",
+            sources={"gpl": str(text_file)},
+            max_tokens_per_source=96,
+            window_length=48,
+            show_progress=False,
         ),
-        taskpool=DictConfig(
-            {
-                "_target_": "fusion_bench_moect.eval.taskpool.MoETextTaskPool",
-                "sources": {"gpl": str(text_file)},
-                "max_tokens_per_source": 96,
-                "window_length": 48,
-                "show_progress": False,
-            }
-        ),
-        fabric=DictConfig(
-            {
-                "_target_": "lightning.Fabric",
-                "_recursive_": True,
-                "accelerator": "cpu",
-                "devices": 1,
-                "loggers": {
-                    "_target_": "lightning.fabric.loggers.TensorBoardLogger",
-                    "root_dir": str(log_dir),
-                    "name": "",
-                    "version": "",
-                },
-            }
+        fabric=node(
+            "lightning.Fabric", _recursive_=True, accelerator="cpu", devices=1, loggers=logger
         ),
         print_config=False,
         report_save_path="{log_dir}/program_report.json",
     )
-    # FabricModelFusionProgram.run() reads the Hydra run directory, as under the CLI.
+
+
+def test_through_fusion_bench_program(base_dir, tokenizer_dir, text_file, tmp_path):
+    """A real FabricModelFusionProgram run: upcycle, evaluate, compare with _pretrained_."""
     from hydra.conf import HydraConf
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    log_dir = tmp_path / "logs"
+    program = fusion_program(base_dir, tokenizer_dir, text_file, log_dir)
+    # FabricModelFusionProgram.run() reads the Hydra run directory, as under the CLI.
     hydra_cfg = OmegaConf.create({"hydra": OmegaConf.structured(HydraConf)})
     hydra_cfg.hydra.runtime.output_dir = str(log_dir)
     HydraConfig.instance().set_config(hydra_cfg)

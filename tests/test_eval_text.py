@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 
 import pytest
-from conftest import in_ci
 
 from fusion_bench_moect.eval import text
 from fusion_bench_moect.eval.text import (
@@ -96,10 +95,9 @@ def test_missing_package_names_the_apt_command(tmp_path):
         load_debian_reference("xx", root=tmp_path)
 
 
-def test_real_debian_reference_parallel_text():
+def test_real_debian_reference_parallel_text(debian_reference):
     langs = ["en", "de", "fr", "es", "it"]
-    if not all(debian_reference_available(lang) for lang in langs) and not in_ci():
-        pytest.skip(f"Debian Reference not installed; run: {apt_install_command(langs)}")
+    debian_reference(*langs)
     sizes = {}
     for lang in langs:
         docs = load_debian_reference(lang, "heldout")

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model, perturbed, pool
-from test_function_preservation import max_diff
+from helpers import expert_stacks, max_diff, perturbed, pool
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
-from fusion_bench_moect.inspection import expert_triples, moe_block
+
+# Version-sensitive (expert weights in this major's layout (ModuleList or fused 3-D)): also run under transformers 4.57.
+pytestmark = pytest.mark.cross_version
 
 
-def expert_stacks(moe, layer: int):
-    """(gate, up, down) stacks (E, I_e, H), (E, I_e, H), (E, H, I_e) in either transformers layout."""
-    triples = list(expert_triples(moe_block(moe.model.layers[layer])))
-    return tuple(torch.stack(parts) for parts in zip(*triples, strict=True))
-
-
-def test_moe_ct_experts_are_float32_lerps_of_base_and_source(saved):
-    dense = make_model("llama", layers=3)
+def test_moe_ct_experts_are_float32_lerps_of_base_and_source(saved, tiny_model):
+    dense = tiny_model("llama", layers=3)
     ft = perturbed(dense, 1).to(torch.bfloat16)  # Module.to is in place
     dense = dense.to(torch.bfloat16)
     moe = OrthogonalMoECTMergingAlgorithm(alpha_strategy="u_shaped", base_alpha=0.8).run(
@@ -36,8 +31,8 @@ def test_moe_ct_experts_are_float32_lerps_of_base_and_source(saved):
             assert torch.equal(stack[1], want)
 
 
-def test_plain_merging_uses_the_sources_unchanged(saved):
-    dense = make_model("llama")
+def test_plain_merging_uses_the_sources_unchanged(saved, tiny_model):
+    dense = tiny_model("llama")
     ft = perturbed(dense, 1)
     moe = OrthogonalMoECTMergingAlgorithm(
         moe_ct_mode=False, include_base_expert=False, experts_per_token=1, dtype="float32"
@@ -48,8 +43,8 @@ def test_plain_merging_uses_the_sources_unchanged(saved):
     assert torch.equal(down[0], ft.model.layers[1].mlp.down_proj.weight)
 
 
-def test_drop_ratio_zero_is_bit_identical_and_positive_redraws_shared_neurons(saved):
-    path = saved(make_model("llama"))
+def test_drop_ratio_zero_is_bit_identical_and_positive_redraws_shared_neurons(saved, tiny_model):
+    path = saved(tiny_model("llama"))
     plain = OrthogonalMoECTMergingAlgorithm(num_experts=4, dtype="float32").run(
         pool({"_pretrained_": path})
     )
@@ -78,16 +73,16 @@ def test_drop_ratio_zero_is_bit_identical_and_positive_redraws_shared_neurons(sa
     )
 
 
-def test_drop_spares_the_anchor_expert(saved):
-    dense = make_model("llama")
+def test_drop_spares_the_anchor_expert(saved, tiny_model):
+    dense = tiny_model("llama")
     models = {"_pretrained_": saved(dense), "ft": saved(perturbed(dense, 1))}
     moe = OrthogonalMoECTMergingAlgorithm(drop_ratio=0.25, dtype="float32").run(pool(models))
     gate, _, _ = expert_stacks(moe, 0)
     assert torch.equal(gate[0], dense.model.layers[0].mlp.gate_proj.weight)
 
 
-def test_noise_and_residual_scale_per_expert(saved):
-    dense = make_model("llama")
+def test_noise_and_residual_scale_per_expert(saved, tiny_model):
+    dense = tiny_model("llama")
     path = saved(dense)
     moe = OrthogonalMoECTMergingAlgorithm(
         num_experts=3,
@@ -107,8 +102,8 @@ def test_noise_and_residual_scale_per_expert(saved):
 
 
 @pytest.mark.parametrize("permute", [False, True])
-def test_fine_grained_slices_partition_the_ffn(saved, real_ids, permute):
-    dense = make_model("llama")
+def test_fine_grained_slices_partition_the_ffn(saved, real_ids, permute, tiny_model):
+    dense = tiny_model("llama")
     moe = OrthogonalMoECTMergingAlgorithm(
         num_experts=8, granularity=4, experts_per_token=4, permute_neurons=permute, dtype="float32"
     ).run(pool({"_pretrained_": saved(dense)}))

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_model, perturbed, pool, train_tokenizer
+from helpers import perturbed, pool, unavailable
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 from fusion_bench_moect.io.checkpoint import save_checkpoint
@@ -25,14 +25,6 @@ ENV = {
 }
 #: As root, permissions are only checked without these capabilities.
 DROP_ROOT_POWERS = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("models") / "base"
-    make_model("llama").save_pretrained(directory)
-    train_tokenizer(directory)
-    return directory
 
 
 def lean(*args: str, prefix: list[str] | None = None, umask: int | None = None):
@@ -51,7 +43,6 @@ def temporaries(target: Path) -> list[Path]:
     return sorted(target.parent.glob(f".{target.name}.*"))
 
 
-@pytest.mark.slow
 def test_sigkill_at_chosen_points_leaves_the_target_absent_or_complete(tmp_path):
     """tests/fault_driver.py kills the lean CLI, the algorithm and the in-memory (trained
     model) writer at 6 points each, into a new target and over an old checkpoint."""
@@ -85,7 +76,7 @@ with atomic_directory(sys.argv[1]) as tmp:
 """
 
 
-def test_a_live_build_s_temporary_is_kept_and_a_killed_one_s_removed(tmp_path, base):
+def test_a_live_build_s_temporary_is_kept_and_a_killed_one_s_removed(tmp_path, base_dir):
     target = tmp_path / "moe"
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(target)], stdout=subprocess.PIPE, text=True, env=ENV
@@ -93,30 +84,30 @@ def test_a_live_build_s_temporary_is_kept_and_a_killed_one_s_removed(tmp_path, b
     try:
         live = Path(holder.stdout.readline().strip())
         assert live.parent == tmp_path and live.name.startswith(f".moe.tmp-{holder.pid}-")
-        first = lean(str(base), str(target), "--num-experts", "2")
+        first = lean(str(base_dir), str(target), "--num-experts", "2")
         assert first.returncode == 0, first.stderr
         assert live.is_dir() and f"Left {live} alone: process {holder.pid}" in first.stderr
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    second = lean(str(base), str(target), "--num-experts", "2", "--overwrite")
+    second = lean(str(base_dir), str(target), "--num-experts", "2", "--overwrite")
     assert second.returncode == 0, second.stderr
     assert f"Removed {live}, left by process {holder.pid}, which no longer runs" in second.stderr
     assert temporaries(target) == [] and (target / "model.safetensors").is_file()
 
 
-def test_a_temporary_without_a_process_id_is_named_not_removed(tmp_path, base):
+def test_a_temporary_without_a_process_id_is_named_not_removed(tmp_path, base_dir):
     target = tmp_path / "moe"
     older = tmp_path / ".moe.tmp-k2x9_q1z"  # what tempfile.mkdtemp named them before
     older.mkdir()
-    out = lean(str(base), str(target), "--num-experts", "2")
+    out = lean(str(base_dir), str(target), "--num-experts", "2")
     assert out.returncode == 0, out.stderr
     assert f"WARNING fusion_bench_moect.io.checkpoint: {older} is the temporary" in out.stderr
     assert older.is_dir()
 
 
-def test_overwrite_into_the_base_is_refused(tmp_path, base):
-    copy = shutil.copytree(base, tmp_path / "base")
+def test_overwrite_into_the_base_is_refused(tmp_path, base_dir):
+    copy = shutil.copytree(base_dir, tmp_path / "base")
     before = {p.name: p.read_bytes() for p in copy.iterdir()}
     out = lean(str(copy), str(copy), "--overwrite")
     assert out.returncode == 2
@@ -132,27 +123,27 @@ def unprivileged() -> list[str]:
     if os.geteuid() != 0:
         return []
     if shutil.which("setpriv") is None or subprocess.run([*DROP_ROOT_POWERS, "true"]).returncode:
-        pytest.skip("root, and setpriv cannot drop the capabilities that bypass permissions")
+        unavailable("as root, setpriv to drop the capabilities that bypass permissions")
     return DROP_ROOT_POWERS
 
 
-def test_an_empty_read_only_target_is_replaced(tmp_path, base, unprivileged):
+def test_an_empty_read_only_target_is_replaced(tmp_path, base_dir, unprivileged):
     """Before: the whole build ran, then the final rename failed with a raw [Errno 13]
     and left .ro.old-*; the directory is now moved aside within its parent."""
     target = tmp_path / "ro"
     target.mkdir(mode=0o555)
-    out = lean(str(base), str(target), "--num-experts", "2", prefix=unprivileged, umask=0o022)
+    out = lean(str(base_dir), str(target), "--num-experts", "2", prefix=unprivileged, umask=0o022)
     assert out.returncode == 0, out.stderr
     assert (target / "model.safetensors").is_file() and temporaries(target) == []
     assert stat.S_IMODE(target.stat().st_mode) == 0o755
 
 
-def test_a_read_only_target_to_overwrite_fails_before_the_build(tmp_path, base, unprivileged):
+def test_a_read_only_target_to_overwrite_fails_before_the_build(tmp_path, base_dir, unprivileged):
     target = tmp_path / "ro"
     target.mkdir()
     (target / "old.txt").write_text("keep")
     target.chmod(0o555)
-    out = lean(str(base), str(target), "--overwrite", prefix=unprivileged)
+    out = lean(str(base_dir), str(target), "--overwrite", prefix=unprivileged)
     assert out.returncode == 2 and "MoE-CT:" not in out.stderr  # the plan was never logged
     assert f"{target} is not writable, so the directory cannot be replaced" in out.stderr
     assert [p.name for p in target.iterdir()] == ["old.txt"] and temporaries(target) == []
@@ -164,14 +155,14 @@ def modes(directory: Path) -> set[tuple[str, int]]:
     return {("dir" if p.is_dir() else "file", stat.S_IMODE(p.stat().st_mode)) for p in paths}
 
 
-def test_the_lean_cli_honours_the_umask(tmp_path, base):
-    out = lean(str(base), str(tmp_path / "moe"), "--num-experts", "2", umask=0o027)
+def test_the_lean_cli_honours_the_umask(tmp_path, base_dir):
+    out = lean(str(base_dir), str(tmp_path / "moe"), "--num-experts", "2", umask=0o027)
     assert out.returncode == 0, out.stderr
     assert modes(tmp_path / "moe") == {("dir", 0o750), ("file", 0o640)}
 
 
 @pytest.mark.parametrize("writer", ["streamed", "in_memory"])
-def test_every_writer_honours_the_umask(tmp_path, base, writer):
+def test_every_writer_honours_the_umask(tmp_path, base_dir, writer, tiny_model):
     """transformers 5 writes model.safetensors 0600 through a temporary file: the in-memory
     writer (the one training uses) used to keep that."""
     target = tmp_path / "moe"
@@ -179,18 +170,18 @@ def test_every_writer_honours_the_umask(tmp_path, base, writer):
     try:
         if writer == "streamed":
             OrthogonalMoECTMergingAlgorithm(num_experts=2, save_checkpoint=str(target)).run(
-                pool({"_pretrained_": str(base)}, tokenizer=str(base))
+                pool({"_pretrained_": str(base_dir)}, tokenizer=str(base_dir))
             )
         else:
-            dense = make_model("llama")
+            dense = tiny_model("llama")
             save_checkpoint(perturbed(dense, 1), target)
     finally:
         os.umask(mask)
     assert modes(target) == {("dir", 0o750), ("file", 0o640)}
 
 
-def test_an_unreadable_base_is_named_before_anything_loads(tmp_path, base, unprivileged):
-    locked = shutil.copytree(base, tmp_path / "locked")
+def test_an_unreadable_base_is_named_before_anything_loads(tmp_path, base_dir, unprivileged):
+    locked = shutil.copytree(base_dir, tmp_path / "locked")
     (locked / "model.safetensors").chmod(0o200)
     out = lean(str(locked), str(tmp_path / "moe"), prefix=unprivileged)
     assert out.returncode == 2 and "MoE-CT:" not in out.stderr

@@ -9,15 +9,17 @@ import sys
 
 import pytest
 import torch
-from conftest import make_model, perturbed, pool, train_tokenizer
-from test_checkpoint import reload_logits
-from test_cross_version import other_python
+from helpers import add_tokenizer, max_diff, perturbed, pool, reload_logits
+from transformers import AutoTokenizer
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 from fusion_bench_moect.arch import router_biases
 from fusion_bench_moect.inspection import expert_triples, moe_block
 from fusion_bench_moect.ops.fusion import lerp_fuse
 from fusion_bench_moect.ops.routers import group_routing_problem
+
+# Version-sensitive (the GLM4-MoE layout in this major, reloaded under both): also run under transformers 4.57.
+pytestmark = pytest.mark.cross_version
 
 TOL = 1e-5
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -29,11 +31,6 @@ def build(models: dict[str, str], tokenizer: str | None = None, **params):
     return algo.run(pool(models, tokenizer=tokenizer))
 
 
-def max_diff(a, b, ids) -> float:
-    with torch.no_grad():
-        return (a(ids).logits.float() - b(ids).logits.float()).abs().max().item()
-
-
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize(
     "params",
@@ -43,15 +40,15 @@ def max_diff(a, b, ids) -> float:
         dict(num_experts=4, moe_layers=[1, 2], shared_expert_share=0.3),
     ],
 )
-def test_pure_upcycling_equals_the_dense_base(saved, real_ids, family, params):
-    dense = make_model(family, layers=3)
+def test_pure_upcycling_equals_the_dense_base(saved, real_ids, family, params, tiny_model):
+    dense = tiny_model(family, layers=3)
     moe = build({"_pretrained_": saved(dense)}, **params)
     assert type(moe).__name__ == "Glm4MoeForCausalLM"
     assert max_diff(moe, dense, real_ids) < TOL
 
 
-def test_the_config_and_the_zero_router_bias(saved, real_ids):
-    dense = make_model("qwen3", layers=3)
+def test_the_config_and_the_zero_router_bias(saved, real_ids, tiny_model):
+    dense = tiny_model("qwen3", layers=3)
     inter = dense.config.intermediate_size
     moe = build(
         {"_pretrained_": saved(dense), "ft": saved(perturbed(dense, 1))},
@@ -83,16 +80,16 @@ def test_the_config_and_the_zero_router_bias(saved, real_ids):
     assert moe.model.layers[1].mlp.gate.e_score_correction_bias[0].item() == 0.5
 
 
-def test_router_biases_of_a_family_without_one_name_glm4_moe(saved):
+def test_router_biases_of_a_family_without_one_name_glm4_moe(saved, tiny_model):
     moe = OrthogonalMoECTMergingAlgorithm(num_experts=2, dtype="float32").run(
-        pool({"_pretrained_": saved(make_model("llama"))})
+        pool({"_pretrained_": saved(tiny_model("llama"))})
     )
     with pytest.raises(ValueError, match="mixtral model's router has no selection bias.*glm4_moe"):
         router_biases(moe)
 
 
-def test_experts_and_shared_expert_follow_the_moe_ct_formula(saved):
-    dense = make_model("llama")
+def test_experts_and_shared_expert_follow_the_moe_ct_formula(saved, tiny_model):
+    dense = tiny_model("llama")
     sources = {"a": perturbed(dense, 1, scale=0.2), "b": perturbed(dense, 2, scale=0.2)}
     models = {"_pretrained_": saved(dense), **{n: saved(m) for n, m in sources.items()}}
     alpha, g, w = 0.6, 2, 0.3
@@ -138,8 +135,8 @@ def test_group_routing_checks():
     assert "raise topk_group to 2" in group_routing_problem(8, 3, 1, 4, 1)
 
 
-def test_group_routing_keeps_the_function_and_orthogonal_rows(saved, real_ids):
-    dense = make_model("qwen2")
+def test_group_routing_keeps_the_function_and_orthogonal_rows(saved, real_ids, tiny_model):
+    dense = tiny_model("qwen2")
     moe = build(
         {"_pretrained_": saved(dense)}, num_experts=8, experts_per_token=2, n_group=4, topk_group=2
     )
@@ -170,48 +167,47 @@ def test_group_routing_keeps_the_function_and_orthogonal_rows(saved, real_ids):
         ("glm4_moe", dict(prompts={"shared_expert": ["x"]}), "gate, which the glm4_moe output"),
     ],
 )
-def test_refusals(saved, architecture, params, message):
-    path = saved(make_model("llama", layers=3))
+def test_refusals(saved, architecture, params, message, tiny_model):
+    path = saved(tiny_model("llama", layers=3))
     with pytest.raises(ValueError, match=message):
         OrthogonalMoECTMergingAlgorithm(architecture=architecture, num_experts=8, **params).run(
             pool({"_pretrained_": path})
         )
 
 
-def test_bases_glm4_moe_cannot_represent_are_refused(saved):
+def test_bases_glm4_moe_cannot_represent_are_refused(saved, tiny_model):
     for family, overrides, message in [
         ("mistral", dict(sliding_window=16), "sliding_window=16; use architecture: mixtral"),
         ("llama", dict(attention_bias=True), "o_proj.bias' of the llama base; use architecture"),
     ]:
-        path = saved(make_model(family, **overrides))
+        path = saved(tiny_model(family, **overrides))
         with pytest.raises(ValueError, match=message):
             build({"_pretrained_": path}, num_experts=2)
 
 
-def test_auto_from_alpha_with_leading_zero_alphas(saved):
-    dense = make_model("llama", layers=3)
+def test_auto_from_alpha_with_leading_zero_alphas(saved, tiny_model):
+    dense = tiny_model("llama", layers=3)
     models = {"_pretrained_": saved(dense), "ft": saved(perturbed(dense, 1))}
     moe = build(models, alpha_strategy="linear_increase", moe_layers="auto_from_alpha")
     assert moe.config.first_k_dense_replace == 1  # alpha 0 at layer 0 only
     assert moe.config.moe_ct["moe_layers"] == [1, 2]
 
 
-def test_prompt_gates_read_the_router_input_of_every_family(saved, tmp_path):
-    dense = make_model("qwen3")
-    train_tokenizer(tmp_path / "tok")
+def test_prompt_gates_read_the_router_input_of_every_family(saved, tiny_model, tokenizer_dir):
+    dense = tiny_model("qwen3")
     models = {"_pretrained_": saved(dense), "ft": saved(perturbed(dense, 1))}
     prompts = {"_pretrained_": ["general text"], "ft": ["the license terms"]}
     rows = {}
     for architecture in ("glm4_moe", "qwen3_moe"):
         moe = OrthogonalMoECTMergingAlgorithm(
             architecture=architecture, gate_mode="hidden", prompts=prompts, dtype="float32"
-        ).run(pool(models, tokenizer=str(tmp_path / "tok")))
+        ).run(pool(models, tokenizer=str(tokenizer_dir)))
         rows[architecture] = [moe_block(layer).gate.weight for layer in moe.model.layers]
     assert all(torch.equal(a, b) for a, b in zip(*rows.values(), strict=True))
 
 
-def test_checkpoint_reloads_in_both_majors(saved, real_ids, tmp_path):
-    dense = make_model("qwen2", layers=3)
+def test_checkpoint_reloads_in_both_majors(saved, real_ids, tmp_path, tiny_model, other_python):
+    dense = tiny_model("qwen2", layers=3)
     models = {"_pretrained_": saved(dense), "ft": saved(perturbed(dense, 1))}
     params = dict(granularity=2, experts_per_token=2, n_group=2, topk_group=1, moe_layers=[1, 2])
     moe = build(models, dtype="bfloat16", **params)
@@ -221,7 +217,7 @@ def test_checkpoint_reloads_in_both_majors(saved, real_ids, tmp_path):
     assert config["partial_rotary_factor"] == 1.0  # for transformers 4 (5 reads rope_parameters)
     with torch.no_grad():
         expected = moe(real_ids).logits.float()
-    for python in filter(None, [sys.executable, other_python()]):
+    for python in (sys.executable, other_python):
         logits, _ = reload_logits(out, real_ids, tmp_path, python=python)
         assert (logits.float() - expected).abs().max().item() == 0.0, python
 
@@ -241,12 +237,14 @@ print(names[0], out[0] == out[1], out[0])
 """
 
 
-def test_generation_in_a_fresh_process_matches_the_dense_base(saved, tmp_path):
-    dense = make_model("llama")
-    tok = train_tokenizer(tmp_path / "tok")
+def test_generation_in_a_fresh_process_matches_the_dense_base(
+    saved, tmp_path, tiny_model, tokenizer_dir, other_python
+):
+    dense = tiny_model("llama")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     dense.generation_config.pad_token_id = tok.eos_token_id
     base = saved(dense)
-    tok.save_pretrained(base)
+    add_tokenizer(tokenizer_dir, base)
     out = tmp_path / "moe"
     build(
         {"_pretrained_": base},
@@ -255,7 +253,7 @@ def test_generation_in_a_fresh_process_matches_the_dense_base(saved, tmp_path):
         save_checkpoint=str(out),
         streaming=True,
     )
-    for python in filter(None, [sys.executable, other_python()]):
+    for python in (sys.executable, other_python):
         run = subprocess.run(
             [python, "-c", GENERATE, str(out), base], capture_output=True, text=True, timeout=300
         )

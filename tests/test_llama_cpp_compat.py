@@ -10,12 +10,14 @@ import logging
 
 import pytest
 import torch
-from conftest import make_model, perturbed, pool
-from test_streaming import read_tensors
+from helpers import perturbed, pool, read_tensors
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 from fusion_bench_moect.arch import ARCHITECTURES
 from fusion_bench_moect.arch.qwen2_moe import initial_shared_gate
+
+# Version-sensitive (what llama.cpp reads from our checkpoints (gguf)): also run under transformers 4.57.
+pytestmark = pytest.mark.cross_version
 
 
 def ggml_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -25,9 +27,9 @@ def ggml_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_qwen2_moe_from_a_tied_base_writes_an_explicit_lm_head(
-    tmp_path, saved, real_ids, streaming
+    tmp_path, saved, real_ids, streaming, tiny_model
 ):
-    dense = make_model("llama")  # tied embeddings, like every small Qwen2 / SmolLM2
+    dense = tiny_model("llama")  # tied embeddings, like every small Qwen2 / SmolLM2
     out = tmp_path / "moe"
     algo = OrthogonalMoECTMergingAlgorithm(
         num_experts=4,
@@ -56,16 +58,16 @@ def test_qwen2_moe_from_a_tied_base_writes_an_explicit_lm_head(
             assert (moe(real_ids).logits - expected).abs().max().item() < 1e-5
 
 
-def test_other_families_keep_tied_embeddings(saved):
-    dense = make_model("llama")
+def test_other_families_keep_tied_embeddings(saved, tiny_model):
+    dense = tiny_model("llama")
     moe = OrthogonalMoECTMergingAlgorithm(num_experts=4, dtype="float32").run(
         pool({"_pretrained_": saved(dense)})
     )
     assert moe.config.model_type == "mixtral" and moe.config.tie_word_embeddings is True
 
 
-def test_shared_gate_is_one_half_in_transformers_and_finite_in_llama_cpp(saved):
-    dense = make_model("llama")
+def test_shared_gate_is_one_half_in_transformers_and_finite_in_llama_cpp(saved, tiny_model):
+    dense = tiny_model("llama")
     moe = OrthogonalMoECTMergingAlgorithm(
         num_experts=4, architecture="qwen2_moe", dtype="float32"
     ).run(pool({"_pretrained_": saved(dense)}))
@@ -111,10 +113,10 @@ def test_llama_cpp_notes():
     assert len(llama_cpp_notes("qwen2_moe", 12, 2, 0.5)) == 2
 
 
-def test_llama_cpp_notes_are_in_the_plan_summary_not_warnings(saved, caplog):
+def test_llama_cpp_notes_are_in_the_plan_summary_not_warnings(saved, caplog, tiny_model):
     """A default merge of 2 sources has 3 experts (not a power of two): nothing is wrong with
     the model, so no WARNING; the advice is one INFO line of the plan summary."""
-    dense = make_model("llama")
+    dense = tiny_model("llama")
     models = {
         "_pretrained_": saved(dense),
         "a": saved(perturbed(dense, 1)),

@@ -7,28 +7,29 @@ import json
 
 import pytest
 import torch
-from conftest import make_model, perturbed, pool, train_tokenizer
-from test_streaming import CASES, read_tensors, reload
+from helpers import BUILD_CASES, perturbed, pool, read_tensors, reload
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 from fusion_bench_moect.arch.mixtral import MixtralArchitecture
 from fusion_bench_moect.inspection import expert_triples, moe_block
 
+# Version-sensitive (this major's model skeleton over a written checkpoint): also run under transformers 4.57.
+pytestmark = pytest.mark.cross_version
 
-@pytest.mark.parametrize("family, arch, dtype, extra", CASES)
+
+@pytest.mark.parametrize("family, arch, dtype, extra", BUILD_CASES)
 def test_saved_run_returns_the_checkpoint_mapped(
-    tmp_path, saved, real_ids, family, arch, dtype, extra
+    tmp_path, saved, real_ids, family, arch, dtype, extra, tiny_model, tokenizer_dir
 ):
-    dense = make_model(family, layers=3)
-    train_tokenizer(tmp_path / "tok")
+    dense = tiny_model(family, layers=3)
     models = {"_pretrained_": saved(dense), "ft": saved(perturbed(dense, 1))}
     common = dict(architecture=arch, granularity=2, experts_per_token=2, dtype=dtype, **extra)
     built = OrthogonalMoECTMergingAlgorithm(**common).run(
-        pool(models, tokenizer=str(tmp_path / "tok"))
+        pool(models, tokenizer=str(tokenizer_dir))
     )
     out = tmp_path / "moe"
     mapped = OrthogonalMoECTMergingAlgorithm(save_checkpoint=str(out), **common).run(
-        pool(models, tokenizer=str(tmp_path / "tok"))
+        pool(models, tokenizer=str(tokenizer_dir))
     )
 
     # the same weights, config record and logits as the model built in memory
@@ -61,11 +62,11 @@ def test_saved_run_returns_the_checkpoint_mapped(
 
 
 def test_small_shards_keep_each_fused_expert_tensor_in_one_file(
-    tmp_path, saved, real_ids, monkeypatch
+    tmp_path, saved, real_ids, monkeypatch, tiny_model
 ):
     from fusion_bench_moect.io import streaming
 
-    base = saved(make_model("llama", layers=3))
+    base = saved(tiny_model("llama", layers=3))
     built = OrthogonalMoECTMergingAlgorithm(num_experts=4, dtype="float32").run(
         pool({"_pretrained_": base})
     )

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
-from conftest import make_model, perturbed, pool
-from test_checkpoint import reload_logits
-from test_cross_version import other_python
+from helpers import max_diff, perturbed, pool, real_text, reload_logits
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 from fusion_bench_moect.ops.layers import AUTO_FROM_ALPHA, dense_layers, resolve_moe_layers
 from fusion_bench_moect.ops.shared import concat_ffns, shared_expert_scales
+
+# Version-sensitive (dense layers and shared experts in this major's Qwen-MoE): also run under transformers 4.57.
+pytestmark = pytest.mark.cross_version
 
 TOL = 1e-5
 
@@ -31,11 +33,6 @@ def engine(models: dict[str, str], architecture: str, stream_to=None, **params):
     if moe is None:
         return None, json.loads((stream_to / "config.json").read_text())["moe_ct"]
     return moe, moe.config.moe_ct
-
-
-def max_diff(a, b, ids) -> float:
-    with torch.no_grad():
-        return (a(ids).logits - b(ids).logits).abs().max().item()
 
 
 # -- moe_layers ------------------------------------------------------------------------------
@@ -62,8 +59,8 @@ def test_resolve_moe_layers():
 
 
 @pytest.mark.parametrize("family, arch", [("qwen3", "qwen3_moe"), ("llama", "qwen2_moe")])
-def test_moe_layers_pure_upcycling_reproduces_the_base(saved, real_ids, family, arch):
-    dense = make_model(family, layers=3)
+def test_moe_layers_pure_upcycling_reproduces_the_base(saved, real_ids, family, arch, tiny_model):
+    dense = tiny_model(family, layers=3)
     moe, record = engine(
         {"_pretrained_": saved(dense)}, arch, num_experts=4, granularity=2, moe_layers=[0, 2]
     )
@@ -75,8 +72,8 @@ def test_moe_layers_pure_upcycling_reproduces_the_base(saved, real_ids, family, 
     assert max_diff(moe, dense, real_ids) < TOL
 
 
-def test_auto_from_alpha_keeps_alpha_zero_layers_dense(saved, real_ids):
-    dense = make_model("qwen3", layers=3)
+def test_auto_from_alpha_keeps_alpha_zero_layers_dense(saved, real_ids, tiny_model):
+    dense = tiny_model("qwen3", layers=3)
     models = {"_pretrained_": saved(dense), "de": saved(perturbed(dense, 1))}
     moe, record = engine(models, "qwen3_moe", moe_layers=AUTO_FROM_ALPHA)  # u_shaped: 0.8, 0, 0.8
     assert record["alphas"][1] == 0.0 and record["moe_layers"] == [0, 2]
@@ -88,10 +85,10 @@ def test_auto_from_alpha_keeps_alpha_zero_layers_dense(saved, real_ids):
 
 
 def test_streamed_checkpoint_with_dense_layers_and_wide_shared_expert_reloads(
-    saved, real_ids, tmp_path
+    saved, real_ids, tmp_path, tiny_model, other_python
 ):
     """The streaming sink writes the same model; it reloads in both transformers majors."""
-    dense = make_model("llama", layers=3)
+    dense = tiny_model("llama", layers=3)
     models = {"_pretrained_": saved(dense), "de": saved(perturbed(dense, 1))}
     options = dict(moe_layers=[1, 2], shared_experts=["de", "_pretrained_"])
     moe, _ = engine(models, "qwen2_moe", **options)
@@ -99,15 +96,14 @@ def test_streamed_checkpoint_with_dense_layers_and_wide_shared_expert_reloads(
     engine(models, "qwen2_moe", stream_to=out, **options)
     with torch.no_grad():
         expected = moe(real_ids).logits
-    for python in filter(None, [None, other_python()]):
-        kwargs = {"python": python} if python else {}
-        logits, _ = reload_logits(out, real_ids, tmp_path, **kwargs)
+    for python in (sys.executable, other_python):
+        logits, _ = reload_logits(out, real_ids, tmp_path, python=python)
         assert (logits - expected).abs().max().item() < TOL
 
 
-def test_moe_layers_needs_a_family_with_dense_layers(saved):
+def test_moe_layers_needs_a_family_with_dense_layers(saved, tiny_model):
     with pytest.raises(ValueError, match="use architecture: qwen2_moe or qwen3_moe"):
-        engine({"_pretrained_": saved(make_model("llama"))}, "mixtral", moe_layers=[0])
+        engine({"_pretrained_": saved(tiny_model("llama"))}, "mixtral", moe_layers=[0])
 
 
 # -- shared experts ------------------------------------------------------------------------
@@ -137,8 +133,8 @@ def test_concatenated_ffn_is_the_weighted_sum_of_its_ffns():
     assert torch.allclose(run(merged, x), expected, atol=1e-12)
 
 
-def test_base_only_shared_expert_is_todays_and_exact(saved, real_ids):
-    dense = make_model("llama")
+def test_base_only_shared_expert_is_todays_and_exact(saved, real_ids, tiny_model):
+    dense = tiny_model("llama")
     path = saved(dense)
     default, _ = engine({"_pretrained_": path}, "qwen2_moe", num_experts=4)
     explicit, record = engine(
@@ -154,8 +150,8 @@ def test_base_only_shared_expert_is_todays_and_exact(saved, real_ids):
     ]
 
 
-def test_shared_expert_from_several_models(saved, real_ids):
-    dense = make_model("llama")
+def test_shared_expert_from_several_models(saved, real_ids, tiny_model):
+    dense = tiny_model("llama")
     ft = perturbed(dense, 1, scale=0.2)
     models = {"_pretrained_": saved(dense), "de": saved(ft)}
     moe, record = engine(
@@ -185,13 +181,13 @@ def test_shared_expert_from_several_models(saved, real_ids):
     assert max_diff(moe0, dense, real_ids) < TOL
 
 
-def test_families_without_a_shared_expert_record_none(saved):
-    _, record = engine({"_pretrained_": saved(make_model("llama"))}, "mixtral", num_experts=2)
+def test_families_without_a_shared_expert_record_none(saved, tiny_model):
+    _, record = engine({"_pretrained_": saved(tiny_model("llama"))}, "mixtral", num_experts=2)
     assert record["shared_experts"] == [] and record["moe_layers"] == [0, 1]
 
 
-def test_bad_shared_experts(saved):
-    path = saved(make_model("llama"))
+def test_bad_shared_experts(saved, tiny_model):
+    path = saved(tiny_model("llama"))
     for value, arch, match in [
         (["nope"], "qwen2_moe", "not in the model pool"),
         (["_pretrained_", "_pretrained_"], "qwen2_moe", "twice"),
@@ -207,17 +203,13 @@ def test_bad_shared_experts(saved):
             engine({"_pretrained_": path}, arch, num_experts=2, shared_experts=value)
 
 
-def test_task_pool_routing_statistics_skip_dense_layers(saved, tmp_path):
-    from conftest import real_text, train_tokenizer
-
+def test_task_pool_routing_statistics_skip_dense_layers(saved, tmp_path, tiny_model, tokenizer_dir):
     from fusion_bench_moect.eval.taskpool import MoETextTaskPool
 
-    tokenizer_dir = tmp_path / "tokenizer"
-    train_tokenizer(tokenizer_dir)
     text = tmp_path / "gpl.txt"
     text.write_text(real_text())
     moe, _ = engine(
-        {"_pretrained_": saved(make_model("qwen3", layers=3))},
+        {"_pretrained_": saved(tiny_model("qwen3", layers=3))},
         "qwen3_moe",
         num_experts=4,
         moe_layers=[0, 2],
@@ -232,10 +224,10 @@ def test_task_pool_routing_statistics_skip_dense_layers(saved, tmp_path):
     assert [layer["layer"] for layer in report["routing"]["layers"]] == [0, 2]
 
 
-def test_lean_cli_options(saved, tmp_path):
+def test_lean_cli_options(saved, tmp_path, tiny_model):
     from fusion_bench_moect.cli.upcycle import main
 
-    dense = make_model("llama", layers=3)
+    dense = tiny_model("llama", layers=3)
     base, ft = saved(dense), saved(perturbed(dense, 1))
     out = tmp_path / "out"
     args = [base, str(out), "--source", f"ft={ft}", "--architecture", "qwen2_moe", "-q"]
@@ -250,13 +242,13 @@ def test_lean_cli_options(saved, tmp_path):
     }
 
 
-def test_shared_expert_gate_from_prompts(saved, tmp_path):
-    from conftest import train_tokenizer
+def test_shared_expert_gate_from_prompts(saved, tmp_path, tiny_model, tokenizer_dir):
+    from transformers import AutoTokenizer
 
     from fusion_bench_moect.prompt_gates import prompt_router_rows
 
-    dense = make_model("llama")
-    tok = train_tokenizer(tmp_path / "tok")
+    dense = tiny_model("llama")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     shared = ["This License applies to any program or other work."]
     prompts = {
         "expert_0": ["You may convey verbatim copies of the Program's source code."],
@@ -267,7 +259,7 @@ def test_shared_expert_gate_from_prompts(saved, tmp_path):
     algo = OrthogonalMoECTMergingAlgorithm(
         num_experts=2, gate_mode="hidden", prompts=prompts, architecture="qwen2_moe"
     )
-    moe = algo.run(pool({"_pretrained_": base}, tokenizer=str(tmp_path / "tok")))
+    moe = algo.run(pool({"_pretrained_": base}, tokenizer=str(tokenizer_dir)))
     expected = prompt_router_rows(dense, tok, [(shared, [])], "hidden")
     for layer, row in zip(moe.model.layers, expected, strict=True):
         assert torch.allclose(layer.mlp.shared_expert_gate.weight, row.to(torch.float32))
@@ -281,7 +273,7 @@ def test_shared_expert_gate_from_prompts(saved, tmp_path):
         architecture="qwen2_moe",
         save_checkpoint=str(out),
         streaming=True,
-    ).run(pool({"_pretrained_": base}, tokenizer=str(tmp_path / "tok")))
+    ).run(pool({"_pretrained_": base}, tokenizer=str(tokenizer_dir)))
     from safetensors.torch import load_file
 
     written = load_file(out / "model.safetensors")
@@ -293,7 +285,7 @@ def test_shared_expert_gate_from_prompts(saved, tmp_path):
     algo = OrthogonalMoECTMergingAlgorithm(
         num_experts=2, gate_mode="hidden", prompts=prompts, architecture="qwen2_moe"
     )
-    plain = algo.run(pool({"_pretrained_": base}, tokenizer=str(tmp_path / "tok")))
+    plain = algo.run(pool({"_pretrained_": base}, tokenizer=str(tokenizer_dir)))
     assert torch.equal(plain.model.layers[0].mlp.gate.weight, moe.model.layers[0].mlp.gate.weight)
     assert plain.model.layers[0].mlp.shared_expert_gate.weight.abs().max() < 1e-20
     prompts["shared_expert"] = shared
@@ -306,5 +298,5 @@ def test_shared_expert_gate_from_prompts(saved, tmp_path):
     ]:
         with pytest.raises(ValueError, match=match):
             OrthogonalMoECTMergingAlgorithm(num_experts=2, prompts=prompts, **params).run(
-                pool({"_pretrained_": base}, tokenizer=str(tmp_path / "tok"))
+                pool({"_pretrained_": base}, tokenizer=str(tokenizer_dir))
             )

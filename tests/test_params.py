@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, perturbed, pool
+from helpers import perturbed, pool
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 from fusion_bench_moect.inspection import moe_block
@@ -131,10 +131,10 @@ def test_lean_cli_refuses_prompt_gates():
     assert out.returncode == 2 and "invalid choice: 'hidden'" in out.stderr
 
 
-def test_default_anchor_scale_is_quiet_and_scales_only_with_an_anchor(saved, caplog):
+def test_default_anchor_scale_is_quiet_and_scales_only_with_an_anchor(saved, caplog, tiny_model):
     """router_aux_scale null: 1.1 on the base expert's rows when merging, nothing (and no
     warning) in pure upcycling."""
-    dense = make_model("llama")
+    dense = tiny_model("llama")
     base = saved(dense, "b")
     models = {"_pretrained_": base, "ft": saved(perturbed(dense, 1), "ft")}
     with caplog.at_level(logging.WARNING):

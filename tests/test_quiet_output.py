@@ -11,11 +11,8 @@ from pathlib import Path
 
 import pytest
 import transformers
-from conftest import make_model, perturbed, train_tokenizer
+from helpers import REPO, add_tokenizer, perturbed, unavailable
 
-pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
@@ -44,11 +41,12 @@ def run(command: list[str], cwd: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
+def models(tmp_path_factory, tiny_model, tokenizer_dir) -> Path:
+    """A tiny Llama base with the tokenizer (``base``) and two fine-tunes (``base-de``/``-fr``)."""
     root = tmp_path_factory.mktemp("quick")
-    dense = make_model("llama")
+    dense = tiny_model("llama")
     dense.save_pretrained(root / "base")
-    train_tokenizer(root / "base")
+    add_tokenizer(tokenizer_dir, root / "base")
     perturbed(dense, 1).save_pretrained(root / "base-de")
     perturbed(dense, 2).save_pretrained(root / "base-fr")
     return root
@@ -102,8 +100,8 @@ def test_lean_cli_quick_start(models, tmp_path):
 def test_main_job_output(tmp_path):
     """``bash scripts/main.sh`` (set-up included), evaluating 1024 tokens per language
     instead of 4096 (the same code, a quarter of the time)."""
-    if not (REPO / ".venv/bin/fusion_bench").is_file() and not os.environ.get("CI"):
-        pytest.skip("no .venv in this checkout (scripts/setup.sh makes it)")
+    if not (REPO / ".venv/bin/fusion_bench").is_file():
+        unavailable("a .venv in this checkout (scripts/setup.sh makes it)")
     text = run(["bash", "scripts/main.sh", "taskpool.max_tokens_per_source=1024"], REPO)
     report = next(line for line in text.splitlines() if line.startswith("Report: "))
     shutil.rmtree(REPO / Path(report.split()[1]).parent, ignore_errors=True)

@@ -11,28 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, perturbed, pool, tiny_config, train_tokenizer
-from safetensors import safe_open
+from helpers import BUILD_CASES, add_tokenizer, perturbed, pool, read_tensors, reload
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 from fusion_bench_moect.io.sources import SourceError
 
-
-def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    return tensors
-
-
-def reload(directory: Path):
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    key = "torch_dtype" if transformers.__version__.startswith("4.") else "dtype"
-    return AutoModelForCausalLM.from_pretrained(directory, **{key: "auto"}).eval()
+# Version-sensitive (hub names and expert order against this major's models): also run under transformers 4.57.
+pytestmark = pytest.mark.cross_version
 
 
 def record_without_run_params(directory: Path) -> dict:
@@ -43,33 +28,20 @@ def record_without_run_params(directory: Path) -> dict:
     return config
 
 
-CASES = [
-    # family, architecture, dtype, extra algorithm parameters
-    ("llama", "mixtral", "bfloat16", {}),
-    ("mistral", "mixtral", "float32", {"drop_ratio": 0.25, "noise_scale": 0.01}),
-    ("llama", "qwen2_moe", "bfloat16", {"residual_scale": {"ft": 0.5}}),
-    ("qwen2", "qwen2_moe", "float32", {"permute_neurons": True}),
-    ("qwen3", "qwen3_moe", "bfloat16", {"alpha_strategy": "linear_increase"}),
-    ("qwen3", "glm4_moe", "bfloat16", {"n_group": 2, "moe_layers": [1, 2], "drop_ratio": 0.25}),
-    ("llama", "glm4_moe", "float32", {"shared_experts": ["ft", "_pretrained_"]}),
-]
-
-
-@pytest.mark.parametrize("family, arch, dtype, extra", CASES)
+@pytest.mark.parametrize("family, arch, dtype, extra", BUILD_CASES)
 def test_streamed_checkpoint_equals_in_memory_model(
-    tmp_path, saved, real_ids, family, arch, dtype, extra
+    tmp_path, saved, real_ids, family, arch, dtype, extra, tiny_model, tokenizer_dir
 ):
-    dense = make_model(family, layers=3)
-    train_tokenizer(tmp_path / "tok")
+    dense = tiny_model(family, layers=3)
     models = {"_pretrained_": saved(dense), "ft": saved(perturbed(dense, 1))}
     common = dict(architecture=arch, granularity=2, experts_per_token=2, dtype=dtype, **extra)
 
     mem_dir, stream_dir = tmp_path / "mem", tmp_path / "stream"
     algo = OrthogonalMoECTMergingAlgorithm(save_checkpoint=str(mem_dir), **common)
-    moe = algo.run(pool(models, tokenizer=str(tmp_path / "tok")))
+    moe = algo.run(pool(models, tokenizer=str(tokenizer_dir)))
     streamed = OrthogonalMoECTMergingAlgorithm(
         save_checkpoint=str(stream_dir), streaming=True, **common
-    ).run(pool(models, tokenizer=str(tmp_path / "tok")))
+    ).run(pool(models, tokenizer=str(tokenizer_dir)))
     assert streamed is None
 
     # the same tensors under the same hub names, bit for bit
@@ -90,10 +62,10 @@ def test_streamed_checkpoint_equals_in_memory_model(
     assert torch.equal(logits, expected)
 
 
-def test_sharded_stream_reloads(tmp_path, saved, real_ids, monkeypatch):
+def test_sharded_stream_reloads(tmp_path, saved, real_ids, monkeypatch, tiny_model):
     from fusion_bench_moect.io import streaming
 
-    dense = make_model("llama", layers=3)
+    dense = tiny_model("llama", layers=3)
     base = saved(dense)
     out = tmp_path / "moe"
     moe = OrthogonalMoECTMergingAlgorithm(num_experts=4, dtype="float32").run(
@@ -114,16 +86,16 @@ def test_sharded_stream_reloads(tmp_path, saved, real_ids, monkeypatch):
         assert torch.equal(reload(out)(real_ids).logits, moe(real_ids).logits)
 
 
-def test_streaming_needs_a_checkpoint_directory(saved, tmp_path):
-    base = saved(make_model("llama"))
+def test_streaming_needs_a_checkpoint_directory(saved, tmp_path, tiny_model):
+    base = saved(tiny_model("llama"))
     with pytest.raises(ValueError, match="streaming: true .* needs save_checkpoint"):
         OrthogonalMoECTMergingAlgorithm(num_experts=2, streaming=True).run(
             pool({"_pretrained_": base})
         )
 
 
-def test_a_failure_while_streaming_leaves_nothing(tmp_path, saved):
-    dense = make_model("llama", layers=3)
+def test_a_failure_while_streaming_leaves_nothing(tmp_path, saved, tiny_model):
+    dense = tiny_model("llama", layers=3)
     bad = perturbed(dense, 1)
     with torch.no_grad():
         bad.model.layers[2].mlp.down_proj.weight[0, 0] = float("nan")  # found in the last layer
@@ -149,7 +121,7 @@ def test_a_failure_while_streaming_leaves_nothing(tmp_path, saved):
         ("qwen3", "glm4_moe", {}),
     ],
 )
-def test_declared_hub_names_match_the_transformers_model(family, arch, overrides):
+def test_declared_hub_names_match_the_transformers_model(tiny_model, family, arch, overrides):
     """The streaming writer names tensors from the arch classes, without a model: those names
     must be exactly what the transformers model (either major) saves."""
     from accelerate import init_empty_weights
@@ -158,7 +130,7 @@ def test_declared_hub_names_match_the_transformers_model(family, arch, overrides
     from fusion_bench_moect.inspection import is_moe_param
 
     out = arch_registry.ARCHITECTURES[arch]()
-    base_config = tiny_config(family, layers=2, **overrides)
+    base_config = tiny_model(family, layers=2, **overrides).config
     config = out.build_config(base_config, 4, 2, 32, torch.float32)
     with init_empty_weights(include_buffers=False):
         model = out.model_class()(config)
@@ -242,15 +214,14 @@ def test_writer_places_tensors_in_any_order(tmp_path, monkeypatch, direct):
         writer.close()
 
 
-def test_lean_cli_writes_what_the_algorithm_streams(tmp_path, saved, real_ids):
+def test_lean_cli_writes_what_the_algorithm_streams(
+    tmp_path, saved, real_ids, tiny_model, tokenizer_dir
+):
     from fusion_bench_moect.cli.upcycle import main
 
-    dense = make_model("qwen3", layers=2)
-    tok = tmp_path / "tok"
-    train_tokenizer(tok)
+    dense = tiny_model("qwen3", layers=2)
     base, ft = saved(dense, "base"), saved(perturbed(dense, 2), "ft")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (Path(base) / name).write_bytes((tok / name).read_bytes())
+    add_tokenizer(tokenizer_dir, base)
     cli_dir, algo_dir = tmp_path / "cli", tmp_path / "algo"
     assert (
         main(
@@ -270,7 +241,8 @@ def test_lean_cli_writes_what_the_algorithm_streams(tmp_path, saved, real_ids):
     assert sorted(cli) == sorted(algo)
     assert all(torch.equal(cli[k], algo[k]) for k in cli)
     assert record_without_run_params(cli_dir) == record_without_run_params(algo_dir)
-    assert (cli_dir / "tokenizer.json").read_bytes() == (tok / "tokenizer.json").read_bytes()
+    tokenizer = (tokenizer_dir / "tokenizer.json").read_bytes()
+    assert (cli_dir / "tokenizer.json").read_bytes() == tokenizer
     assert main([base, str(cli_dir), "-q"]) == 2  # refuses a non-empty directory
 
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from helpers import perturbed
 
-from fusion_bench_moect.paths import cache_root
 from study.common import gain_retained, mean_std, specialisation
-
-SMOLLM2 = cache_root() / "SmolLM2-135M-Instruct"
 
 
 def test_gain_retained_and_mean_std():
@@ -41,97 +38,99 @@ def test_grid_rows_design():
     assert len(seeded) == 8 and all(r["params"]["seed"] == 1 for r in seeded)
 
 
+#: Tiny stand-ins for the Debian Reference: English and German text.
+TEXT = {
+    "en": "The package manager installs software and keeps the system up to date. " * 8,
+    "de": "Die Paketverwaltung installiert Software und hält das System aktuell. " * 8,
+}
+SOURCES = {lang: {"text": t} for lang, t in TEXT.items()}
+
+
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    if not (SMOLLM2 / "tokenizer.json").exists():
-        pytest.skip("SmolLM2 tokenizer not prepared")
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_models(tmp_path_factory, smollm2_dir, tiny_model):
+    """A tiny Llama with SmolLM2's tokenizer (the study's) and a German "expert" of it."""
+    from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("tiny")
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
-    config = LlamaConfig(
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    base = tiny_model(
+        "llama",
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
     dirs = {}
-    for name in ("base", "de"):
-        if name != "base":
-            with torch.no_grad():
-                for n, p in base.named_parameters():
-                    if ".mlp." in n:
-                        p.add_(0.01 * torch.randn_like(p))
-        base.save_pretrained(root / name)
+    for name, model in (("base", base), ("de", perturbed(base, 1, scale=0.01))):
+        model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
         dirs[name] = str(root / name)
     return dirs
 
 
-def test_grid_and_collapse_and_report_on_tiny_models(tiny_models, tmp_path):
-    from study.collapse import combine_runs, run_collapse
+@pytest.fixture(scope="module")
+def grid(tiny_models, tmp_path_factory):
+    """Two grid rows (MoE-CT off, u_shaped@0.8) merged and evaluated, then resumed."""
     from study.grid import _row, run_grid
-    from study.report import write_report
 
-    experts = {"de": tiny_models["de"]}
-    text = {
-        "en": "The package manager installs software and keeps the system up to date. " * 8,
-        "de": "Die Paketverwaltung installiert Software und hält das System aktuell. " * 8,
-    }
-    sources = {lang: {"text": t} for lang, t in text.items()}
-    prompts = {lang: [t[:80]] for lang, t in text.items()}
     rows = [
         _row("off", "main", moe_ct_mode=False, alpha_strategy="constant", base_alpha=1.0),
         _row("u_shaped@0.8", "main", alpha_strategy="u_shaped", base_alpha=0.8),
     ]
-    grid = run_grid(
-        tiny_models["base"], experts, tmp_path / "grid", rows, eval_tokens=40, window_length=20
-    )
-    assert len(grid["rows"]) == 2
-    m = grid["rows"][1]["metrics"]
-    assert m["ppl_en"] > 0 and m["mean_anchor_share"] is not None and "own_share_de" in m
-    assert set(grid["references"]) == {"base", "de"}
-    again = run_grid(
-        tiny_models["base"],
-        experts,
-        tmp_path / "grid",
-        rows,
-        eval_tokens=40,
-        window_length=20,
-        resume=True,
-    )
-    assert again["complete"] and [r["metrics"] for r in again["rows"]] == [
-        r["metrics"] for r in grid["rows"]
-    ]
+    out = tmp_path_factory.mktemp("grid")
+    args = (tiny_models["base"], {"de": tiny_models["de"]}, out, rows)
+    first = run_grid(*args, eval_tokens=40, window_length=20)
+    return first, run_grid(*args, eval_tokens=40, window_length=20, resume=True)
 
-    kwargs = dict(
-        seeds=(0,),
-        steps=2,
-        batch_size=1,
-        seq_len=16,
-        train_tokens_per_language=200,
-        eval_tokens=40,
-        window_length=20,
-        eval_sources=sources,
-        train_sources=sources,
-        prompts=prompts,
-    )
-    collapse = run_collapse(
-        tiny_models["base"],
-        experts,
-        tmp_path / "collapse",
-        gate_modes=("orthogonal", "hidden"),
-        aux_loss_coefs=(0.01, 0.0),
-        **kwargs,
-    )
-    assert len(collapse["runs"]) == 4
+
+#: What every tiny training run shares: windows of 16 tokens, one per step, the tiny texts.
+TINY_RUN = dict(
+    batch_size=1,
+    seq_len=16,
+    train_tokens_per_language=200,
+    eval_tokens=40,
+    window_length=20,
+    eval_sources=SOURCES,
+    train_sources=SOURCES,
+)
+#: Settings of the collapse runs: 2 steps, the first 80 characters as the hidden gates' prompts.
+COLLAPSE = dict(TINY_RUN, seeds=(0,), steps=2, prompts={lang: [t[:80]] for lang, t in TEXT.items()})
+
+
+@pytest.fixture(scope="module")
+def collapse_dir(tiny_models, tmp_path_factory):
+    """Collapse runs: orthogonal and hidden gates x aux loss on/off in ``collapse/``, a
+    parallel invocation (uniform_random) in ``other/``, longer runs in ``longer/``."""
+    from study.collapse import run_collapse
+
+    root = tmp_path_factory.mktemp("collapse")
+    args = (tiny_models["base"], {"de": tiny_models["de"]})
+    runs = [
+        ("collapse", ("orthogonal", "hidden"), (0.01, 0.0), {}),
+        ("other", ("uniform_random",), (0.01,), {}),
+        ("longer", ("random",), (0.01,), {"steps": 3}),
+    ]
+    for name, modes, coefs, extra in runs:
+        settings = {**COLLAPSE, **extra}
+        run_collapse(*args, root / name, gate_modes=modes, aux_loss_coefs=coefs, **settings)
+    return root
+
+
+def read_collapse(root, name: str = "collapse") -> dict:
+    return json.loads((root / name / "collapse.json").read_text())
+
+
+def test_grid_rows_are_evaluated_and_resumed(grid):
+    first, again = grid
+    assert len(first["rows"]) == 2
+    m = first["rows"][1]["metrics"]
+    assert m["ppl_en"] > 0 and m["mean_anchor_share"] is not None and "own_share_de" in m
+    assert set(first["references"]) == {"base", "de"}
+    assert again["complete"]
+    assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in first["rows"]]
+
+
+def test_collapse_runs_log_balance_and_curves(collapse_dir):
+    collapse = read_collapse(collapse_dir)
     assert [(r["gate_mode"], r["aux_loss_coef"]) for r in collapse["runs"]] == [
         ("orthogonal", 0.01),
         ("orthogonal", 0.0),
@@ -145,30 +144,26 @@ def test_grid_and_collapse_and_report_on_tiny_models(tiny_models, tmp_path):
     # without the load-balancing loss the logged aux loss carries no weight in the loss
     off = collapse["runs"][1]["history"]
     assert all(h["loss"] == pytest.approx(h["lm_loss"], abs=1e-6) for h in off)
-    # runs of a parallel invocation (another gate mode, one coefficient) join the report
-    run_collapse(
-        tiny_models["base"],
-        experts,
-        tmp_path / "other",
-        gate_modes=("uniform_random",),
-        aux_loss_coefs=(0.01,),
-        **kwargs,
-    )
-    both = combine_runs(collapse, [tmp_path / "other" / "collapse.json"])
+
+
+def test_collapse_runs_of_a_parallel_invocation_join_only_with_the_same_settings(collapse_dir):
+    from study.collapse import combine_runs
+
+    collapse = read_collapse(collapse_dir)
+    both = combine_runs(collapse, [collapse_dir / "other" / "collapse.json"])
     assert [r["gate_mode"] for r in both["runs"]][-1] == "uniform_random"
     assert len(both["runs"]) == 5 and both["complete"]
-    run_collapse(
-        tiny_models["base"],
-        experts,
-        tmp_path / "longer",
-        gate_modes=("random",),
-        **{**kwargs, "steps": 3},
-    )
     with pytest.raises(ValueError, match="other settings"):
-        combine_runs(collapse, [tmp_path / "longer" / "collapse.json"])
-    collapse = both
+        combine_runs(collapse, [collapse_dir / "longer" / "collapse.json"])
+
+
+def test_report_of_grid_and_collapse(grid, collapse_dir, tmp_path):
+    from study.collapse import combine_runs
+    from study.report import write_report
+
+    collapse = combine_runs(read_collapse(collapse_dir), [collapse_dir / "other" / "collapse.json"])
     doc = tmp_path / "study.md"
-    write_report(grid, collapse, {}, doc, tmp_path / "img", timings={"grid": 1.0})
+    write_report(grid[0], collapse, {}, doc, tmp_path / "img", timings={"grid": 1.0})
     text = doc.read_text()
     assert "orthogonal, no aux loss" in text and "Held-out routing during training" in text
     assert (tmp_path / "img" / "collapse_curves.png").exists()
@@ -193,22 +188,18 @@ def test_run_log_resumes_only_matching_runs(tmp_path):
     assert RunLog.finished(tmp_path / "1.json") is None
 
 
-def test_train_expert_fine_tunes_the_mlp_and_resumes(tiny_models, tmp_path):
-    from fusion_bench_moect.eval.text import debian_reference_available
-    from study.experts import (
-        ExpertSettings,
-        is_built,
-        train_expert,
-    )
+def test_train_expert_fine_tunes_the_mlp_and_resumes(tiny_models, debian_reference, tmp_path):
+    from study.experts import ExpertSettings, expert_dir, is_built, train_expert
 
-    if not debian_reference_available("de"):
-        pytest.skip("Debian Reference (de) not installed")
+    debian_reference("de")
     settings = ExpertSettings(
         steps=3, batch_size=1, seq_len=16, max_train_tokens=400, eval_tokens=40, dtype="float32"
     )
     marker = train_expert("de", settings, base_dir=tiny_models["base"], root=tmp_path)
     assert len(marker["losses"]) == 3 and marker["first_loss"] == marker["losses"][0]
-    assert marker["trainable_parameters"] == 2 * 3 * 32 * 64  # 2 layers x gate/up/down (MLP only)
+    config = json.loads((expert_dir("de", tmp_path) / "config.json").read_text())
+    mlp = 3 * config["hidden_size"] * config["intermediate_size"]  # gate, up, down
+    assert marker["trainable_parameters"] == config["num_hidden_layers"] * mlp  # MLP only
     assert is_built("de", settings, tmp_path)
     assert train_expert("de", settings, base_dir=tiny_models["base"], root=tmp_path) == marker
 
@@ -217,24 +208,9 @@ def test_trained_runs_merge_then_train_router_then_experts(tiny_models, tmp_path
     from study.trained import POINTS, run_trained, trained_rows
 
     experts = {"de": tiny_models["de"]}
-    text = {
-        "en": "The package manager installs software and keeps the system up to date. " * 8,
-        "de": "Die Paketverwaltung installiert Software und hält das System aktuell. " * 8,
-    }
-    sources = {lang: {"text": t} for lang, t in text.items()}
     rows = trained_rows([7], ["off", "u_shaped@0.8"])
     assert [(r["name"], r["params"]["seed"]) for r in rows] == [("off", 7), ("u_shaped@0.8", 7)]
-    kwargs = dict(
-        router_steps=2,
-        experts_steps=3,
-        batch_size=1,
-        seq_len=16,
-        train_tokens_per_language=200,
-        eval_tokens=40,
-        window_length=20,
-        eval_sources=sources,
-        train_sources=sources,
-    )
+    kwargs = dict(TINY_RUN, router_steps=2, experts_steps=3)
     result = run_trained(tiny_models["base"], experts, tmp_path, rows, **kwargs)
     assert result["complete"] and len(result["runs"]) == 2
     run = result["runs"][1]

@@ -5,16 +5,23 @@ and the refusal of bias balancing for a family without a bias."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
-from conftest import make_model, perturbed, pool, real_text
+from helpers import (
+    add_tokenizer,
+    perturbed,
+    pool,
+    real_text,
+    reload_logits,
+    run_fabric,
+    run_local,
+    timeless,
+    train_moe,
+    weights,
+)
 from safetensors.torch import load_file
-from test_checkpoint import reload_logits
-from test_cross_version import other_python
-from test_training import build, tok_dir, train  # noqa: F401 - fixture
-from test_training_ddp import run_fabric, run_local
-from test_training_fsdp import timeless
-from test_training_resume import weights
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
@@ -33,23 +40,27 @@ from fusion_bench_moect.training import MoECTTrainingAlgorithm
 BIAS = "e_score_correction_bias"
 
 
-def build_glm4(saved, tok_dir, skew: float = 0.0):  # noqa: F811
-    """An 8-expert, top-2 GLM4-MoE saved with its tokenizer; ``skew`` > 0 tilts every router's
-    expert 0 toward the mean router input, so most tokens pick it."""
-    dense = make_model("llama")
-    models = {"_pretrained_": saved(dense)}
-    models.update({name: saved(perturbed(dense, i + 1)) for i, name in enumerate("abc")})
-    moe = OrthogonalMoECTMergingAlgorithm(
-        architecture="glm4_moe", dtype="float32", granularity=2, experts_per_token=2
-    ).run(pool(models, tokenizer=tok_dir))
-    if skew:
-        _skew(moe, tok_dir, skew)
-    directory = saved.root / f"glm4_skew{skew}"
-    moe.save_pretrained(directory)
-    from transformers import AutoTokenizer
+@pytest.fixture
+def glm4_checkpoint(saved, tiny_model, tokenizer_dir):
+    """``glm4_checkpoint(skew=0.0) -> (directory, model)``: an 8-expert, top-2 GLM4-MoE saved
+    with its tokenizer; ``skew`` > 0 tilts every router's expert 0 toward the mean router
+    input, so most tokens pick it."""
 
-    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(directory)
-    return str(directory), moe
+    def build(skew: float = 0.0):
+        dense = tiny_model("llama")
+        models = {"_pretrained_": saved(dense)}
+        models.update({name: saved(perturbed(dense, i + 1)) for i, name in enumerate("abc")})
+        moe = OrthogonalMoECTMergingAlgorithm(
+            architecture="glm4_moe", dtype="float32", granularity=2, experts_per_token=2
+        ).run(pool(models, tokenizer=str(tokenizer_dir)))
+        if skew:
+            _skew(moe, str(tokenizer_dir), skew)
+        directory = saved.root / f"glm4_skew{skew}"
+        moe.save_pretrained(directory)
+        add_tokenizer(tokenizer_dir, directory)
+        return str(directory), moe
+
+    return build
 
 
 @torch.no_grad()
@@ -98,10 +109,13 @@ def test_the_bias_update_is_a_signed_step_toward_the_mean_load():
     assert bias.tolist() == pytest.approx([-1e-3, 1e-3, 1e-3, 1e-3])
 
 
-def test_metrics_count_the_experts_glm4_moe_actually_selects(saved, tok_dir, real_ids):  # noqa: F811
+@pytest.mark.cross_version  # the routing captured from this major's GLM4-MoE block
+def test_metrics_count_the_experts_glm4_moe_actually_selects(
+    glm4_checkpoint, tokenizer_dir, real_ids
+):
     """A large bias on expert 7 makes every token pick it although its logits do not: the
     captured selection (and so the balance metrics) follow the bias, a softmax top-k would not."""
-    _, moe = build_glm4(saved, tok_dir)
+    _, moe = glm4_checkpoint()
     info = describe_moe(moe)
     for _, bias in router_biases(moe):
         bias[7] = 10.0
@@ -122,10 +136,10 @@ def test_metrics_count_the_experts_glm4_moe_actually_selects(saved, tok_dir, rea
 
 
 # ------------------------------------------------------------------ training
-def test_glm4_moe_trains_with_its_load_balancing_loss(saved, tok_dir):  # noqa: F811
-    moe_dir, moe = build_glm4(saved, tok_dir)
+def test_glm4_moe_trains_with_its_load_balancing_loss(glm4_checkpoint, tokenizer_dir):
+    moe_dir, moe = glm4_checkpoint()
     before = {k: v.clone() for k, v in moe.state_dict().items()}
-    algo, trained = train(moe_dir, tok_dir, stage="router")
+    algo, trained = train_moe(moe_dir, str(tokenizer_dir), stage="router")
     h = algo.history[-1]
     assert 1.5 < h["aux_loss"] < 4.0  # k = 2 at perfect balance
     assert h["loss"] == pytest.approx(h["lm_loss"] + 0.01 * h["aux_loss"], rel=1e-6)
@@ -136,13 +150,13 @@ def test_glm4_moe_trains_with_its_load_balancing_loss(saved, tok_dir):  # noqa: 
     assert changed and all(k.endswith("gate.weight") for k in changed)
 
 
-def test_bias_balancing_reduces_maxvio_of_a_skewed_router(saved, tok_dir):  # noqa: F811
+def test_bias_balancing_reduces_maxvio_of_a_skewed_router(glm4_checkpoint, tokenizer_dir):
     """The same batches, the router barely trained (lr 1e-8): only the bias differs."""
-    moe_dir, _ = build_glm4(saved, tok_dir, skew=20.0)
+    moe_dir, _ = glm4_checkpoint(skew=20.0)
     runs = {}
     for balancing in ("none", "bias"):
-        runs[balancing], _ = train(
-            moe_dir, tok_dir, stage="router", balancing=balancing, bias_update_rate=0.1,
+        runs[balancing], _ = train_moe(
+            moe_dir, str(tokenizer_dir), stage="router", balancing=balancing, bias_update_rate=0.1,
             max_steps=8, batch_size=4, seq_len=64, learning_rate=1e-8,
             eval_sources={"gpl": {"text": real_text()}}, eval_window=64,
         )  # fmt: skip
@@ -166,32 +180,36 @@ def test_bias_balancing_reduces_maxvio_of_a_skewed_router(saved, tok_dir):  # no
     assert bias.history[-1]["bias_range"][0][0] < 0 < bias.history[-1]["bias_range"][0][1]
 
 
-def test_global_batch_scope_on_one_process_and_micro_batch_agree(saved, tok_dir):  # noqa: F811
+def test_global_batch_scope_on_one_process_and_micro_batch_agree(glm4_checkpoint, tokenizer_dir):
     """One process, one micro-batch per step: the global batch is the micro-batch."""
-    moe_dir, _ = build_glm4(saved, tok_dir)
-    micro, _ = train(moe_dir, tok_dir, stage="router")
-    glob, _ = train(moe_dir, tok_dir, stage="router", aux_loss_scope="global_batch")
+    moe_dir, _ = glm4_checkpoint()
+    micro, _ = train_moe(moe_dir, str(tokenizer_dir), stage="router")
+    glob, _ = train_moe(moe_dir, str(tokenizer_dir), stage="router", aux_loss_scope="global_batch")
     assert timeless(micro.history) == timeless(glob.history)
     # two micro-batches: the second one's loss uses the counts of both
-    acc, _ = train(moe_dir, tok_dir, stage="router", accumulate_grad_batches=2, max_steps=1)
-    acc_glob, _ = train(
-        moe_dir, tok_dir, stage="router", accumulate_grad_batches=2, max_steps=1,
+    acc, _ = train_moe(
+        moe_dir, str(tokenizer_dir), stage="router", accumulate_grad_batches=2, max_steps=1
+    )
+    acc_glob, _ = train_moe(
+        moe_dir, str(tokenizer_dir), stage="router", accumulate_grad_batches=2, max_steps=1,
         aux_loss_scope="global_batch",
     )  # fmt: skip
     assert acc.history[0]["aux_loss"] != acc_glob.history[0]["aux_loss"]
     assert acc.history[0]["lm_loss"] == acc_glob.history[0]["lm_loss"]
 
 
+@pytest.mark.cross_version  # this major's router biases, reloaded under both
 def test_a_bias_balanced_model_reloads_with_its_biases_and_logits(
-    saved,
-    tok_dir,  # noqa: F811
+    glm4_checkpoint,
+    tokenizer_dir,
     real_ids,
     tmp_path,
+    other_python,
 ):
-    moe_dir, _ = build_glm4(saved, tok_dir)
+    moe_dir, _ = glm4_checkpoint()
     out = tmp_path / "trained"
-    algo, trained = train(
-        moe_dir, tok_dir, stage="experts", balancing="aux_loss+bias", bias_update_rate=0.01,
+    algo, trained = train_moe(
+        moe_dir, str(tokenizer_dir), stage="experts", balancing="aux_loss+bias", bias_update_rate=0.01,
         save_checkpoint=str(out),
     )  # fmt: skip
     expected = biases(trained.state_dict())
@@ -200,24 +218,24 @@ def test_a_bias_balanced_model_reloads_with_its_biases_and_logits(
     assert all(torch.equal(weights(out)[k], v) for k, v in expected.items())
     with torch.no_grad():
         logits = trained(real_ids).logits
-    for python in filter(None, [None, other_python()]):
-        got, _ = reload_logits(out, real_ids, tmp_path, **({"python": python} if python else {}))
+    for python in (sys.executable, other_python):
+        got, _ = reload_logits(out, real_ids, tmp_path, python=python)
         assert torch.allclose(got, logits, atol=1e-5), python
     assert (out / "training_history.png").is_file()
 
 
-def test_resume_with_bias_balancing_is_bit_identical(saved, tok_dir, tmp_path):  # noqa: F811
-    moe_dir, _ = build_glm4(saved, tok_dir)
+def test_resume_with_bias_balancing_is_bit_identical(glm4_checkpoint, tokenizer_dir, tmp_path):
+    moe_dir, _ = glm4_checkpoint()
     settings = dict(
         stage="experts", balancing="bias", bias_update_rate=0.01, bias_update_ramp_steps=3,
         max_steps=4, checkpoint_every=2, checkpoint_dir=str(tmp_path / "ckpts"),
     )  # fmt: skip
-    full, expected = run_local(moe_dir, tok_dir, **settings)
+    full, expected = run_local(moe_dir, str(tokenizer_dir), **settings)
     step2 = tmp_path / "ckpts" / "step-000002"
     saved_biases = biases(load_file(str(step2 / "trainable.safetensors")))
     assert saved_biases and all(v.any() for v in saved_biases.values())
     resumed, got = run_local(
-        moe_dir, tok_dir, **{**settings, "ckpt_path": str(step2), "checkpoint_every": 0}
+        moe_dir, str(tokenizer_dir), **{**settings, "ckpt_path": str(step2), "checkpoint_every": 0}
     )
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
@@ -227,41 +245,41 @@ def test_resume_with_bias_balancing_is_bit_identical(saved, tok_dir, tmp_path): 
     assert max(abs(v).max().item() for v in biases(expected).values()) <= 0.03 + 1e-7
 
 
-@pytest.mark.slow
-def test_bias_updates_are_identical_on_every_ddp_rank(saved, tok_dir, tmp_path):  # noqa: F811
+def test_bias_updates_are_identical_on_every_ddp_rank(glm4_checkpoint, tokenizer_dir, tmp_path):
     """2 processes: the loads are all-reduced, so both ranks apply the global batch's update,
     the one a single process computes from the same global batch (2 micro-batches)."""
-    moe_dir, _ = build_glm4(saved, tok_dir)
+    moe_dir, _ = glm4_checkpoint()
     extra = dict(stage="router", balancing="bias", bias_update_rate=0.01, learning_rate=1e-6)
-    ddp = run_fabric(tmp_path, moe_dir, tok_dir, 2, "ddp", **extra)
+    ddp = run_fabric(tmp_path, moe_dir, str(tokenizer_dir), 2, "ddp", **extra)
     rank0, rank1 = (biases(state) for state in ddp["states"])
     assert rank0 and all(v.any() for v in rank0.values())
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    _, single = run_local(moe_dir, tok_dir, accumulate_grad_batches=2, **extra)
+    _, single = run_local(moe_dir, str(tokenizer_dir), accumulate_grad_batches=2, **extra)
     assert all(torch.equal(rank0[k], biases(single)[k]) for k in rank0)
     assert ddp["history"][-1]["bias_range"] == [
         [float(v.min()), float(v.max())] for v in rank0.values()
     ]
 
 
-def test_bias_balancing_on_mixtral_is_refused_naming_glm4_moe(saved, tok_dir, tmp_path):  # noqa: F811
-    moe_dir, _ = build(saved, tok_dir, "mixtral")
+def test_bias_balancing_on_mixtral_is_refused_naming_glm4_moe(
+    moe_checkpoint, tokenizer_dir, tmp_path
+):
+    moe_dir, _ = moe_checkpoint("mixtral")
     out = tmp_path / "never"
     with pytest.raises(ValueError, match=r"balancing: bias needs a router bias: .*glm4_moe"):
-        train(moe_dir, tok_dir, balancing="bias", save_checkpoint=str(out))
+        train_moe(moe_dir, str(tokenizer_dir), balancing="bias", save_checkpoint=str(out))
     assert not out.exists()
     with pytest.raises(ValueError, match="balancing"):
         MoECTTrainingAlgorithm(balancing="biased")
 
 
-@pytest.mark.slow
-def test_bias_updates_under_fsdp2_equal_one_process(saved, tok_dir, tmp_path):  # noqa: F811
+def test_bias_updates_under_fsdp2_equal_one_process(glm4_checkpoint, tokenizer_dir, tmp_path):
     """The sharded preset: the biases are buffers (replicated, not sharded) and every rank
     applies the global batch's update, as one process with 2 micro-batches does."""
-    moe_dir, _ = build_glm4(saved, tok_dir)
+    moe_dir, _ = glm4_checkpoint()
     extra = dict(stage="router", balancing="bias", bias_update_rate=0.01, learning_rate=1e-6)
-    fsdp = run_fabric(tmp_path, moe_dir, tok_dir, 2, "moe_fsdp2", **extra)
+    fsdp = run_fabric(tmp_path, moe_dir, str(tokenizer_dir), 2, "moe_fsdp2", **extra)
     sharded = biases(fsdp["states"][0])
     assert sharded and all(v.any() for v in sharded.values())
-    _, single = run_local(moe_dir, tok_dir, accumulate_grad_batches=2, **extra)
+    _, single = run_local(moe_dir, str(tokenizer_dir), accumulate_grad_batches=2, **extra)
     assert all(torch.equal(sharded[k], biases(single)[k]) for k in sharded)

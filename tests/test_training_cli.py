@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
-from conftest import in_ci, real_ids, real_text  # noqa: F401 - fixture
-from test_checkpoint import reload_logits
-from test_cli import fusion_bench
-from test_cross_version import other_python
-from test_training import build, tok_dir  # noqa: F401 - fixture
+from helpers import fusion_bench, real_text, reload_logits, training_history, weights
 
 
-@pytest.mark.slow
-def test_cli_trains_on_two_ddp_processes(saved, tok_dir, tmp_path, real_ids):  # noqa: F811
-    moe_dir, _ = build(saved, tok_dir, "mixtral")
+def test_cli_trains_on_two_ddp_processes(
+    moe_checkpoint, tokenizer_dir, tmp_path, real_ids, other_python
+):
+    moe_dir, _ = moe_checkpoint("mixtral")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(real_text())
     log_dir, out_dir = tmp_path / "logs", tmp_path / "trained"
@@ -33,7 +29,7 @@ def test_cli_trains_on_two_ddp_processes(saved, tok_dir, tmp_path, real_ids):  #
         f"method.save_checkpoint={out_dir}",
         "modelpool=CausalLMPool/moe_ct_upcycle",
         f"modelpool.models._pretrained_={moe_dir}",
-        f"modelpool.tokenizer={tok_dir}",
+        f"modelpool.tokenizer={str(tokenizer_dir)}",
         "modelpool.model_kwargs.dtype=float32",
         "taskpool=dummy",
         "fabric.accelerator=cpu",
@@ -54,13 +50,8 @@ def test_cli_trains_on_two_ddp_processes(saved, tok_dir, tmp_path, real_ids):  #
     tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
     assert {"train/loss", "train/lr", "train/mean_cv", "train/mean_anchor_share"} <= set(tags)
     logits, _ = reload_logits(out_dir, real_ids, tmp_path)
-    python = other_python()
-    if python is None:
-        if in_ci():
-            pytest.fail("CI must provide the other transformers major (MOECT_OTHER_PYTHON)")
-        return
     (tmp_path / "other").mkdir()
-    other, _ = reload_logits(out_dir, real_ids, tmp_path / "other", python=python)
+    other, _ = reload_logits(out_dir, real_ids, tmp_path / "other", python=other_python)
     assert torch.allclose(logits, other, atol=1e-5)
 
 
@@ -93,36 +84,30 @@ def cli_run(tmp_path, name, moe_dir, tok, corpus, *extra):
     return out
 
 
-@pytest.mark.slow
-def test_cli_fsdp2_trains_like_ddp_evaluates_and_resumes(saved, tok_dir, tmp_path, real_ids):  # noqa: F811
-    from test_training_resume import history, weights
-
-    moe_dir, _ = build(saved, tok_dir, "mixtral")
+def test_cli_fsdp2_trains_like_ddp_evaluates_and_resumes(
+    moe_checkpoint, tokenizer_dir, tmp_path, real_ids, other_python
+):
+    moe_dir, _ = moe_checkpoint("mixtral")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(real_text())
     held_out = f"+method.eval_sources={{gpl:{{text:'{real_text()[::3][:3000]}'}}}}"
     ckpts = tmp_path / "ckpts"
     fsdp = cli_run(
-        tmp_path, "fsdp2", moe_dir, tok_dir, corpus, "fabric=moe_fsdp2", held_out,
+        tmp_path, "fsdp2", moe_dir, str(tokenizer_dir), corpus, "fabric=moe_fsdp2", held_out,
         "method.eval_window=64", "method.eval_every=2", "method.checkpoint_every=2",
         f"method.checkpoint_dir={ckpts}",
     )  # fmt: skip
-    ddp = cli_run(tmp_path, "ddp", moe_dir, tok_dir, corpus, "fabric.strategy=ddp")
+    ddp = cli_run(tmp_path, "ddp", moe_dir, str(tokenizer_dir), corpus, "fabric.strategy=ddp")
     resumed = cli_run(
-        tmp_path, "resumed", moe_dir, tok_dir, corpus, "fabric=moe_fsdp2", held_out,
+        tmp_path, "resumed", moe_dir, str(tokenizer_dir), corpus, "fabric=moe_fsdp2", held_out,
         "method.eval_window=64", "method.eval_every=2", f"method.ckpt_path={ckpts}/step-000002",
     )  # fmt: skip
     sharded, reference, again = weights(fsdp), weights(ddp), weights(resumed)
     assert max((sharded[k] - reference[k]).abs().max().item() for k in reference) < 1e-6
     assert all(torch.equal(sharded[k], again[k]) for k in sharded)
-    assert history(fsdp) == history(resumed)
-    assert [e["step"] for e in history(fsdp)["eval"]] == [0, 2, 4]
+    assert training_history(fsdp) == training_history(resumed)
+    assert [e["step"] for e in training_history(fsdp)["eval"]] == [0, 2, 4]
     logits, _ = reload_logits(fsdp, real_ids, tmp_path)
-    python = other_python()
-    if python is None:
-        if in_ci():
-            pytest.fail("CI must provide the other transformers major (MOECT_OTHER_PYTHON)")
-        return
     (tmp_path / "other").mkdir()
-    other, _ = reload_logits(fsdp, real_ids, tmp_path / "other", python=python)
+    other, _ = reload_logits(fsdp, real_ids, tmp_path / "other", python=other_python)
     assert torch.allclose(logits, other, atol=1e-5)

@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import real_text, train_tokenizer
+from helpers import real_text
+from transformers import AutoTokenizer
 
 from fusion_bench_moect.training import data
 from fusion_bench_moect.training.data import (
@@ -19,12 +20,8 @@ from fusion_bench_moect.training.data import (
 )
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-def test_files_are_read_in_chunks_and_packed_with_eos(tokenizer, tmp_path, monkeypatch):
+def test_files_are_read_in_chunks_and_packed_with_eos(tokenizer_dir, tmp_path, monkeypatch):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     monkeypatch.setattr(data, "CHUNK_BYTES", 97)  # many chunks, cut inside lines and characters
     text = real_text() + "\nCafé, naïve, 東京.\n"
     (tmp_path / "a.txt").write_text(text)
@@ -34,7 +31,8 @@ def test_files_are_read_in_chunks_and_packed_with_eos(tokenizer, tmp_path, monke
     assert (text + "<eos>").startswith(stream) and len(stream) > len(text) - 64
 
 
-def test_folders_globs_gzip_and_jsonl(tokenizer, tmp_path):
+def test_folders_globs_gzip_and_jsonl(tokenizer_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "one.txt").write_text(real_text()[:1500])
     with gzip.open(tmp_path / "corpus" / "two.txt.gz", "wt") as handle:
@@ -72,7 +70,8 @@ def test_folders_globs_gzip_and_jsonl(tokenizer, tmp_path):
         (b"tiny", None, "fewer than one window"),
     ],
 )
-def test_bad_sources_give_clear_errors(tokenizer, tmp_path, content, spec, match):
+def test_bad_sources_give_clear_errors(tokenizer_dir, tmp_path, content, spec, match):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     path = tmp_path / ("bad.jsonl" if spec else "bad.txt")
     path.write_bytes(content)
     with pytest.raises(TrainingDataError, match=match) as err:
@@ -80,7 +79,8 @@ def test_bad_sources_give_clear_errors(tokenizer, tmp_path, content, spec, match
     assert "mine" in str(err.value) or str(path) in str(err.value)
 
 
-def test_missing_path_and_malformed_mapping(tokenizer, tmp_path):
+def test_missing_path_and_malformed_mapping(tokenizer_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         pack_source(tokenizer, str(tmp_path / "nope.txt"), seq_len=16)
     with pytest.raises(TrainingDataError, match="exactly one of"):

@@ -9,21 +9,13 @@ import json
 
 import pytest
 import torch
-from conftest import real_text
+from helpers import expert_stacks, real_text, run_fabric, timeless, trainable_key, with_state
 from hydra.utils import instantiate
-from test_experts import expert_stacks
-from test_training import build, tok_dir  # noqa: F401 - fixture
-from test_training_ddp import _load, run_fabric, trainable_key
 
 from fusion_bench_moect.training.sharding import parallelize
 
 # the same arithmetic as DDP up to the order of float sums (reduce-scatter vs all-reduce)
 FSDP_TOLERANCE = 1e-6
-
-
-def timeless(history):
-    """A history without its wall-clock measure (tokens/s)."""
-    return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in history]
 
 
 def compose(*overrides):
@@ -62,18 +54,17 @@ def test_ddp_preset_builds_a_data_parallel_fabric():
     assert type(fabric.strategy).__name__ == "DDPStrategy"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
-def test_fsdp2_two_processes_train_like_ddp(saved, tok_dir, tmp_path, arch):  # noqa: F811
-    moe_dir, moe = build(saved, tok_dir, arch)
+def test_fsdp2_two_processes_train_like_ddp(moe_checkpoint, tokenizer_dir, tmp_path, arch):
+    moe_dir, moe = moe_checkpoint(arch)
     before = {k: v.detach().clone() for k, v in moe.state_dict().items()}
     extra = {
         "eval_sources": {"gpl": {"text": real_text()[::3]}},
         "eval_window": 64,
         "learning_rate": 1e-3,
     }
-    ddp = run_fabric(tmp_path, moe_dir, tok_dir, 2, "ddp", **extra)
-    fsdp = run_fabric(tmp_path, moe_dir, tok_dir, 2, "moe_fsdp2", **extra)
+    ddp = run_fabric(tmp_path, moe_dir, str(tokenizer_dir), 2, "ddp", **extra)
+    fsdp = run_fabric(tmp_path, moe_dir, str(tokenizer_dir), 2, "moe_fsdp2", **extra)
     reference, sharded = ddp["states"][0], fsdp["states"][0]
     assert set(sharded) == set(reference)
     worst = max((sharded[k] - reference[k]).abs().max().item() for k in reference)
@@ -84,7 +75,7 @@ def test_fsdp2_two_processes_train_like_ddp(saved, tok_dir, tmp_path, arch):  # 
             assert torch.equal(value, before[key]), key
     for layer in range(2):  # anchor (expert 0) bit-identical, the others trained
         pairs = zip(
-            expert_stacks(moe, layer), expert_stacks(_load(moe, sharded), layer), strict=True
+            expert_stacks(moe, layer), expert_stacks(with_state(moe, sharded), layer), strict=True
         )
         for stack_before, stack_after in pairs:
             assert torch.equal(stack_before[0], stack_after[0])
@@ -98,11 +89,12 @@ def test_fsdp2_two_processes_train_like_ddp(saved, tok_dir, tmp_path, arch):  # 
         assert mine == pytest.approx(theirs, rel=1e-5)
 
 
-@pytest.mark.slow
-def test_fsdp2_resume_from_a_sharded_step_checkpoint_is_bit_identical(saved, tok_dir, tmp_path):  # noqa: F811
-    moe_dir, _ = build(saved, tok_dir, "mixtral")
+def test_fsdp2_resume_from_a_sharded_step_checkpoint_is_bit_identical(
+    moe_checkpoint, tokenizer_dir, tmp_path
+):
+    moe_dir, _ = moe_checkpoint("mixtral")
     settings = dict(max_steps=4, checkpoint_every=2, checkpoint_dir=str(tmp_path / "ckpts"))
-    full = run_fabric(tmp_path / "a", moe_dir, tok_dir, 2, "moe_fsdp2", **settings)
+    full = run_fabric(tmp_path / "a", moe_dir, str(tokenizer_dir), 2, "moe_fsdp2", **settings)
     step2 = tmp_path / "ckpts" / "step-000002"
     files = sorted(p.name for p in step2.iterdir())
     assert files == [
@@ -116,7 +108,7 @@ def test_fsdp2_resume_from_a_sharded_step_checkpoint_is_bit_identical(saved, tok
     ]
     assert json.loads((step2 / "trainer_state.json").read_text())["layout"]["sharded"] is True
     resumed = run_fabric(
-        tmp_path / "b", moe_dir, tok_dir, 2, "moe_fsdp2",
+        tmp_path / "b", moe_dir, str(tokenizer_dir), 2, "moe_fsdp2",
         **{**settings, "checkpoint_every": 0, "ckpt_path": str(step2)},
     )  # fmt: skip
     for key, value in full["states"][0].items():
@@ -124,4 +116,4 @@ def test_fsdp2_resume_from_a_sharded_step_checkpoint_is_bit_identical(saved, tok
     assert timeless(resumed["history"]) == timeless(full["history"])
     # a sharded checkpoint is refused by a run with another layout, before any training
     with pytest.raises(AssertionError, match="another stage or parallel layout"):
-        run_fabric(tmp_path / "c", moe_dir, tok_dir, 2, "ddp", ckpt_path=str(step2))
+        run_fabric(tmp_path / "c", moe_dir, str(tokenizer_dir), 2, "ddp", ckpt_path=str(step2))

@@ -19,26 +19,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import pool, real_text
+from helpers import (
+    fusion_bench,
+    local_train,
+    pool,
+    real_text,
+    run_fabric,
+    timeless,
+    training_history,
+    weights,
+)
 from safetensors.torch import load_file
-from test_cli import fusion_bench
-from test_training import build, tok_dir  # noqa: F401 - fixture
-from test_training_ddp import run_fabric
-from test_training_fsdp import timeless
 
 from fusion_bench_moect.training import MoECTTrainingAlgorithm
-
-
-def weights(directory: Path) -> dict[str, torch.Tensor]:
-    found = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        found.update(load_file(str(file)))
-    return found
-
-
-def history(directory: Path) -> dict:
-    saved = json.loads((directory / "training_history.json").read_text())
-    return {"train": timeless(saved["train"]), "eval": saved["eval"]}
 
 
 def cli_train(tmp_path, moe_dir, tok, out, *extra):
@@ -67,11 +60,10 @@ def cli_train(tmp_path, moe_dir, tok, out, *extra):
     )
 
 
-@pytest.mark.slow
-def test_cli_resume_after_the_warm_up_is_exact(saved, tok_dir, tmp_path):  # noqa: F811
-    moe_dir, moe = build(saved, tok_dir, "mixtral")
+def test_cli_resume_after_the_warm_up_is_exact(moe_checkpoint, tokenizer_dir, tmp_path):
+    moe_dir, moe = moe_checkpoint("mixtral")
     ckpts = tmp_path / "ckpts"
-    cli_train(tmp_path, moe_dir, tok_dir, tmp_path / "full", "method.checkpoint_every=2",
+    cli_train(tmp_path, moe_dir, str(tokenizer_dir), tmp_path / "full", "method.checkpoint_every=2",
               f"method.checkpoint_dir={ckpts}")  # fmt: skip
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
     step2 = ckpts / "step-000002"
@@ -85,25 +77,26 @@ def test_cli_resume_after_the_warm_up_is_exact(saved, tok_dir, tmp_path):  # noq
     }
     frozen = sum(v.numel() for k, v in moe.state_dict().items() if k not in trainable)
     assert frozen > 0 and not (step2 / "model.safetensors").exists()
-    cli_train(tmp_path, moe_dir, tok_dir, tmp_path / "resumed", f"method.ckpt_path={step2}")
+    cli_train(
+        tmp_path, moe_dir, str(tokenizer_dir), tmp_path / "resumed", f"method.ckpt_path={step2}"
+    )
     full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
-    assert history(tmp_path / "full") == history(tmp_path / "resumed")
+    assert training_history(tmp_path / "full") == training_history(tmp_path / "resumed")
 
 
-@pytest.mark.slow
-def test_ddp_resume_is_exact(saved, tok_dir, tmp_path):  # noqa: F811
-    moe_dir, _ = build(saved, tok_dir, "qwen2_moe")
+def test_ddp_resume_is_exact(moe_checkpoint, tokenizer_dir, tmp_path):
+    moe_dir, _ = moe_checkpoint("qwen2_moe")
     settings = dict(max_steps=4, checkpoint_every=2, checkpoint_dir=str(tmp_path / "ckpts"))
-    full = run_fabric(tmp_path / "a", moe_dir, tok_dir, 2, "ddp", **settings)
+    full = run_fabric(tmp_path / "a", moe_dir, str(tokenizer_dir), 2, "ddp", **settings)
     step2 = tmp_path / "ckpts" / "step-000002"
     assert sorted(p.name for p in step2.glob("rng-rank*.json")) == [
         "rng-rank0.json",
         "rng-rank1.json",
     ]
     resumed = run_fabric(
-        tmp_path / "b", moe_dir, tok_dir, 2, "ddp",
+        tmp_path / "b", moe_dir, str(tokenizer_dir), 2, "ddp",
         **{**settings, "checkpoint_every": 0, "ckpt_path": str(step2)},
     )  # fmt: skip
     for rank in range(2):
@@ -112,24 +105,12 @@ def test_ddp_resume_is_exact(saved, tok_dir, tmp_path):  # noqa: F811
     assert timeless(resumed["history"]) == timeless(full["history"])
 
 
-def local_train(moe_dir, tok, **extra):
-    settings = {
-        "train_sources": {"gpl": {"text": real_text()}},
-        "stage": "router",
-        "max_steps": 2,
-        "batch_size": 2,
-        "seq_len": 32,
-        "accelerator": "cpu",
-        **extra,
-    }
-    algo = MoECTTrainingAlgorithm(**settings)
-    return algo, algo.run(pool({"_pretrained_": moe_dir}, tokenizer=tok))
-
-
-def test_keep_last_prunes_older_steps(saved, tok_dir, tmp_path):  # noqa: F811
-    moe_dir, _ = build(saved, tok_dir)
+def test_keep_last_prunes_older_steps(moe_checkpoint, tokenizer_dir, tmp_path):
+    moe_dir, _ = moe_checkpoint()
     root = tmp_path / "ckpts"
-    local_train(moe_dir, tok_dir, max_steps=4, checkpoint_every=1, checkpoint_dir=str(root))
+    local_train(
+        moe_dir, str(tokenizer_dir), max_steps=4, checkpoint_every=1, checkpoint_dir=str(root)
+    )
     assert sorted(p.name for p in root.iterdir()) == ["step-000003", "step-000004"]
     # the router stage's step checkpoint: routers and their moments only (a few kB here)
     sizes = {p.name: p.stat().st_size for p in (root / "step-000004").iterdir()}
@@ -152,10 +133,12 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
         ("other_model", "continues training of another model"),
     ],
 )
-def test_a_bad_ckpt_path_is_refused_and_nothing_is_written(saved, tok_dir, tmp_path, damage, match):  # noqa: F811
-    moe_dir, _ = build(saved, tok_dir)
+def test_a_bad_ckpt_path_is_refused_and_nothing_is_written(
+    moe_checkpoint, tokenizer_dir, tmp_path, damage, match
+):
+    moe_dir, _ = moe_checkpoint()
     root = tmp_path / "ckpts"
-    local_train(moe_dir, tok_dir, checkpoint_every=2, checkpoint_dir=str(root))
+    local_train(moe_dir, str(tokenizer_dir), checkpoint_every=2, checkpoint_dir=str(root))
     step = root / "step-000002"
     extra = {}
     if damage == "no_manifest":
@@ -168,7 +151,7 @@ def test_a_bad_ckpt_path_is_refused_and_nothing_is_written(saved, tok_dir, tmp_p
     elif damage == "other_stage":
         extra = {"stage": "experts"}
     else:  # another MoE: the same shapes, other frozen weights
-        moe_dir, _ = build(saved, tok_dir, "qwen2_moe")
+        moe_dir, _ = moe_checkpoint("qwen2_moe")
     before = _snapshot(root)
     out = tmp_path / "trained"
     algo = MoECTTrainingAlgorithm(
@@ -176,7 +159,7 @@ def test_a_bad_ckpt_path_is_refused_and_nothing_is_written(saved, tok_dir, tmp_p
         accelerator="cpu", ckpt_path=str(step), save_checkpoint=str(out), **extra,
     )  # fmt: skip
     with pytest.raises((ValueError, FileNotFoundError), match=match) as err:
-        algo.run(pool({"_pretrained_": moe_dir}, tokenizer=tok_dir))
+        algo.run(pool({"_pretrained_": moe_dir}, tokenizer=str(tokenizer_dir)))
     assert "\n" not in str(err.value) and str(step) in str(err.value)
     assert _snapshot(root) == before and not out.exists()
 
@@ -196,22 +179,23 @@ st.save_file = dying
 import fusion_bench_moect.training.checkpoints as ck
 ck.save_file = dying
 sys.path.insert(0, sys.argv[1])
-from test_training_resume import local_train
+from helpers import local_train
 local_train(sys.argv[2], sys.argv[3], max_steps=4, checkpoint_every=1, checkpoint_dir=sys.argv[4], keep_last=None)
 """
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kill_at_write", [1, 4, 6])
-def test_a_write_killed_midway_leaves_no_visible_step(saved, tok_dir, tmp_path, kill_at_write):  # noqa: F811
+def test_a_write_killed_midway_leaves_no_visible_step(
+    moe_checkpoint, tokenizer_dir, tmp_path, kill_at_write
+):
     """Two files per step checkpoint: write 1 is step 1's first, 4 step 2's second, 6 step 3's
     second (after its first was complete)."""
-    moe_dir, _ = build(saved, tok_dir)
+    moe_dir, _ = moe_checkpoint()
     root = tmp_path / "ckpts"
     env = {**os.environ, "KILL_AT_WRITE": str(kill_at_write)}
     tests = str(Path(__file__).parent)
     done = subprocess.run(
-        [sys.executable, "-c", KILLER, tests, moe_dir, tok_dir, str(root)],
+        [sys.executable, "-c", KILLER, tests, moe_dir, str(tokenizer_dir), str(root)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
@@ -221,7 +205,12 @@ def test_a_write_killed_midway_leaves_no_visible_step(saved, tok_dir, tmp_path, 
     assert any(p.name.startswith(".step-") for p in root.iterdir())  # the killed write's
     resume = {"ckpt_path": str(root / visible[-1])} if complete else {}  # the newest resumes
     algo, _ = local_train(
-        moe_dir, tok_dir, max_steps=4, checkpoint_every=1, checkpoint_dir=str(root), **resume
+        moe_dir,
+        str(tokenizer_dir),
+        max_steps=4,
+        checkpoint_every=1,
+        checkpoint_dir=str(root),
+        **resume,
     )
     assert [h["step"] for h in algo.history] == [1, 2, 3, 4]
     # the next run into the same place removed the dead writer's temporary
