@@ -1,23 +1,42 @@
 #!/usr/bin/env python3
-"""Training throughput and peak memory: moe_ct_training vs FusionBench's FullFinetuneSFT.
+"""Training throughput and memory: moe_ct_training (1 process, 2 DDP, 2 FSDP2 processes, each
+transformers-5 experts implementation) vs FusionBench's FullFinetuneSFT.
 
-    .venv/bin/python benchmarks/training.py                 # 5 rounds, ~5 min on 2 idle CPU cores
-    .venv/bin/python benchmarks/training.py --rounds 5 --steps 3 --seq-len 64
+    .venv/bin/python benchmarks/training.py            # 5 rounds, ~15 min on 2 idle CPU cores
+    .venv/bin/python benchmarks/training.py --rounds 5 --impl-rounds 3 --threads 1
+    .venv/bin/python benchmarks/training.py --rows impl_eager,impl_batched_mm,impl_grouped_mm \
+        --rounds 2 --threads 2                         # the experts kernels alone, 2 threads
 
-The same job for every row: SmolLM2-135M-Instruct upcycled to 4 half-size experts (granularity 2, top-2, float32),
-the English train chapters of the Debian Reference packed into windows of ``--seq-len``
-tokens, micro-batches of ``--batch-size`` windows, AdamW (lr 1e-4), clipping at 1.0,
-``32-true`` precision on the CPU, ``--steps`` optimiser steps. Rows:
+The job of the main rows: SmolLM2-135M-Instruct upcycled to 4 half-size experts (granularity
+2, top-2, float32), the English train chapters of the Debian Reference packed into windows of
+``--seq-len`` tokens, micro-batches of ``--batch-size`` windows, AdamW (lr 1e-4), clipping at
+1.0, ``32-true`` precision on the CPU, ``--steps`` optimiser steps. Rows:
 
-* ``moe_ct_training, 1 process``: stage ``experts`` (routers + the non-anchor experts).
-* ``FullFinetuneSFT, 1 process``: FusionBench's reference loop on the same model and windows
+* ``ours``: moe_ct_training, 1 process, stage ``experts`` (routers + the non-anchor experts),
+  transformers' default experts kernel (grouped_mm).
+* ``fullfinetune_sft``: FusionBench's reference loop on the same model and windows, 1 process
   (it trains every weight but the embeddings; its own collate pads and masks).
-* ``moe_ct_training, 2 DDP processes``: gloo, the same per-process batch (twice the global one).
+* ``ours_ddp2``: 2 DDP processes (gloo), the same per-process batch (twice the global one).
+* ``ours_fsdp2``: 2 FSDP2 processes, the shipped strategy (config/fabric/strategy/
+  moe_fsdp2.yaml, instantiated by hydra as ``fabric=moe_fsdp2`` does), batches as DDP.
+* ``impl_eager``, ``impl_batched_mm``, ``impl_grouped_mm``: ``ours`` with that
+  ``experts_implementation``, on ``--impl-batch-size`` x ``--impl-seq-len`` tokens per step
+  (batched_mm gathers a copy of the expert weights per token and slot: ~0.3 GB per token here,
+  so 128 tokens per step would need ~40 GB).
 
-Each run is a fresh process (``--worker``); tokens/s counts the tokens of the optimiser
-steps over the time of the training loop alone (model loading and data packing excluded),
-summed over processes; peak RSS is the largest ``ru_maxrss`` of the run's processes (and
-the sum for DDP). Rows are interleaved for ``--rounds`` rounds; min / median / max per row.
+Each run is a fresh process (``--worker``) under an address-space limit (``--max-memory-gib``,
+so that a run that blows up fails alone on a shared machine); ``--threads`` sets
+``OMP_NUM_THREADS`` for every process (Lightning sets 1 per process for DDP / FSDP2 when it is
+unset). Tokens/s counts the tokens of the optimiser steps over the time of the training loop
+alone (model loading and data packing excluded), summed over processes; peak RSS is the
+largest ``ru_maxrss`` of the run's processes, RSS after training the largest ``VmRSS`` after
+the loop. Held bytes are counted from the tensors just
+before the last optimiser step (``--steps`` >= 2, so AdamW's state exists): every parameter,
+every gradient, every optimiser state tensor, the local shard of a DTensor (``to_local()``),
+on the rank that holds most. The 1-process runs of moe_ct_training save their trained weights
+the first time (``reference-ROW.safetensors`` under ``--root``) and compare every later run with
+them (bit-identical or not, max |diff|). Rows are interleaved for ``--rounds`` rounds (the
+``impl_*`` rows for the first ``--impl-rounds``); min / median / max per row.
 """
 
 from __future__ import annotations
@@ -34,12 +53,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = ("ours", "fullfinetune_sft", "ours_ddp2")
+IMPLS = ("eager", "batched_mm", "grouped_mm")
 LABELS = {
     "ours": "moe_ct_training, 1 process",
     "fullfinetune_sft": "FusionBench FullFinetuneSFT, 1 process",
     "ours_ddp2": "moe_ct_training, 2 DDP processes (gloo)",
+    "ours_fsdp2": "moe_ct_training, 2 FSDP2 processes (gloo, fabric=moe_fsdp2)",
 }
+ROWS = tuple(LABELS) + tuple(f"impl_{i}" for i in IMPLS)
 
 
 def prepare(root: Path) -> Path:
@@ -70,32 +91,88 @@ def _windows(tokenizer, args):
     return windows
 
 
-def run_ours(args, fabric) -> float:
+def held_bytes(run) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimiser state this process holds (local shards)."""
+    import torch
+
+    from fusion_bench_moect.training.sharding import local
+
+    def size(tensor) -> int:
+        part = local(tensor)
+        return part.numel() * part.element_size()
+
+    params = list({id(p): p for p in run.module.parameters()}.values())
+    optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
+    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {
+        "parameters": sum(size(p) for p in params),
+        "gradients": sum(size(p.grad) for p in params if p.grad is not None),
+        "optimizer": sum(size(v) for v in states),
+    }
+
+
+def measure_loop(fabric, measured: dict) -> None:
+    """Time the training loop; count the bytes held just before each optimiser step."""
+    from fusion_bench_moect.training.loop import TrainingLoop
+
+    train, optimizer_step = TrainingLoop.train, TrainingLoop._optimizer_step
+
+    def timed_train(self, position):
+        fabric.barrier()
+        started = time.perf_counter()
+        train(self, position)
+        fabric.barrier()
+        measured["seconds"] = time.perf_counter() - started
+
+    def counted_step(self, step):
+        measured["held"], measured["run"] = held_bytes(self.run), self.run
+        optimizer_step(self, step)
+
+    TrainingLoop.train, TrainingLoop._optimizer_step = timed_train, counted_step
+
+
+def compare_reference(run, path: Path) -> dict:
+    """Save the trained weights the first time; later, compare with them."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    trained = {
+        n: p.detach().contiguous() for n, p in run.module.named_parameters() if n in run.trainable
+    }
+    if not path.exists():
+        save_file(trained, str(path))
+        return {"reference": "written"}
+    saved = load_file(str(path))
+    return {
+        "reference": "compared",
+        "identical": all(torch.equal(saved[n], t) for n, t in trained.items()),
+        "max_abs_diff": max(float((saved[n] - t).abs().max()) for n, t in trained.items()),
+    }
+
+
+def run_ours(args, fabric, impl: str | None) -> tuple[float, dict]:
     from fusion_bench.modelpool import CausalLMPool
 
     from fusion_bench_moect.training import MoECTTrainingAlgorithm
 
-    seconds = []
-
-    class Timed(MoECTTrainingAlgorithm):
-        def _train(self, *a, **k):
-            fabric.barrier()
-            started = time.perf_counter()
-            super()._train(*a, **k)
-            fabric.barrier()
-            seconds.append(time.perf_counter() - started)
-
-    algo = Timed(
+    measured: dict = {}
+    measure_loop(fabric, measured)
+    algo = MoECTTrainingAlgorithm(
         train_sources={"en": {"debian_reference": "en", "split": "train"}},
         stage="experts", max_steps=args.steps, batch_size=args.batch_size,
         seq_len=args.seq_len, learning_rate=1e-4, lr_scheduler="constant",
-        max_tokens_per_source=args.max_tokens, log_every=10**9,
+        max_tokens_per_source=args.max_tokens, log_every=10**9, experts_implementation=impl,
     )  # fmt: skip
     algo.fabric = fabric
     model_dir = str(args.model)
-    algo.run(CausalLMPool(models={"_pretrained_": model_dir}, tokenizer=model_dir,
-                          model_kwargs={"dtype": "float32"}))  # fmt: skip
-    return seconds[0]
+    model = algo.run(CausalLMPool(models={"_pretrained_": model_dir}, tokenizer=model_dir,
+                                  model_kwargs={"dtype": "float32"}))  # fmt: skip
+    extra = {"held": measured["held"]}
+    if fabric.world_size == 1:
+        extra["impl"] = getattr(model.config, "_experts_implementation", None)
+        reference = args.root / f"reference-{args.worker}.safetensors"
+        extra.update(compare_reference(measured["run"], reference))
+    return measured["seconds"], extra
 
 
 def run_fullfinetune_sft(args, fabric) -> float:
@@ -143,74 +220,191 @@ def run_fullfinetune_sft(args, fabric) -> float:
     return time.perf_counter() - started
 
 
+def fsdp2_strategy():
+    """The shipped FSDP2 strategy, instantiated by hydra as ``fabric=moe_fsdp2`` does."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    return instantiate(OmegaConf.load(REPO / "config/fabric/strategy/moe_fsdp2.yaml"))
+
+
 def worker(args) -> None:
     import lightning as L
     import torch
 
-    devices = 2 if args.worker == "ours_ddp2" else 1
-    fabric = L.Fabric(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+    strategy = {"ours_ddp2": "ddp", "ours_fsdp2": fsdp2_strategy}.get(args.worker, "auto")
+    devices = 1 if strategy == "auto" else 2
+    fabric = L.Fabric(accelerator="cpu", devices=devices,
+                      strategy=strategy() if callable(strategy) else strategy,
                       precision="32-true")  # fmt: skip
     fabric.launch()
-    run = run_fullfinetune_sft if args.worker == "fullfinetune_sft" else run_ours
-    seconds = run(args, fabric)
+    if args.worker == "fullfinetune_sft":
+        seconds, extra = run_fullfinetune_sft(args, fabric), {}
+    else:
+        impl = args.worker[len("impl_") :] if args.worker.startswith("impl_") else None
+        seconds, extra = run_ours(args, fabric, impl)
     tokens = args.steps * args.batch_size * args.seq_len * fabric.world_size
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    gathered = [rss]
+    mine = (rss, _current_rss(), extra.get("held"))
+    gathered = [mine]
     if fabric.world_size > 1:
         gathered = [None] * fabric.world_size
-        torch.distributed.all_gather_object(gathered, rss)
+        torch.distributed.all_gather_object(gathered, mine)
     if fabric.is_global_zero:
+        if extra.get("held"):  # the rank holding most
+            extra["held"] = max((h for *_, h in gathered), key=lambda h: sum(h.values()))
+        rss = [r for r, *_ in gathered]
         print("RESULT " + json.dumps({"tokens_per_s": tokens / seconds, "seconds": seconds,
-                                      "peak_rss": max(gathered), "total_rss": sum(gathered)}))  # fmt: skip
+                                      "peak_rss": max(rss), "total_rss": sum(rss),
+                                      "end_rss": max(e for _, e, _ in gathered), **extra}))  # fmt: skip
 
 
-def main() -> int:
+def _current_rss() -> int:
+    """This process's resident set now (after training), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _limit_memory(gib: float):
+    def limit() -> None:
+        size = int(gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+
+    return limit
+
+
+def run_row(args, row: str, model: Path) -> dict:
+    """One run of ``row`` in a fresh process (and its Fabric launcher's children)."""
+    impl = row.startswith("impl_")
+    batch, seq = (
+        (args.impl_batch_size, args.impl_seq_len) if impl else (args.batch_size, args.seq_len)
+    )
+    cmd = [sys.executable, __file__, "--worker", row, "--model", str(model),
+           "--steps", str(args.steps), "--batch-size", str(batch), "--seq-len", str(seq),
+           "--max-tokens", str(args.max_tokens), "--root", str(args.root)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=args.root, env=env,
+                         preexec_fn=_limit_memory(args.max_memory_gib))  # fmt: skip
+    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        errors = [x for x in out.stderr.splitlines() if "Error" in x or "error" in x]
+        sys.exit(f"{row} failed (exit {out.returncode}):\n" + "\n".join(errors[-20:]))
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _spread(values: list[float], fmt: str = ".0f") -> str:
+    return " / ".join(f"{v:{fmt}}" for v in (min(values), statistics.median(values), max(values)))
+
+
+def _median_tps(results: dict[str, list[dict]], row: str) -> float | None:
+    runs = results.get(row)
+    return statistics.median(r["tokens_per_s"] for r in runs) if runs else None
+
+
+def report_throughput(results: dict[str, list[dict]]) -> None:
+    base = _median_tps(results, "fullfinetune_sft")
+    print("| run | tokens/s min / median / max | vs FullFinetuneSFT | "
+          "peak RSS per process (GiB) min / median / max | RSS after training (GiB, median) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- |")
+    for row in (r for r in LABELS if results.get(r)):
+        tps = [r["tokens_per_s"] for r in results[row]]
+        rss = [r["peak_rss"] / 2**30 for r in results[row]]
+        end = statistics.median(r["end_rss"] / 2**30 for r in results[row])
+        ratio = f"{statistics.median(tps) / base:.2f}x" if base else "-"
+        print(f"| {LABELS[row]} | {_spread(tps)} | {ratio} | {_spread(rss, '.2f')} | {end:.2f} |")
+
+
+def report_memory(results: dict[str, list[dict]]) -> None:
+    ddp = results.get("ours_ddp2")
+    ddp = sum(ddp[-1]["held"].values()) if ddp else None
+    print("| run | parameters | gradients | AdamW state | together, per process | vs DDP |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in (r for r in ("ours", "ours_ddp2", "ours_fsdp2") if results.get(r)):
+        held = results[row][-1]["held"]  # counted from tensors: the same in every round
+        parts = [f"{held[k] / 2**30:.3f} GiB" for k in ("parameters", "gradients", "optimizer")]
+        total = sum(held.values())
+        ratio = f"{total / ddp:.2f}x" if ddp else "-"
+        print(f"| {LABELS[row]} | {' | '.join(parts)} | {total / 2**30:.3f} GiB | {ratio} |")
+
+
+def report_impls(results: dict[str, list[dict]]) -> None:
+    base = _median_tps(results, "impl_grouped_mm")
+    print("| experts_implementation | runs | tokens/s min / median / max | vs grouped_mm "
+          "| peak RSS, GiB (median) | later runs bit-identical to the first "
+          "| max abs diff to the first |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for row in (f"impl_{i}" for i in IMPLS):
+        runs = results.get(row)
+        if not runs:
+            continue
+        tps = [r["tokens_per_s"] for r in runs]
+        rss = statistics.median(r["peak_rss"] / 2**30 for r in runs)
+        later = [r for r in runs if r["reference"] == "compared"]
+        same = sum(r["identical"] for r in later)
+        diff = max((r["max_abs_diff"] for r in later), default=float("nan"))
+        ratio = f"{statistics.median(tps) / base:.2f}x" if base else "-"
+        print(f"| {runs[0]['impl']} | {len(runs)} | {_spread(tps, '.1f')} | {ratio} | {rss:.2f} "
+              f"| {same} of {len(later)} | {diff:.3g} |")  # fmt: skip
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--impl-rounds", type=int, help="rounds with the impl_* rows (all)")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows to run")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--impl-batch-size", type=int, default=1)
+    parser.add_argument("--impl-seq-len", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=20_000)
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every process")
+    parser.add_argument("--max-memory-gib", type=float, default=16.0)
     parser.add_argument(
         "--root", type=Path, default=Path(tempfile.gettempdir()) / "moect_train_bench"
     )
     parser.add_argument("--worker", choices=ROWS)
     parser.add_argument("--model", type=Path)
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (AdamW's state exists from the second step)")
+    unknown = set(args.rows.split(",")) - set(ROWS)
+    if unknown:
+        parser.error(f"--rows: unknown {sorted(unknown)}; choose from {', '.join(ROWS)}")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     if args.worker:
         worker(args)
         return 0
     args.root.mkdir(parents=True, exist_ok=True)
     model = prepare(args.root)
-    results: dict[str, list[dict]] = {row: [] for row in ROWS}
+    for old in args.root.glob("reference-*.safetensors"):  # each benchmark compares its own runs
+        old.unlink()
+    impl_rounds = args.rounds if args.impl_rounds is None else args.impl_rounds
+    rows = [r for r in ROWS if r in args.rows.split(",")]
+    results: dict[str, list[dict]] = {row: [] for row in rows}
+    started = time.perf_counter()
     for round_ in range(1, args.rounds + 1):
-        for row in ROWS:
-            cmd = [sys.executable, __file__, "--worker", row, "--model", str(model),
-                   "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                   "--seq-len", str(args.seq_len), "--max-tokens", str(args.max_tokens)]  # fmt: skip
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=args.root,
-                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-            lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode != 0 or not lines:
-                print(out.stderr[-3000:], file=sys.stderr)
-                return 1
-            results[row].append(json.loads(lines[-1][len("RESULT ") :]))
-            r = results[row][-1]
-            print(f"round {round_} {row}: {r['tokens_per_s']:.1f} tokens/s, "
-                  f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", flush=True)  # fmt: skip
-    base = statistics.median(r["tokens_per_s"] for r in results["fullfinetune_sft"])
-    print(f"\nSmolLM2-135M -> 4 half-size experts (top-2, float32), CPU, {args.steps} steps x "
-          f"{args.batch_size} x {args.seq_len} tokens per process, {args.rounds} rounds\n")  # fmt: skip
-    print(
-        "| run | tokens/s min / median / max | vs FullFinetuneSFT | peak RSS per process (GiB) min / median / max |"
-    )
-    print("| --- | --- | --- | --- |")
-    for row in ROWS:
-        tps = [r["tokens_per_s"] for r in results[row]]
-        rss = [r["peak_rss"] / 2**30 for r in results[row]]
-        print(f"| {LABELS[row]} | {min(tps):.0f} / {statistics.median(tps):.0f} / {max(tps):.0f} "
-              f"| {statistics.median(tps) / base:.2f}x "
-              f"| {min(rss):.2f} / {statistics.median(rss):.2f} / {max(rss):.2f} |")  # fmt: skip
+        for row in rows:
+            if row.startswith("impl_") and round_ > impl_rounds:
+                continue
+            results[row].append(r := run_row(args, row, model))
+            print(f"round {round_} {row}: {json.dumps(r)}", flush=True)
+    print(f"\nSmolLM2-135M -> 4 half-size experts (top-2, float32), CPU, stage experts, "
+          f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens per process "
+          f"(experts kernels: {args.impl_batch_size} x {args.impl_seq_len}), {args.rounds} rounds "
+          f"({impl_rounds} for the kernels), OMP_NUM_THREADS={args.threads or 'unset'}, "
+          f"{time.perf_counter() - started:.0f} s\n")  # fmt: skip
+    for report in (report_throughput, report_memory, report_impls):
+        report(results)
+        print()
     return 0
 
 
