@@ -30,7 +30,7 @@ so that a run that blows up fails alone on a shared machine); ``--threads`` sets
 unset). Tokens/s counts the tokens of the optimiser steps over the time of the training loop
 alone (model loading and data packing excluded), summed over processes; peak RSS is the
 largest ``ru_maxrss`` of the run's processes, RSS after training the largest ``VmRSS`` after
-the loop. Held bytes are counted from the tensors just
+the loop, before and after ``malloc_trim`` (which returns freed heap memory to the system). Held bytes are counted from the tensors just
 before the last optimiser step (``--steps`` >= 2, so AdamW's state exists): every parameter,
 every gradient, every optimiser state tensor, the local shard of a DTensor (``to_local()``),
 on the rank that holds most. The 1-process runs of moe_ct_training save their trained weights
@@ -245,22 +245,28 @@ def worker(args) -> None:
         seconds, extra = run_ours(args, fabric, impl)
     tokens = args.steps * args.batch_size * args.seq_len * fabric.world_size
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    mine = (rss, _current_rss(), extra.get("held"))
+    mine = (rss, _current_rss(trim=False), _current_rss(trim=True), extra.get("held"))
     gathered = [mine]
     if fabric.world_size > 1:
         gathered = [None] * fabric.world_size
         torch.distributed.all_gather_object(gathered, mine)
     if fabric.is_global_zero:
         if extra.get("held"):  # the rank holding most
-            extra["held"] = max((h for *_, h in gathered), key=lambda h: sum(h.values()))
-        rss = [r for r, *_ in gathered]
+            extra["held"] = max((g[-1] for g in gathered), key=lambda h: sum(h.values()))
+        rss = [g[0] for g in gathered]
         print("RESULT " + json.dumps({"tokens_per_s": tokens / seconds, "seconds": seconds,
                                       "peak_rss": max(rss), "total_rss": sum(rss),
-                                      "end_rss": max(e for _, e, _ in gathered), **extra}))  # fmt: skip
+                                      "end_rss": max(g[1] for g in gathered),
+                                      "trimmed_rss": max(g[2] for g in gathered), **extra}))  # fmt: skip
 
 
-def _current_rss() -> int:
-    """This process's resident set now (after training), in bytes."""
+def _current_rss(trim: bool) -> int:
+    """This process's resident set now (after training), in bytes; with ``trim``, after glibc
+    has returned the heap memory that was freed but kept for reuse (``malloc_trim``)."""
+    if trim:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
@@ -308,14 +314,17 @@ def _median_tps(results: dict[str, list[dict]], row: str) -> float | None:
 def report_throughput(results: dict[str, list[dict]]) -> None:
     base = _median_tps(results, "fullfinetune_sft")
     print("| run | tokens/s min / median / max | vs FullFinetuneSFT | "
-          "peak RSS per process (GiB) min / median / max | RSS after training (GiB, median) |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- |")
+          "peak RSS per process (GiB) min / median / max | RSS after training (GiB, median) "
+          "| the same, heap trimmed |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- |")
     for row in (r for r in LABELS if results.get(r)):
         tps = [r["tokens_per_s"] for r in results[row]]
         rss = [r["peak_rss"] / 2**30 for r in results[row]]
         end = statistics.median(r["end_rss"] / 2**30 for r in results[row])
+        trimmed = statistics.median(r["trimmed_rss"] / 2**30 for r in results[row])
         ratio = f"{statistics.median(tps) / base:.2f}x" if base else "-"
-        print(f"| {LABELS[row]} | {_spread(tps)} | {ratio} | {_spread(rss, '.2f')} | {end:.2f} |")
+        print(f"| {LABELS[row]} | {_spread(tps)} | {ratio} | {_spread(rss, '.2f')} | {end:.2f} "
+              f"| {trimmed:.2f} |")  # fmt: skip
 
 
 def report_memory(results: dict[str, list[dict]]) -> None:
