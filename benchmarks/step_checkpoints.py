@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Step checkpoints of moe_ct_training: size and write time per stage, this code and an older one.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/step_checkpoints.py
+    .venv/bin/python benchmarks/step_checkpoints.py
     git worktree add /tmp/before d61d82a   # the trainer before lean step checkpoints
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/step_checkpoints.py --before /tmp/before
+    .venv/bin/python benchmarks/step_checkpoints.py --before /tmp/before
 
 The model: SmolLM2-135M-Instruct upcycled by ``OrthogonalMoECTMergingAlgorithm(num_experts=4,
 experts_per_token=2, dtype="float32")`` (built once under ``--root`` by this checkout's code).

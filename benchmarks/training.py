@@ -2,8 +2,8 @@
 """Training throughput and memory: moe_ct_training (1 process, 2 DDP, 2 FSDP2 processes, each
 transformers-5 experts implementation) vs FusionBench's FullFinetuneSFT.
 
-    .venv/bin/python benchmarks/training.py            # 5 rounds, ~15 min on 2 idle CPU cores
-    .venv/bin/python benchmarks/training.py --rounds 5 --impl-rounds 3 --threads 1
+    .venv/bin/python benchmarks/training.py            # 5 rounds of every row
+    .venv/bin/python benchmarks/training.py --rounds 5 --impl-rounds 3 --threads 1   # 18 min
     .venv/bin/python benchmarks/training.py --rows impl_eager,impl_batched_mm,impl_grouped_mm \
         --rounds 2 --threads 2                         # the experts kernels alone, 2 threads
 
