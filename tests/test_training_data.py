@@ -13,11 +13,11 @@ from transformers import AutoTokenizer
 from fusion_bench_moect.training import data
 from fusion_bench_moect.training.data import (
     TrainingDataError,
-    WindowBatchSampler,
     iter_documents,
     load_windows,
     pack_source,
 )
+from fusion_bench_moect.training.sampler import WindowBatchSampler
 
 
 def test_files_are_read_in_chunks_and_packed_with_eos(tokenizer_dir, tmp_path, monkeypatch):

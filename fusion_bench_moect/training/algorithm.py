@@ -26,16 +26,17 @@ from ..errors import one_line_errors
 from ..inspection import moe_ct_record
 from ..io.checkpoint import check_destination
 from ..schema import signature
-from . import checkpoints
+from . import checkpoints, resume
 from .balancing import Balancer, check_balancing
 from .config import TrainingConfig, docstring
-from .data import WindowBatchSampler, WindowDataset, load_windows
+from .data import load_windows
 from .freeze import AnchorGuard, TrainingPlan, apply_requires_grad, plan_training
 from .loop import Position, TrainingLoop, TrainRun
 from .losses import set_model_aux_coefficient
 from .metrics import Evaluator
 from .optim import build_optimizer, build_scheduler
 from .plots import plot_training_history
+from .sampler import WindowBatchSampler, WindowDataset
 from .sharding import is_sharded, set_experts_implementation
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         """Train the pool's ``_pretrained_`` MoE and return it (also saved when asked)."""
         config = self.training_config
         if config.ckpt_path:
-            checkpoints.read_manifest(config.ckpt_path)
+            resume.read_manifest(config.ckpt_path)
         if config.save_checkpoint:
             check_destination(config.save_checkpoint, config.overwrite)
         model, tokenizer = self._load(modelpool, config)
@@ -107,7 +108,7 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         if config.checkpoint_every and self.fabric.is_global_zero:
             checkpoints.clear_stale(checkpoints.checkpoint_root(config))
         if config.ckpt_path:
-            position = checkpoints.resume(self.fabric, config, run)
+            position = resume.restore(self.fabric, config, run)
         elif evaluator is not None:
             self._evaluate(evaluator, run, 0)
 

@@ -1,4 +1,4 @@
-"""Step checkpoints, resume and the final save of ``moe_ct_training``.
+"""Step checkpoints and the final save of ``moe_ct_training`` (reading them back: ``resume``).
 
 A step checkpoint (``step-NNNNNN/``) holds only what training changed and what resuming
 needs: the trainable parameters (``trainable*.safetensors``), their optimiser state
@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..io.checkpoint import atomic_directory, clear_stale_temporaries
@@ -35,7 +34,7 @@ from ..io.checkpoint import save_checkpoint as write_checkpoint
 from ..progress import progress
 from .config import TrainingConfig
 from .loop import Position, TrainRun
-from .sharding import full_state_dict, like, local
+from .sharding import full_state_dict, local
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +89,8 @@ def save_model(fabric: Any, run: TrainRun, directory: Path) -> None:
     fabric.barrier()
 
 
-# ---------------------------------------------------------------------- writing
-def _layout(fabric: Any, config: TrainingConfig, run: TrainRun) -> dict[str, Any]:
+def layout(fabric: Any, config: TrainingConfig, run: TrainRun) -> dict[str, Any]:
+    """What a resumed run must share with the one that wrote the checkpoint."""
     return {
         "world_size": fabric.world_size,
         "accumulate_grad_batches": config.accumulate_grad_batches,
@@ -102,25 +101,28 @@ def _layout(fabric: Any, config: TrainingConfig, run: TrainRun) -> dict[str, Any
     }
 
 
-def _suffix(fabric: Any, run: TrainRun) -> str:
+def rank_suffix(fabric: Any, run: TrainRun) -> str:
+    """``-rank{r}`` for the per-rank files of a sharded run, else nothing."""
     return f"-rank{fabric.global_rank}" if run.sharded else ""
 
 
-def _optimizer(run: TrainRun) -> torch.optim.Optimizer:
+def inner_optimizer(run: TrainRun) -> torch.optim.Optimizer:
+    """The torch optimiser inside Fabric's wrapper."""
     return getattr(run.optimizer, "optimizer", run.optimizer)
 
 
-def _trainable(run: TrainRun) -> dict[str, nn.Parameter]:
+def trainable_params(run: TrainRun) -> dict[str, nn.Parameter]:
+    """The parameters this stage trains, by name."""
     return {n: p for n, p in run.module.named_parameters() if n in run.trainable}
 
 
 def _tensors(run: TrainRun) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """This rank's parts of the trainable parameters and of their optimiser state, and the
     router biases that bias balancing updates (buffers, replicated on every rank)."""
-    params = {n: b.detach().contiguous().cpu() for n, b in _biases(run).items()}
+    params = {n: b.detach().contiguous().cpu() for n, b in router_biases(run).items()}
     states = {}
-    optimizer = _optimizer(run)
-    for name, param in _trainable(run).items():
+    optimizer = inner_optimizer(run)
+    for name, param in trainable_params(run).items():
         params[name] = local(param.detach()).contiguous().cpu()
         for key, value in optimizer.state.get(param, {}).items():
             if not torch.is_tensor(value):
@@ -129,7 +131,8 @@ def _tensors(run: TrainRun) -> tuple[dict[str, torch.Tensor], dict[str, torch.Te
     return params, states
 
 
-def _biases(run: TrainRun) -> dict[str, torch.Tensor]:
+def router_biases(run: TrainRun) -> dict[str, torch.Tensor]:
+    """The router biases that bias balancing updates (empty without it)."""
     return run.balancer.named_biases() if run.balancer is not None else {}
 
 
@@ -155,7 +158,7 @@ def _write_files(fabric: Any, run: TrainRun, directory: Path) -> None:
         (directory / f"rng-rank{fabric.global_rank}.json").write_text(json.dumps(_rng_state()))
         return
     params, states = _tensors(run)
-    suffix = _suffix(fabric, run)
+    suffix = rank_suffix(fabric, run)
     jobs = [(f"trainable{suffix}.safetensors", params), (f"optimizer{suffix}.safetensors", states)]
     # a bar only when writing takes more than a few seconds
     for name, tensors in progress(
@@ -166,11 +169,13 @@ def _write_files(fabric: Any, run: TrainRun, directory: Path) -> None:
 
 
 def _manifest(fabric: Any, config: TrainingConfig, run: TrainRun, position: Position) -> dict:
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in _optimizer(run).param_groups]
+    groups = [
+        {k: v for k, v in g.items() if k != "params"} for g in inner_optimizer(run).param_groups
+    ]
     return {
         "format": FORMAT,
         "position": position,
-        "layout": _layout(fabric, config, run),
+        "layout": layout(fabric, config, run),
         "model": run.identity,
         "scheduler": _scheduler_state(run.scheduler),
         "param_groups": groups,
@@ -212,110 +217,3 @@ def prune(root: Path, keep_last: int | None) -> None:
     steps = sorted(p for p in root.glob("step-[0-9]*") if p.is_dir())
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------- reading
-def read_manifest(ckpt_path: str | Path) -> dict[str, Any]:
-    """The manifest of a step checkpoint, or a one-line error naming what is wrong."""
-    directory = Path(ckpt_path)
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={directory} is not a complete moe_ct_training step checkpoint (no "
-            f"{MANIFEST}); give a step-NNNNNN directory under checkpoint_dir."
-        )
-    try:
-        manifest = json.loads(path.read_text())
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ValueError(
-                f"format {manifest.get('format') if isinstance(manifest, dict) else '?'}"
-            )
-        for key in ("position", "layout", "model", "param_groups", "history", "evaluations"):
-            manifest[key]  # noqa: B018 (a KeyError names the missing part)
-    except (ValueError, KeyError, UnicodeDecodeError) as err:
-        raise ValueError(
-            f"ckpt_path={directory}: {path.name} is corrupt or not a moe_ct_training step "
-            f"manifest of format {FORMAT} ({err}); resume from another step checkpoint."
-        ) from err
-    return manifest
-
-
-def _check_compatible(fabric, config: TrainingConfig, run: TrainRun, manifest: dict) -> None:
-    directory = config.ckpt_path
-    now = _layout(fabric, config, run)
-    differs = {k: (v, now[k]) for k, v in manifest["layout"].items() if now.get(k) != v}
-    if differs:
-        raise ValueError(
-            f"ckpt_path={directory} was written with another stage or parallel layout "
-            f"(checkpoint, now): {differs}; resume with the same stage, processes, strategy "
-            "and batch."
-        )
-    saved, current = manifest["model"], run.identity
-    if saved.get("frozen_sha256") != current.get("frozen_sha256"):
-        raise ValueError(
-            f"ckpt_path={directory} continues training of another model: it was written for "
-            f"{saved.get('path') or '?'} (files {saved.get('file_sizes')}), but the pool's "
-            f"_pretrained_ is {current.get('path') or '?'} (files {current.get('file_sizes')}) "
-            "and its frozen weights differ; resume with the model the run started from."
-        )
-
-
-def _load_file(directory: Path, name: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(directory / name))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(
-            f"ckpt_path={directory}: {name} is missing, truncated or corrupt ({err}); resume "
-            "from another step checkpoint."
-        ) from err
-
-
-@torch.no_grad()
-def _load_tensors(fabric: Any, run: TrainRun, directory: Path) -> None:
-    suffix = _suffix(fabric, run)
-    params = _load_file(directory, f"trainable{suffix}.safetensors")
-    states = _load_file(directory, f"optimizer{suffix}.safetensors")
-    optimizer = _optimizer(run)
-    trainable = _trainable(run)
-    biases = _biases(run)
-    missing = sorted((set(trainable) | set(biases)) - set(params))
-    if missing:
-        raise ValueError(
-            f"ckpt_path={directory} lacks trainable parameters {missing[:3]}: it was written "
-            "for another stage or model; resume with the settings it was written with."
-        )
-    for name, bias in biases.items():
-        bias.copy_(params[name])
-    for name, param in trainable.items():
-        local(param.data).copy_(params[name])
-        prefix = f"{name}::"
-        state = {k[len(prefix) :]: v for k, v in states.items() if k.startswith(prefix)}
-        if state:
-            optimizer.state[param] = {
-                k: like(param, v.to(local(param).device)) for k, v in state.items()
-            }
-
-
-def resume(fabric: Any, config: TrainingConfig, run: TrainRun) -> Position:
-    """Restore the state of ``config.ckpt_path`` into ``run``; return its position."""
-    directory = Path(config.ckpt_path)
-    manifest = read_manifest(directory)
-    _check_compatible(fabric, config, run, manifest)
-    _load_tensors(fabric, run, directory)
-    for group, saved in zip(_optimizer(run).param_groups, manifest["param_groups"], strict=True):
-        group.update(saved)
-    if run.scheduler is not None and manifest["scheduler"] is not None:
-        if hasattr(run.scheduler, "load_state_dict"):
-            run.scheduler.load_state_dict(manifest["scheduler"])
-        else:
-            vars(run.scheduler).update(manifest["scheduler"])
-    rng = json.loads((directory / f"rng-rank{fabric.global_rank}.json").read_text())
-    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
-    run.history[:] = manifest["history"]
-    run.evaluations[:] = manifest["evaluations"]
-    if fabric.is_global_zero:
-        log.info("Resumed from %s at step %d", directory, manifest["position"]["step"])
-    return {k: int(manifest["position"][k]) for k in ("step", "epoch", "skip")}

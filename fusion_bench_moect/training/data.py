@@ -6,10 +6,7 @@ per line, the text under ``field``), the Debian Reference, or literal text (see
 chunk by chunk, so only the token ids (4 bytes per token) stay in memory, never the text.
 Documents are joined with EOS and every source is cut into ``seq_len`` windows on its own.
 
-``WindowBatchSampler`` hands out the windows: one permutation per epoch (seeded with
-``seed + epoch``), cut into consecutive blocks of ``batch_size``, block ``k * W + r`` to rank
-``r``'s ``k``-th micro-batch. So W processes with accumulation A see, in every optimiser step,
-exactly the windows that one process with accumulation W * A sees, in the same micro-batches.
+How the windows are handed out to processes: ``sampler``.
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from ..eval.text import expand_paths, html_paragraphs, load_debian_reference, source_kind
 
@@ -227,19 +223,6 @@ def token_windows(
     ).long()
 
 
-class WindowDataset(Dataset):
-    """Packed windows of every source, as ``long`` token ids."""
-
-    def __init__(self, windows: torch.Tensor) -> None:
-        self.windows = windows
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.windows[index].long()
-
-
 def load_windows(
     tokenizer: Any, sources: Mapping[str, Any], seq_len: int, max_tokens: int | None
 ) -> tuple[torch.Tensor, dict[str, int]]:
@@ -254,63 +237,3 @@ def load_windows(
         for name, spec in sources.items()
     }
     return torch.cat(list(packed.values())), {n: len(w) for n, w in packed.items()}
-
-
-class WindowBatchSampler:
-    """Seeded per-epoch shuffling of windows into micro-batches, sharded over ranks.
-
-    Every epoch draws one permutation (``seed + epoch``) of the windows, cuts it into
-    consecutive blocks of ``batch_size`` and gives block ``k * num_replicas + rank`` to this
-    rank's ``k``-th micro-batch; the tail that does not fill a block on every rank is dropped.
-
-    Args:
-        num_windows: Windows in the dataset.
-        batch_size: Windows per micro-batch (per rank).
-        num_replicas: Processes (world size).
-        rank: This process.
-        seed: Base seed of the permutations.
-        shuffle: Permute (else the windows go in order).
-    """
-
-    def __init__(
-        self,
-        num_windows: int,
-        batch_size: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-        seed: int = 0,
-        shuffle: bool = True,
-    ) -> None:
-        self.num_windows = num_windows
-        self.batch_size = batch_size
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-        self.skip = 0
-        self.num_batches = num_windows // (batch_size * num_replicas)
-        if self.num_batches == 0:
-            raise TrainingDataError(
-                f"The training data has {num_windows} windows, fewer than one global batch of "
-                f"batch_size={batch_size} x {num_replicas} processes; add text, lower "
-                "batch_size or seq_len."
-            )
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Select the epoch's permutation; ``skip`` micro-batches already used (resume)."""
-        self.epoch = epoch
-        self.skip = skip
-
-    def __len__(self) -> int:
-        return self.num_batches - self.skip
-
-    def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_windows, generator=generator)
-        else:
-            order = torch.arange(self.num_windows)
-        for k in range(self.skip, self.num_batches):
-            block = k * self.num_replicas + self.rank
-            yield order[block * self.batch_size : (block + 1) * self.batch_size].tolist()

@@ -18,11 +18,11 @@ from torch import nn
 
 from ..progress import progress
 from .config import TrainingConfig, uses_aux_loss
-from .data import WindowBatchSampler
 from .freeze import AnchorGuard, TrainingPlan
 from .losses import aux_loss_coefficient, router_z_loss
 from .metrics import StepStats, log_line, send_to_loggers
 from .optim import scheduler_steps_before_optimizer
+from .sampler import WindowBatchSampler
 
 Position = dict[str, int]
 """``{"step", "epoch", "skip"}``: optimiser steps done, the epoch, its micro-batches used."""
