@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -29,9 +30,17 @@ import torch
 from .arch import OutputArchitecture, auto_architecture
 from .arch.base import ExpertSlices, MoELayer, set_parameter
 from .inspection import is_moe_param
+from .io import streaming
+from .io.mapped import fused_units
 from .io.sources import SourceError, TensorSource
 from .ops.fusion import add_noise, drop_neurons, lerp_fuse
-from .ops.routers import expand_groups, random_rows, scale_anchor_rows, seeded_generator
+from .ops.routers import (
+    condition_number,
+    expand_groups,
+    random_rows,
+    scale_anchor_rows,
+    seeded_generator,
+)
 from .ops.shared import concat_ffns, shared_expert_scales
 from .plan import MoEPlan
 from .progress import progress
@@ -373,7 +382,7 @@ class MoEEngine:
 
     def build_model(self) -> torch.nn.Module:
         """Create the MoE causal LM in memory (eval mode, on CPU)."""
-        from accelerate import init_empty_weights
+        from accelerate import init_empty_weights  # ~0.2 s that streamed builds do not need
 
         config = self.output_config()
         with init_empty_weights(include_buffers=False):
@@ -444,15 +453,12 @@ class MoEEngine:
         Returns:
             The router condition number of every layer (also in the record).
         """
-        from .io.mapped import fused_units
-        from .io.streaming import DEFAULT_MAX_SHARD_BYTES, write_hub_checkpoint
-
         names = self.arch.non_ffn_names(self._structure())
         non_ffn = plan_non_ffn(self.arch, self.base, names)
         specs = self.hub_specs(non_ffn, fused_order)
         conds: list[float] = []
         with engine_threads():
-            write_hub_checkpoint(
+            streaming.write_hub_checkpoint(
                 directory,
                 specs,
                 self._hub_tensors(non_ffn, conds),
@@ -461,7 +467,7 @@ class MoEEngine:
                 tokenizer_dir=tokenizer_dir,
                 generation_config_from=base_dir,
                 overwrite=overwrite,
-                max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+                max_shard_bytes=max_shard_bytes or streaming.DEFAULT_MAX_SHARD_BYTES,
                 units=fused_units(specs, self.arch.expert_proj_names) if fused_order else None,
             )
         return conds
@@ -514,8 +520,6 @@ class MoEEngine:
         """The output as (hub name, tensor) pairs, experts one by one (each expert's
         projections together, whatever the file order: the writer places every tensor);
         appends every layer's router condition number to ``conds`` on the way."""
-        from .ops.routers import condition_number
-
         for item in self.tensors(non_ffn):
             if isinstance(item, MoELayer):
                 conds.append(condition_number(item.router[:: self.plan.granularity]))
@@ -534,8 +538,6 @@ class MoEEngine:
         """What the tensor names of the output depend on (layers, tying, attention biases),
         from the base config alone: a stand-in for the output config that needs no
         transformers config class."""
-        from types import SimpleNamespace
-
         plan, base_config = self.plan, self.base.config
         moe = self.arch.moe_config(
             base_config, plan.num_experts, plan.experts_per_token, self.expert_size

@@ -22,10 +22,12 @@ from . import arch as arch_registry
 from .build import MoEEngine, check_compatible, engine_threads, prompt_free_router_rows
 from .inspection import moe_block
 from .io.checkpoint import check_destination
+from .io.mapped import mapped_model
 from .io.sources import SourceError, TensorSource, read_vocabulary, resolve_dtype
 from .ops.routers import condition_number
 from .params import PROMPT_GATE_MODES, MoECTConfig
 from .plan import BASE_EXPERT, MoEPlan, make_plan
+from .prompt_gates import SHARED_EXPERT_PROMPTS, parse_prompts, prompt_router_rows
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +112,6 @@ def run_pipeline(config: MoECTConfig, inputs: ModelInputs) -> BuildResult:
         else:
             model = engine.build_model()
     if config.save_checkpoint:
-        from .io.mapped import mapped_model
-
         return BuildResult(
             mapped_model(config.save_checkpoint, engine.arch, written["config"]), conds
         )
@@ -215,8 +215,6 @@ def router_rows(
     """Per layer, the float32 (num_groups, H) router rows of ``plan.gate_mode`` and (when
     ``prompts`` has a ``shared_expert`` entry, which ``make_plan`` has checked the family can
     take) the (1, H) weight of the shared expert's gate."""
-    from .prompt_gates import SHARED_EXPERT_PROMPTS
-
     cfg = base.config
     wants_shared = isinstance(config.prompts, dict) and SHARED_EXPERT_PROMPTS in config.prompts
     if plan.gate_mode not in PROMPT_GATE_MODES:
@@ -236,8 +234,6 @@ def _prompt_rows(
     plan: MoEPlan, config: MoECTConfig, inputs: ModelInputs, wants_shared: bool
 ) -> list[torch.Tensor]:
     """Router rows from prompts (one per group, then the shared expert's when wanted)."""
-    from .prompt_gates import SHARED_EXPERT_PROMPTS, parse_prompts, prompt_router_rows
-
     names = [g.name for g in plan.groups]
     prompts = parse_prompts(
         config.prompts, names + [SHARED_EXPERT_PROMPTS] if wants_shared else names, plan.gate_mode

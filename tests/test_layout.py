@@ -120,11 +120,6 @@ def test_only_cli_imports_cli():
             assert not target.startswith("fusion_bench_moect.cli"), f"{name}:{node.lineno}"
 
 
-#: Modules being reworked in parallel (issue 20, parts 2 and 3); they join the check below
-#: once their function-local imports carry their reason.
-PENDING = ("arch/", "training/", "plan.py", "pipeline.py", "build.py")
-
-
 def local_imports(path: Path) -> list[ast.stmt]:
     """The import statements inside functions of ``path``."""
     found = []
@@ -144,8 +139,6 @@ def test_function_local_imports_say_why_and_repeat_nothing():
     it): a comment says so just above it, and it never repeats a top-level import."""
     for path in package_modules().values():
         relative = path.relative_to(PACKAGE).as_posix()
-        if relative.startswith(PENDING):
-            continue
         lines = path.read_text().splitlines()
         tree = ast.parse(path.read_text())
         top = {t for t, node in imports(path) if node in tree.body}

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from .. import inspection
 from ..params import MoECTConfig
 from ..prompt_gates import SHARED_EXPERT_PROMPTS
 
@@ -167,13 +168,13 @@ class OutputArchitecture(ABC):
 
     def config_class(self) -> type:
         """The transformers config class."""
-        import transformers
+        import transformers  # lazily: planning and streaming never need transformers' classes
 
         return getattr(transformers, self.config_class_name)
 
     def model_class(self) -> type:
         """The transformers causal-LM class."""
-        import transformers
+        import transformers  # lazily, as in config_class
 
         return getattr(transformers, self.model_class_name)
 
@@ -257,11 +258,9 @@ class OutputArchitecture(ABC):
         """
         if self.router_bias_name is None:
             raise ValueError(f"The {self.name} output's router has no selection bias.")
-        from ..inspection import decoder_layers, moe_block
-
         found = []
-        for index, layer in enumerate(decoder_layers(model) or []):
-            block = moe_block(layer)
+        for index, layer in enumerate(inspection.decoder_layers(model) or []):
+            block = inspection.moe_block(layer)
             if block is not None:
                 found.append((index, getattr(block.gate, self.router_bias_name)))
         return found
@@ -403,9 +402,7 @@ class OutputArchitecture(ABC):
 
     def moe_block(self, decoder_layer: nn.Module) -> nn.Module:
         """The MoE block of a decoder layer in either transformers layout."""
-        from ..inspection import moe_block
-
-        block = moe_block(decoder_layer)
+        block = inspection.moe_block(decoder_layer)
         if block is None:
             raise ValueError(f"Decoder layer {type(decoder_layer).__name__} has no MoE block.")
         return block
