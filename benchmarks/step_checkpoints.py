@@ -31,25 +31,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from training import smollm2_moe  # benchmarks/training.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("router", "experts")
 
 
 def prepare(root: Path) -> Path:
-    """The 4-expert SmolLM2 MoE (float32, full-size experts), built once."""
-    target = root / "smollm2_moe4"
-    if (target / "config.json").exists():
-        return target
-    from fusion_bench.modelpool import CausalLMPool
-
-    from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
-    from fusion_bench_moect.assets.smollm2 import default_model_dir
-
-    base = str(default_model_dir())
-    OrthogonalMoECTMergingAlgorithm(
-        num_experts=4, experts_per_token=2, dtype="float32", save_checkpoint=str(target)
-    ).run(CausalLMPool(models={"_pretrained_": base}, tokenizer=base))
-    return target
+    """The 4-expert SmolLM2 MoE with full-size experts."""
+    return smollm2_moe(root / "smollm2_moe4")
 
 
 def _describe(target: Path, write: float, module) -> dict:

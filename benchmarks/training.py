@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 IMPLS = ("eager", "batched_mm", "grouped_mm")
@@ -63,9 +64,8 @@ LABELS = {
 ROWS = tuple(LABELS) + tuple(f"impl_{i}" for i in IMPLS)
 
 
-def prepare(root: Path) -> Path:
-    """The 4-expert SmolLM2 MoE (float32), built once."""
-    target = root / "smollm2_moe4"
+def smollm2_moe(target: Path, **params: Any) -> Path:
+    """SmolLM2-135M upcycled to 4 float32 experts, top-2 (with ``params``), built once."""
     if (target / "config.json").exists():
         return target
     from fusion_bench.modelpool import CausalLMPool
@@ -75,10 +75,14 @@ def prepare(root: Path) -> Path:
 
     base = str(default_model_dir())
     OrthogonalMoECTMergingAlgorithm(
-        architecture="mixtral", num_experts=4, granularity=2, experts_per_token=2, dtype="float32",
-        save_checkpoint=str(target),
-    ).run(CausalLMPool(models={"_pretrained_": base}, tokenizer=base))  # fmt: skip
+        num_experts=4, experts_per_token=2, dtype="float32", save_checkpoint=str(target), **params
+    ).run(CausalLMPool(models={"_pretrained_": base}, tokenizer=base))
     return target
+
+
+def prepare(root: Path) -> Path:
+    """The 4-expert SmolLM2 MoE with half-width experts (granularity 2)."""
+    return smollm2_moe(root / "smollm2_moe4", architecture="mixtral", granularity=2)
 
 
 def _windows(tokenizer, args):

@@ -234,6 +234,48 @@ def fusion_bench(
     return out
 
 
+def train_cli(
+    cwd: Path,
+    out: Path,
+    moe_dir,
+    tokenizer,
+    *overrides: str,
+    devices: int = 1,
+    learning_rate: float = 1e-2,
+    log_dir: Path | None = None,
+) -> Path:
+    """``fusion_bench method=moe_ct_training``: 4 experts-stage steps on ``devices`` CPU
+    processes on real text (``cwd/corpus.txt``), saved to ``out``; TensorBoard logs only with
+    ``log_dir``. Returns ``out``."""
+    corpus = cwd / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text(real_text())
+    loggers = [f"path.log_dir={log_dir}"] if log_dir else ["fabric.loggers=null"]
+    fusion_bench(
+        cwd,
+        "method=moe_ct_training",
+        "method.stage=experts",
+        "method.max_steps=4",
+        "method.batch_size=2",
+        "method.seq_len=32",
+        f"method.learning_rate={learning_rate}",
+        "~method.train_sources",  # replace the default sources, not merge with them
+        f"+method.train_sources={{corpus:'{corpus}'}}",
+        f"method.save_checkpoint={out}",
+        "modelpool=CausalLMPool/moe_ct_upcycle",
+        f"modelpool.models._pretrained_={moe_dir}",
+        f"modelpool.tokenizer={tokenizer}",
+        "modelpool.model_kwargs.dtype=float32",
+        "taskpool=dummy",
+        "fabric.accelerator=cpu",
+        f"fabric.devices={devices}",
+        *loggers,
+        f"hydra.run.dir={log_dir or out.with_name(out.name + '-logs')}",
+        *overrides,
+    )
+    return out
+
+
 def report(log_dir: Path) -> dict:
     """The ``program_report.json`` a ``fusion_bench`` run wrote."""
     return json.loads((log_dir / "program_report.json").read_text())

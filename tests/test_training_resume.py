@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
-    fusion_bench,
     local_train,
     pool,
     real_text,
     run_fabric,
     timeless,
+    train_cli,
     training_history,
     weights,
 )
@@ -34,37 +34,12 @@ from safetensors.torch import load_file
 from fusion_bench_moect.training import MoECTTrainingAlgorithm
 
 
-def cli_train(tmp_path, moe_dir, tok, out, *extra):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(real_text())
-    return fusion_bench(
-        tmp_path,
-        "method=moe_ct_training",
-        "method.stage=experts",
-        "method.max_steps=4",
-        "method.batch_size=2",
-        "method.seq_len=32",
-        "method.learning_rate=1e-2",
-        "~method.train_sources",
-        f"+method.train_sources={{corpus:'{corpus}'}}",
-        f"method.save_checkpoint={out}",
-        "modelpool=CausalLMPool/moe_ct_upcycle",
-        f"modelpool.models._pretrained_={moe_dir}",
-        f"modelpool.tokenizer={tok}",
-        "taskpool=dummy",
-        "fabric.accelerator=cpu",
-        "fabric.devices=1",
-        "fabric.loggers=null",
-        f"hydra.run.dir={tmp_path / 'logs'}",
-        *extra,
-    )
-
-
 def test_cli_resume_after_the_warm_up_is_exact(moe_checkpoint, tokenizer_dir, tmp_path):
     moe_dir, moe = moe_checkpoint("mixtral")
     ckpts = tmp_path / "ckpts"
-    cli_train(tmp_path, moe_dir, str(tokenizer_dir), tmp_path / "full", "method.checkpoint_every=2",
-              f"method.checkpoint_dir={ckpts}")  # fmt: skip
+    tok = str(tokenizer_dir)
+    full = train_cli(tmp_path, tmp_path / "full", moe_dir, tok, "method.checkpoint_every=2",
+                     f"method.checkpoint_dir={ckpts}")  # fmt: skip
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
     step2 = ckpts / "step-000002"
     manifest = json.loads((step2 / "trainer_state.json").read_text())
@@ -77,13 +52,10 @@ def test_cli_resume_after_the_warm_up_is_exact(moe_checkpoint, tokenizer_dir, tm
     }
     frozen = sum(v.numel() for k, v in moe.state_dict().items() if k not in trainable)
     assert frozen > 0 and not (step2 / "model.safetensors").exists()
-    cli_train(
-        tmp_path, moe_dir, str(tokenizer_dir), tmp_path / "resumed", f"method.ckpt_path={step2}"
-    )
-    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
-    assert full.keys() == resumed.keys()
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
-    assert training_history(tmp_path / "full") == training_history(tmp_path / "resumed")
+    resumed = train_cli(tmp_path, tmp_path / "resumed", moe_dir, tok, f"method.ckpt_path={step2}")
+    assert weights(full).keys() == weights(resumed).keys()
+    assert all(torch.equal(weights(full)[k], weights(resumed)[k]) for k in weights(full))
+    assert training_history(full) == training_history(resumed)
 
 
 def test_ddp_resume_is_exact(moe_checkpoint, tokenizer_dir, tmp_path):
