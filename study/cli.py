@@ -1,4 +1,4 @@
-"""Reproduce the MoE-CT study: experts -> merge grid -> trained rows -> collapse runs -> docs/study.md.
+"""Reproduce the MoE-CT study: experts -> merge grid -> trained rows -> collapse runs -> balancing (GLM4-MoE) -> docs/study.md.
 
 Usage::
 
@@ -30,6 +30,7 @@ import torch
 
 from fusion_bench_moect.paths import cache_root
 
+from . import balancing as balancing_mod
 from . import collapse as collapse_mod
 from . import experts as experts_mod
 from . import grid as grid_mod
@@ -38,7 +39,7 @@ from .report import write_report
 
 log = logging.getLogger(__name__)
 
-PARTS = ("experts", "grid", "trained", "collapse", "report")
+PARTS = ("experts", "grid", "trained", "collapse", "balancing", "report")
 
 
 def _parse_ints(text: str) -> list[int]:
@@ -77,9 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--router-lr", type=float, default=5e-4)
     parser.add_argument("--experts-lr", type=float, default=1e-4)
     _add_collapse_arguments(parser)
+    _add_balancing_arguments(parser)
     parser.add_argument("--label", default="", help="a line describing the run, in the doc")
     experts_mod.add_arguments(parser)
     return parser
+
+
+def _add_balancing_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the balancing runs (``--balancing-*``; GLM4-MoE output)."""
+    parser.add_argument("--balancing-seeds", default=None, help="router seeds (default 0,1,2)")
+    parser.add_argument(
+        "--balancing-modes",
+        default=",".join(balancing_mod.BALANCING_MODES),
+        help="moe_ct_training balancing modes",
+    )
+    parser.add_argument("--balancing-router-steps", type=int, default=None, help="default 200")
+    parser.add_argument("--balancing-experts-steps", type=int, default=None, help="default 200")
+    parser.add_argument(
+        "--balancing-curve-every", type=int, default=None, help="steps between held-out checks"
+    )
 
 
 def _add_collapse_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,6 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings,
         lambda: _run_collapse(run, args),
     )
+    balancing = _part(
+        "balancing" in parts,
+        run.out / "balancing" / "balancing.json",
+        timings,
+        lambda: _run_balancing(run, args),
+    )
     if args.collapse_extra:
         collapse = collapse_mod.combine_runs(
             collapse, [Path(p) for p in args.collapse_extra.split(",") if p]
@@ -164,10 +187,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
             f"{'GPU' if torch.cuda.is_available() else 'CPU'}"
         )
+        kept = balancing_mod.read_section(run.doc)  # the report rewrites the document
         path = write_report(
             grid, collapse, markers, run.doc, run.img, timings, label, trained=trained
         )
+        if kept:
+            balancing_mod.write_section(run.doc, kept)
         print(f"Report: {path}  (plots and data in {run.img})")
+    if "balancing" in parts and balancing and balancing.get("complete"):
+        run.img.mkdir(parents=True, exist_ok=True)
+        balancing_mod.plot_curves(balancing, run.img / "balancing.png")
+        rel = run.img.resolve().relative_to(run.doc.parent.resolve(), walk_up=True)
+        command = "python -m study --parts balancing " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in _balancing_flags(args).items()
+        )
+        balancing_mod.write_section(run.doc, balancing_mod.render(balancing, str(rel), command))
+        print(f"Balancing section: {run.doc}")
     return 0
 
 
@@ -271,12 +306,50 @@ def _run_trained(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, An
         rows,
         router_steps=run.router_steps,
         experts_steps=run.experts_steps,
+        **_training_settings(run, args),
+    )
+
+
+def _training_settings(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]:
+    """What the trained and balancing runs share: learning rates, batches, evaluation."""
+    return dict(
         router_lr=args.router_lr,
         experts_lr=args.experts_lr,
         batch_size=args.trained_batch_size,
         seq_len=args.collapse_seq_len,
         eval_tokens=run.eval_tokens,
         resume=args.resume,
+    )
+
+
+def _balancing_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--balancing-*`` values of this invocation (what the document's command repeats)."""
+    return {
+        k: v
+        for k, v in vars(args).items()
+        if k.startswith("balancing_") and v is not None and k != "balancing_modes"
+    } | {"balancing_modes": args.balancing_modes}
+
+
+def _run_balancing(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]:
+    seeds = _parse_ints(args.balancing_seeds) if args.balancing_seeds else [0, 1, 2]
+    rows = balancing_mod.balancing_rows(
+        seeds[:1] if run.quick and not args.balancing_seeds else seeds,
+        [m for m in args.balancing_modes.split(",") if m],
+    )
+    log.info("Balancing: %d runs", len(rows))
+    steps = 3 if run.quick else 200
+    return trained_mod.run_trained(
+        run.base_dir,
+        run.experts,
+        run.out / "balancing",
+        rows,
+        router_steps=args.balancing_router_steps or steps,
+        experts_steps=args.balancing_experts_steps or steps,
+        **_training_settings(run, args),
+        curve_every=args.balancing_curve_every or (3 if run.quick else 50),
+        curve_eval_tokens=128 if run.quick else 256,
+        summary="balancing.json",
     )
 
 

@@ -27,7 +27,7 @@ SWEEP_ROWS = (
 
 
 # ------------------------------------------------------------ claim 2, trained
-def _trained_groups(trained: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def trained_groups(trained: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in trained.get("runs", []):
         groups.setdefault(run["name"], []).append(run)
@@ -40,7 +40,7 @@ def trained_section(trained: Mapping[str, Any]) -> list[str]:
         return []
     s = trained["settings"]
     rows = []
-    for name, runs in _trained_groups(trained).items():
+    for name, runs in trained_groups(trained).items():
         for point, label in POINT_LABELS.items():
             pts = [r["points"][point] for r in runs if point in r["points"]]
             rows.append(
@@ -92,7 +92,7 @@ def plot_trained(trained: Mapping[str, Any], path: Path) -> Path:
     )
     with figure(path, dpi=120, ncols=2, figsize=(13, 5.2)) as (fig, axes):
         for ax, (key, title) in zip(axes, panels, strict=True):
-            for name, runs in _trained_groups(trained).items():
+            for name, runs in trained_groups(trained).items():
                 xs, ys = [], []
                 for point in POINT_LABELS:
                     x, _ = mean_std([r["points"][point].get(key) for r in runs])

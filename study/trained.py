@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fusion_bench_moect.eval.routing import STEP_METRICS
+from fusion_bench_moect.eval.routing import HEADLINE_METRICS, STEP_METRICS
 
 from .common import ensure_dir, make_pool, make_taskpool
 from .grid import (
@@ -70,11 +70,17 @@ def run_trained(
     resume: bool = False,
     eval_sources: Mapping[str, Any] | None = None,
     train_sources: Mapping[str, Any] | None = None,
+    curve_every: int = 0,
+    curve_eval_tokens: int = 256,
+    summary: str = "trained.json",
 ) -> dict[str, Any]:
     """Merge, then train a router stage and an experts stage, evaluating after each;
-    write ``trained.json`` in ``out_dir``.
+    write ``summary`` in ``out_dir``.
 
-    ``eval_sources`` and ``train_sources`` replace the Debian Reference defaults (tests)."""
+    A row's ``trainer`` entry adds ``moe_ct_training`` parameters (e.g. ``balancing``).
+    ``curve_every`` > 0 also evaluates ``curve_eval_tokens`` held-out tokens per source every
+    that many steps of each stage (the run's ``curves``). ``eval_sources`` and
+    ``train_sources`` replace the Debian Reference defaults (tests)."""
     out = ensure_dir(out_dir)
     run_dir = ensure_dir(out / "runs")
     langs = ["en", *[lang for lang in experts if lang != "en"]]
@@ -94,12 +100,20 @@ def run_trained(
         "sources": {k: str(v) for k, v in eval_sources.items()},
         "experts": dict(experts),
     }
+    if curve_every:
+        settings["curve"] = {"every": curve_every, "eval_tokens": curve_eval_tokens}
     runs = referenced_run_log(
-        out / "trained.json", "runs", len(rows), settings, resume, taskpool, base_dir, experts
+        out / summary, "runs", len(rows), settings, resume, taskpool, base_dir, experts
     )
     refs = runs.header["references"]
     run_one = functools.partial(
-        _merge_train_evaluate, base_dir, experts, taskpool, refs, train_sources, settings
+        _merge_train_evaluate,
+        base_dir,
+        experts,
+        taskpool,
+        refs,
+        {"train": train_sources, "eval": eval_sources},
+        settings,
     )
     for i, row in enumerate(rows, 1):
         compute = functools.partial(run_one, row)
@@ -123,16 +137,31 @@ def _log_run(prefix: str, result: Mapping[str, Any]) -> None:
 
 
 def _train(
-    model: Any, stage: str, seed: int, base_dir: str, sources: Any, settings: Mapping[str, Any]
-) -> tuple[Any, list[dict[str, Any]]]:
-    """One ``moe_ct_training`` stage (``router`` or ``experts``) on ``model``; returns the
-    trained model and its per-step history."""
+    model: Any,
+    stage: str,
+    row: Mapping[str, Any],
+    base_dir: str,
+    sources: Mapping[str, Any],
+    settings: Mapping[str, Any],
+) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
+    """One ``moe_ct_training`` stage (``router`` or ``experts``) on ``model`` with the row's
+    seed and ``trainer`` parameters; returns the trained model, its per-step history and its
+    held-out evaluations during training (``settings["curve"]``, else none)."""
     from fusion_bench_moect import MoECTTrainingAlgorithm
 
     stage_settings = settings[f"{stage}_stage"]
     steps = stage_settings["steps"]
+    curve = settings.get("curve")
+    if curve:
+        extra = dict(
+            eval_sources=dict(sources["eval"]),
+            eval_every=curve["every"],
+            eval_max_tokens_per_source=curve["eval_tokens"],
+        )
+    else:
+        extra = {}
     trainer = MoECTTrainingAlgorithm(
-        train_sources=sources,
+        train_sources=sources["train"],
         stage=stage,
         max_steps=steps,
         learning_rate=stage_settings["learning_rate"],
@@ -140,13 +169,25 @@ def _train(
         batch_size=settings["batch_size"],
         seq_len=settings["seq_len"],
         max_tokens_per_source=settings["train_tokens_per_language"],
-        seed=seed,
+        seed=row["params"]["seed"],
         log_every=max(steps // 2, 1),
+        **extra,
+        **row.get("trainer", {}),
     )
     pool = make_pool(base_dir, {}, "float32", in_memory={"_pretrained_": model})
     trained = trainer.run(pool)
-    keys = ("step", "loss", "lm_loss", "aux_loss", *STEP_METRICS)
-    return trained, [{k: h.get(k) for k in keys} for h in trainer.history]
+    keys = ("step", "loss", "lm_loss", "aux_loss", *STEP_METRICS, "bias_min", "bias_max")
+    history = [{k: h[k] for k in keys if k in h} for h in trainer.history]
+    return trained, history, [_curve_point(e) for e in trainer.evaluations]
+
+
+def _curve_point(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """One held-out evaluation during training: step, perplexity per source, balance."""
+    return {
+        "step": evaluation["step"],
+        "perplexity": evaluation.get("perplexity"),
+        **{k: evaluation[k] for k in HEADLINE_METRICS if k in evaluation},
+    }
 
 
 def _merge_train_evaluate(
@@ -154,7 +195,7 @@ def _merge_train_evaluate(
     experts: Mapping[str, str],
     taskpool: Any,
     refs: Mapping[str, Any],
-    train_sources: Mapping[str, Any],
+    sources: Mapping[str, Any],
     settings: Mapping[str, Any],
     row: Mapping[str, Any],
 ) -> dict[str, Any]:
@@ -168,11 +209,14 @@ def _merge_train_evaluate(
     )
     points: dict[str, Any] = {}
     histories: dict[str, Any] = {}
+    curves: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     for point in POINTS:
         if point != "merged":
             t1 = time.perf_counter()
-            model, histories[point] = _train(model, point, seed, base_dir, train_sources, settings)
+            model, histories[point], curves[point] = _train(
+                model, point, row, base_dir, sources, settings
+            )
             seconds[f"{point}_train"] = time.perf_counter() - t1
         report = taskpool.evaluate_model(model, label=f"{row['name']} seed {seed} {point}")
         points[point] = row_metrics(report, refs, list(experts))
@@ -184,6 +228,7 @@ def _merge_train_evaluate(
         "settings": settings,
         "points": points,
         "histories": histories,
+        **({"curves": curves} if settings.get("curve") else {}),
         "stage_seconds": seconds,
         "seconds": time.perf_counter() - t0,
     }

@@ -228,3 +228,42 @@ def test_trained_runs_merge_then_train_router_then_experts(tiny_models, tmp_path
     assert (tmp_path / "img" / "trained.png").exists()
     with pytest.raises(ValueError, match="Unknown grid rows"):
         trained_rows([1], ["u_shaped@0.9"])
+
+
+def test_balancing_runs_train_glm4_moe_per_mode_and_render_a_section(tiny_models, tmp_path):
+    from study import balancing
+    from study.trained import run_trained
+
+    rows = balancing.balancing_rows([0], ["aux_loss", "bias"])
+    assert [(r["name"], r["params"]["architecture"]) for r in rows] == [
+        ("aux_loss", "glm4_moe"),
+        ("bias", "glm4_moe"),
+    ]
+    kwargs = dict(TINY_RUN, router_steps=2, experts_steps=2, curve_every=1)
+    # three experts, top-2: loads can differ (the same fine-tune twice is enough for that)
+    experts = {"de": tiny_models["de"], "fr": tiny_models["de"]}
+    result = run_trained(
+        tiny_models["base"], experts, tmp_path, rows, summary="balancing.json", **kwargs
+    )
+    assert result["complete"] and (tmp_path / "balancing.json").exists()
+    aux, bias = result["runs"]
+    # held-out balance before and after every step of each stage
+    assert [p["step"] for p in bias["curves"]["router"]] == [0, 1, 2]
+    assert all(p["mean_max_violation"] is not None for p in bias["curves"]["experts"])
+    # the router bias moves only under bias balancing; the aux loss only under aux_loss
+    last = bias["histories"]["experts"][-1]
+    assert last["bias_max"] > last["bias_min"]
+    assert "bias_max" not in aux["histories"]["experts"][-1]
+    assert all(h["loss"] == h["lm_loss"] for h in bias["histories"]["experts"])
+    assert all(h["loss"] > h["lm_loss"] for h in aux["histories"]["experts"])
+    doc = tmp_path / "study.md"
+    doc.write_text("# Study\n\nintro\n")
+    section = balancing.render(result, "img", "python -m study --parts balancing")
+    for _ in range(2):  # written again, it replaces itself
+        balancing.write_section(doc, section)
+    text = doc.read_text()
+    assert text.startswith("# Study\n\nintro\n") and text.count(balancing.BEGIN) == 1
+    assert "| aux_loss | 1 |" in text and "| bias | 1 |" in text
+    assert balancing.read_section(doc) == section
+    balancing.plot_curves(result, tmp_path / "balancing.png")
+    assert (tmp_path / "balancing.png").stat().st_size > 0
