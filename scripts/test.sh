@@ -19,7 +19,7 @@ for major in $majors; do
   version=$("$venv/bin/python" -c 'import transformers; print(transformers.__version__)')
   echo "== tests under transformers $version ($venv)${subset[*]:+, ${subset[*]}}"
   start=$(date +%s)
-  MOECT_OTHER_PYTHON="$PWD/$other/bin/python" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+  MOECT_OTHER_PYTHON="$PWD/$other/bin/python" "$venv/bin/python" -m pytest -q -p no:cacheprovider --durations=15 \
     "${subset[@]}" "$@" tests || status=$?
   echo "== transformers $version: $(( $(date +%s) - start )) s"
 done
