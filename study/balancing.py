@@ -91,10 +91,12 @@ def quality_table(summary: Mapping[str, Any]) -> list[str]:
                 mode,
                 *(pm([p["experts"].get(f"ppl_{lang}") for p in pts]) for lang in langs),
                 *(pm([p[point].get("forgetting_en") for p in pts], pct=True) for point in POINTS),
+                pm([p["experts"].get("forgetting_en_gpl3") for p in pts], pct=True),
             ]
         )
     header = ["balancing", *(f"ppl {lang} after experts" for lang in langs)]
-    return table([*header, *(f"en forgetting {point}" for point in POINTS)], rows)
+    header += [f"en forgetting {point}" for point in POINTS]
+    return table([*header, "out-of-domain en (GPL-3) forgetting after experts"], rows)
 
 
 def plot_curves(summary: Mapping[str, Any], path: Path) -> None:

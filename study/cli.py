@@ -19,6 +19,7 @@ import argparse
 import datetime as _dt
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -197,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "balancing" in parts and balancing and balancing.get("complete"):
         run.img.mkdir(parents=True, exist_ok=True)
         balancing_mod.plot_curves(balancing, run.img / "balancing.png")
-        rel = run.img.resolve().relative_to(run.doc.parent.resolve(), walk_up=True)
+        rel = Path(os.path.relpath(run.img.resolve(), run.doc.parent.resolve())).as_posix()
         command = "python -m study --parts balancing " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in _balancing_flags(args).items()
         )
