@@ -165,6 +165,18 @@ def read_section(doc: Path) -> str | None:
     return found.group(0) if found else None
 
 
+def read_tail(doc: Path) -> str | None:
+    """``doc`` from its balancing section to the end (the section and the notes written after
+    it by hand), which a rewrite of the rest of the document keeps."""
+    text = doc.read_text() if doc.exists() else ""
+    return text[text.index(BEGIN) :] if BEGIN in text else None
+
+
+def append_tail(doc: Path, tail: str) -> None:
+    """Put back what ``read_tail`` kept, at the end of the rewritten ``doc``."""
+    doc.write_text(doc.read_text().rstrip("\n") + "\n\n" + tail)
+
+
 def write_section(doc: Path, section: str) -> None:
     """Put ``section`` into ``doc`` in place of its previous one (else at the end)."""
     text = doc.read_text() if doc.exists() else ""

@@ -188,12 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
             f"{'GPU' if torch.cuda.is_available() else 'CPU'}"
         )
-        kept = balancing_mod.read_section(run.doc)  # the report rewrites the document
+        kept = balancing_mod.read_tail(run.doc)  # the report rewrites the document
         path = write_report(
             grid, collapse, markers, run.doc, run.img, timings, label, trained=trained
         )
         if kept:
-            balancing_mod.write_section(run.doc, kept)
+            balancing_mod.append_tail(run.doc, kept)
         print(f"Report: {path}  (plots and data in {run.img})")
     if "balancing" in parts and balancing and balancing.get("complete"):
         run.img.mkdir(parents=True, exist_ok=True)

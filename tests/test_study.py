@@ -265,5 +265,10 @@ def test_balancing_runs_train_glm4_moe_per_mode_and_render_a_section(tiny_models
     assert text.startswith("# Study\n\nintro\n") and text.count(balancing.BEGIN) == 1
     assert "| aux_loss | 1 |" in text and "| bias | 1 |" in text
     assert balancing.read_section(doc) == section
+    doc.write_text(doc.read_text() + "\nNotes by hand.\n")
+    tail = balancing.read_tail(doc)
+    doc.write_text("# Study, rewritten\n")  # as the full report does
+    balancing.append_tail(doc, tail)
+    assert doc.read_text() == "# Study, rewritten\n\n" + section + "\nNotes by hand.\n"
     balancing.plot_curves(result, tmp_path / "balancing.png")
     assert (tmp_path / "balancing.png").stat().st_size > 0
