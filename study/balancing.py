@@ -8,7 +8,8 @@ loss), ``bias`` (DeepSeek-V3's aux-loss-free router bias) or ``none``, evaluatin
 text every ``curve_every`` steps (MaxVio, CV, perplexity per language) and after each stage
 (perplexity per language, English forgetting against the dense base). The runs are those of
 ``trained`` with a ``trainer`` entry per row; the summary is ``balancing.json`` and
-``render`` turns it into the section of docs/study.md (with ``balancing.png``).
+``render`` turns it into the section of docs/study.md (with ``balancing.png`` and, via
+``compact``, ``balancing.json`` beside the document's images).
 
 Usage::
 
@@ -130,6 +131,19 @@ def plot_curves(summary: Mapping[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def compact(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """``summary`` with each run's histories cut to their last step (what ``render`` reads):
+    the record kept beside the document (``docs/study/balancing.json``)."""
+    runs = [
+        {
+            **{k: v for k, v in run.items() if k != "settings"},
+            "histories": {stage: h[-1:] for stage, h in run["histories"].items()},
+        }
+        for run in summary.get("runs", [])
+    ]
+    return {**summary, "runs": runs}
 
 
 def render(summary: Mapping[str, Any], img_rel: str, command: str) -> str:

@@ -198,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "balancing" in parts and balancing and balancing.get("complete"):
         run.img.mkdir(parents=True, exist_ok=True)
         balancing_mod.plot_curves(balancing, run.img / "balancing.png")
+        (run.img / "balancing.json").write_text(
+            json.dumps(balancing_mod.compact(balancing), indent=1)
+        )
         rel = Path(os.path.relpath(run.img.resolve(), run.doc.parent.resolve())).as_posix()
         command = "python -m study --parts balancing " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in _balancing_flags(args).items()

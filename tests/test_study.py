@@ -265,6 +265,9 @@ def test_balancing_runs_train_glm4_moe_per_mode_and_render_a_section(tiny_models
     assert text.startswith("# Study\n\nintro\n") and text.count(balancing.BEGIN) == 1
     assert "| aux_loss | 1 |" in text and "| bias | 1 |" in text
     assert balancing.read_section(doc) == section
+    # the compact record kept beside the document renders the same section
+    kept = json.loads(json.dumps(balancing.compact(result)))
+    assert balancing.render(kept, "img", "python -m study --parts balancing") == section
     doc.write_text(doc.read_text() + "\nNotes by hand.\n")
     tail = balancing.read_tail(doc)
     doc.write_text("# Study, rewritten\n")  # as the full report does
