@@ -328,11 +328,7 @@ def _training_settings(run: SimpleNamespace, args: argparse.Namespace) -> dict[s
 
 def _balancing_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--balancing-*`` values of this invocation (what the document's command repeats)."""
-    return {
-        k: v
-        for k, v in vars(args).items()
-        if k.startswith("balancing_") and v is not None and k != "balancing_modes"
-    } | {"balancing_modes": args.balancing_modes}
+    return {k: v for k, v in vars(args).items() if k.startswith("balancing_") and v is not None}
 
 
 def _run_balancing(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]:

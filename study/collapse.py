@@ -24,7 +24,7 @@ from typing import Any
 
 from fusion_bench_moect.eval.routing import HEADLINE_METRICS, STEP_METRICS
 
-from .common import STUDY_MERGE, ensure_dir, make_pool, make_taskpool, specialisation
+from .common import STUDY_MERGE, curve_point, ensure_dir, make_pool, make_taskpool, specialisation
 from .grid import train_split_sources
 from .runs import RunLog
 
@@ -249,7 +249,7 @@ def _merge_train_evaluate(
         "seed": seed,
         "settings": settings,
         "history": [{k: h.get(k) for k in ("step", *HISTORY_KEYS)} for h in trainer.history],
-        "curve": [_curve_point(e, record.get("experts")) for e in trainer.evaluations],
+        "curve": [curve_point(e, record.get("experts")) for e in trainer.evaluations],
         "eval": {
             "perplexity": report["perplexity"],
             "overall_perplexity": report["overall_perplexity"],
@@ -288,16 +288,6 @@ def _trainer(
         eval_every=settings["curve_eval_every"],
         eval_max_tokens_per_source=settings["curve_eval_tokens_per_language"],
     )
-
-
-def _curve_point(evaluation: Mapping[str, Any], experts: Sequence[str] | None) -> dict[str, Any]:
-    """One held-out evaluation during training: step, perplexity, balance, specialisation."""
-    return {
-        "step": evaluation["step"],
-        "overall_perplexity": evaluation["overall_perplexity"],
-        **{k: evaluation.get(k) for k in HEADLINE_METRICS if k in evaluation},
-        **specialisation(evaluation.get("per_source_shares") or {}, experts),
-    }
 
 
 def combine_runs(

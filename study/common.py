@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from fusion_bench_moect.eval.routing import HEADLINE_METRICS
 from fusion_bench_moect.params import MoECTConfig
 
 #: The study's merge: the schema's defaults with Mixtral output and the anchor's router rows
@@ -91,6 +92,20 @@ def specialisation(
     if diffs:
         out["specialisation"] = sum(diffs) / len(diffs)
     return out
+
+
+def curve_point(
+    evaluation: Mapping[str, Any], experts: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """One held-out evaluation during training (``MoECTTrainingAlgorithm.evaluations``):
+    step, perplexity (overall and per source), balance, and specialisation of ``experts``."""
+    return {
+        "step": evaluation["step"],
+        "overall_perplexity": evaluation.get("overall_perplexity"),
+        "perplexity": evaluation.get("perplexity"),
+        **{k: evaluation[k] for k in HEADLINE_METRICS if k in evaluation},
+        **specialisation(evaluation.get("per_source_shares") or {}, experts),
+    }
 
 
 def gain_retained(ppl: float, base: float, expert: float) -> float | None:

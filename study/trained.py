@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fusion_bench_moect.eval.routing import HEADLINE_METRICS, STEP_METRICS
+from fusion_bench_moect.eval.routing import STEP_METRICS
 
-from .common import ensure_dir, make_pool, make_taskpool
+from .common import curve_point, ensure_dir, make_pool, make_taskpool
 from .grid import (
     _key,
     grid_rows,
@@ -178,16 +178,7 @@ def _train(
     trained = trainer.run(pool)
     keys = ("step", "loss", "lm_loss", "aux_loss", *STEP_METRICS, "bias_min", "bias_max")
     history = [{k: h[k] for k in keys if k in h} for h in trainer.history]
-    return trained, history, [_curve_point(e) for e in trainer.evaluations]
-
-
-def _curve_point(evaluation: Mapping[str, Any]) -> dict[str, Any]:
-    """One held-out evaluation during training: step, perplexity per source, balance."""
-    return {
-        "step": evaluation["step"],
-        "perplexity": evaluation.get("perplexity"),
-        **{k: evaluation[k] for k in HEADLINE_METRICS if k in evaluation},
-    }
+    return trained, history, [curve_point(e) for e in trainer.evaluations]
 
 
 def _merge_train_evaluate(
