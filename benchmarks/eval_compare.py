@@ -25,9 +25,9 @@ from transformers import AutoModelForCausalLM
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 from fusion_bench_moect.assets.smollm2 import default_model_dir
+from fusion_bench_moect.data.text import load_debian_reference
 from fusion_bench_moect.eval.lm_eval_taskpool import MoELMEvalHarnessTaskPool
 from fusion_bench_moect.eval.taskpool import MoETextTaskPool
-from fusion_bench_moect.eval.text import load_debian_reference
 
 
 def main() -> None:

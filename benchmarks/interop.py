@@ -178,7 +178,7 @@ CASES = [
 
 def heldout_text(path: Path, lang: str) -> Path:
     sys.path.insert(0, str(REPO))
-    from fusion_bench_moect.eval.text import load_debian_reference
+    from fusion_bench_moect.data.text import load_debian_reference
 
     path.write_text("\n\n".join(d.text for d in load_debian_reference(lang, "heldout")))
     return path

@@ -52,7 +52,7 @@ def train_prompts(
     langs: Sequence[str], count: int = 4, max_chars: int = 300
 ) -> dict[str, list[str]]:
     """``count`` prompts per language: the first paragraphs (>= 80 characters) of the train split."""
-    from fusion_bench_moect.eval.text import load_debian_reference
+    from fusion_bench_moect.data.text import load_debian_reference
 
     prompts: dict[str, list[str]] = {}
     for lang in langs:

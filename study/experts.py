@@ -215,7 +215,7 @@ def _perplexity_entries(
 
 def _train_windows(lang: str, tokenizer: Any, settings: ExpertSettings) -> torch.Tensor:
     """Token windows of the train split of the Debian Reference in ``lang``."""
-    from fusion_bench_moect.eval.text import load_debian_reference
+    from fusion_bench_moect.data.text import load_debian_reference
     from fusion_bench_moect.training import token_windows
 
     docs = load_debian_reference(lang, split="train")

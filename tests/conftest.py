@@ -142,7 +142,7 @@ def smollm2_dir() -> Path:
 def debian_reference():
     """``debian_reference(*langs)``: a skip (a failure in CI) unless the Debian Reference of
     every language is installed."""
-    from fusion_bench_moect.eval.text import apt_install_command, debian_reference_available
+    from fusion_bench_moect.data.text import apt_install_command, debian_reference_available
 
     def require(*langs: str) -> None:
         if not all(debian_reference_available(lang) for lang in langs):

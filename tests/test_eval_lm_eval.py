@@ -11,7 +11,7 @@ import pytest
 from helpers import REPO, fusion_bench, pool, report
 
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
-from fusion_bench_moect.eval.text import load_debian_reference
+from fusion_bench_moect.data.text import load_debian_reference
 
 #: Tokens per window: the tiny models' max_position_embeddings.
 WINDOW = 128

@@ -1,7 +1,7 @@
 """Offline evaluation: perplexity and routing diagnostics through a FusionBench task pool.
 
 ``MoETextTaskPool`` (the task pool) is imported lazily so that the pure helpers
-(``routing``, ``text``) do not pull in FusionBench.
+(``routing``) do not pull in FusionBench. The text readers live in ``fusion_bench_moect.data``.
 """
 
 from __future__ import annotations

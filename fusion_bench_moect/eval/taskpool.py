@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 
 from fusion_bench_moect._config import to_plain
 from fusion_bench_moect.arch import router_scoring
+from fusion_bench_moect.data.text import load_source
 from fusion_bench_moect.eval.capture import RouterCapture, needs_capture
 from fusion_bench_moect.eval.plots import plot_alpha_schedule, plot_expert_load
 from fusion_bench_moect.eval.routing import (
@@ -26,7 +27,6 @@ from fusion_bench_moect.eval.routing import (
     distinct_row_condition,
     summarize_layers,
 )
-from fusion_bench_moect.eval.text import load_source
 from fusion_bench_moect.inspection import MoEInfo, describe_moe, moe_ct_record
 
 from ..errors import one_line_errors
@@ -90,7 +90,7 @@ class MoETextTaskPool(BaseTaskPool):
         sources: Named text sources, ``{name: spec}``; a spec is a path, folder or glob,
             or a mapping ``{debian_reference: <lang>, split: heldout|train|all}``,
             ``{path: ...}``, ``{paths: [...]}`` or ``{text: ...}``
-            (see ``fusion_bench_moect.eval.text.load_source``).
+            (see ``fusion_bench_moect.data.text.load_source``).
         max_tokens_per_source: Tokens read from each source (``None`` = all of it).
         window_length: Tokens per forward pass (including the BOS token when one is added).
         batch_size: Windows per forward pass.

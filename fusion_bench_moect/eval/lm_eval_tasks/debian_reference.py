@@ -1,5 +1,5 @@
 """lm-eval hooks of the ``moect_debian_reference_*`` tasks: the dataset (held-out chapters of
-the installed Debian Reference, read by ``fusion_bench_moect.eval.text``, nothing downloaded)
+the installed Debian Reference, read by ``fusion_bench_moect.data.text``, nothing downloaded)
 and the word / byte counts of the rolling-loglikelihood metrics."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from fusion_bench_moect.eval.text import load_debian_reference
+from fusion_bench_moect.data.text import load_debian_reference
 
 
 def load(language: str = "en", split: str = "heldout", **_: Any) -> Any:

@@ -6,8 +6,8 @@ import gzip
 
 import pytest
 
-from fusion_bench_moect.eval import text
-from fusion_bench_moect.eval.text import (
+from fusion_bench_moect.data import text
+from fusion_bench_moect.data.text import (
     CHAPTERS,
     HELDOUT_CHAPTERS,
     DebianReferenceMissingError,

@@ -54,7 +54,7 @@ HELDOUT_CHAPTERS = ("ch04", "ch08", "ch12")
 
 SPLITS = ("heldout", "train", "all")
 
-_HTML_SUFFIXES = (".html", ".htm", ".xhtml")
+HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 _SKIPPED_DIV_CLASSES = frozenset(
     {"toc", "navheader", "navfooter", "list-of-tables", "list-of-figures", "list-of-examples"}
 )
@@ -238,7 +238,7 @@ def read_text_file(path: str | os.PathLike) -> str:
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     text = raw.decode("utf-8", errors="replace")
     inner_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
-    if inner_suffix.lower() in _HTML_SUFFIXES:
+    if inner_suffix.lower() in HTML_SUFFIXES:
         return "\n\n".join(html_paragraphs(text))
     return text
 
