@@ -29,6 +29,13 @@ from helpers import (
 THIS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _token_stores(tmp_path_factory):
+    """Training runs of the tests keep their token stores in a temporary folder, not in the
+    user's cache (subprocesses inherit the variable)."""
+    os.environ["FUSION_BENCH_MOECT_TOKEN_STORES"] = str(tmp_path_factory.mktemp("token_stores"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """The one tiny-model factory: ``tiny_model(family, seed=0, layers=2, **config_overrides)``

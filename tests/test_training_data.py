@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import real_text
+from helpers import real_text, run_fabric, run_local
 from transformers import AutoTokenizer
 
 from fusion_bench_moect.data import documents
@@ -22,7 +22,9 @@ from fusion_bench_moect.training.sampler import WindowBatchSampler
 
 def test_files_are_read_in_chunks_and_packed_with_eos(tokenizer_dir, tmp_path, monkeypatch):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    monkeypatch.setattr(documents, "CHUNK_BYTES", 97)  # many chunks, cut inside lines and characters
+    monkeypatch.setattr(
+        documents, "CHUNK_BYTES", 97
+    )  # many chunks, cut inside lines and characters
     text = real_text() + "\nCafé, naïve, 東京.\n"
     (tmp_path / "a.txt").write_text(text)
     windows = pack_source(tokenizer, str(tmp_path / "a.txt"), seq_len=16)
@@ -111,3 +113,58 @@ def test_ranks_with_accumulation_see_the_same_micro_batches():
     full = list(one)
     one.set_epoch(1, skip=5)
     assert len(one) == 11 and list(one) == full[5:]  # resume mid-epoch
+
+
+def _weighted(text: str) -> dict:
+    """Two weighted sources of very different sizes: 30 % of a short one, 70 % of a long one."""
+    return {
+        "short": {"text": text[:300], "weight": 0.3},
+        "long": {"text": text * 2, "weight": 0.7},
+    }
+
+
+def test_weighted_mixture_under_ddp_equals_one_process_with_accumulation(
+    moe_checkpoint, tokenizer_dir, tmp_path
+):
+    moe_dir, _ = moe_checkpoint("qwen2_moe")
+    sources = _weighted(real_text())
+    ddp = run_fabric(tmp_path, moe_dir, str(tokenizer_dir), 2, "ddp", train_sources=sources)
+    algo, single = run_local(
+        moe_dir, str(tokenizer_dir), train_sources=sources, accumulate_grad_batches=2
+    )
+    worst = max((ddp["states"][0][k] - v).abs().max().item() for k, v in single.items())
+    assert worst < 1e-5  # float sums in another order (all-reduce vs accumulation)
+    for mine, theirs in zip(algo.history, ddp["history"], strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+    plan = algo.data_plan
+    assert plan["short"]["share"] == pytest.approx(0.3, abs=1e-3)
+    assert plan["long"]["share"] == pytest.approx(0.7, abs=1e-3)
+
+
+def test_resume_mid_mixture_is_exact_and_the_plan_is_recorded(
+    moe_checkpoint, tokenizer_dir, tmp_path
+):
+    moe_dir, _ = moe_checkpoint("mixtral")
+    settings = dict(
+        train_sources=_weighted(real_text()), max_steps=5, accumulate_grad_batches=2,
+        checkpoint_every=3, checkpoint_dir=str(tmp_path / "ckpts"),
+    )  # fmt: skip
+    full, expected = run_local(moe_dir, str(tokenizer_dir), **settings)
+    step3 = tmp_path / "ckpts" / "step-000003"
+    manifest = json.loads((step3 / "trainer_state.json").read_text())
+    assert manifest["position"]["step"] == 3 and set(manifest["layout"]["data"]) == {
+        "short",
+        "long",
+    }
+    resumed, got = run_local(
+        moe_dir, str(tokenizer_dir), **{**settings, "ckpt_path": str(step3), "checkpoint_every": 0}
+    )
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    assert full.data_plan["short"]["epochs"] > 1 > full.data_plan["long"]["epochs"]
+    # the data plan is part of what a resumed run must share
+    other = _weighted(real_text())
+    other["short"]["weight"] = 0.5
+    with pytest.raises(ValueError, match="another stage or parallel layout"):
+        run_local(moe_dir, str(tokenizer_dir), **{**settings, "train_sources": other,
+                  "ckpt_path": str(step3), "checkpoint_every": 0})  # fmt: skip

@@ -1,5 +1,5 @@
-"""Documents of a text source, read lazily: files, folders, globs, ``.jsonl``, the Debian
-Reference, literal text.
+"""Documents of a text source, read lazily: files, folders, globs, ``.jsonl``, parquet, arrow,
+``datasets`` folders and cached datasets (``tables``), the Debian Reference, literal text.
 
 A source is a file, a folder (its ``*.txt`` files), a glob, a ``.jsonl`` file (one document
 per line, the text under ``field``), the Debian Reference, or literal text (see
@@ -19,16 +19,21 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .text import HTML_SUFFIXES, expand_paths, html_paragraphs, load_debian_reference, source_kind
+from .errors import TrainingDataError
+from .tables import TABLE_KINDS, iter_table, table_files
+from .text import (
+    DEBIAN_REFERENCE_DIR,
+    HTML_SUFFIXES,
+    expand_paths,
+    html_paragraphs,
+    load_debian_reference,
+    source_kind,
+)
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 """Bytes read (and decoded, and tokenised) at a time from a file."""
-
-
-class TrainingDataError(ValueError):
-    """A training source cannot be used (empty, not UTF-8, too small, malformed)."""
 
 
 def _open_binary(path: Path) -> io.BufferedIOBase:
@@ -97,7 +102,9 @@ def _jsonl_text(path: Path, line_no: int, line: str, field: str) -> str:
 
 def _iter_files(pattern: Any) -> Iterator[tuple[str, Iterator[str]]]:
     for path in expand_paths(str(pattern)):
-        if path.name.endswith((".jsonl", ".jsonl.gz")):
+        if path.suffix in (".parquet", ".arrow"):
+            yield from iter_table({path.suffix[1:]: str(path)}, path.suffix[1:])
+        elif path.name.endswith((".jsonl", ".jsonl.gz")):
             yield from _iter_jsonl(path, "text")
         elif path.suffix.lower() in HTML_SUFFIXES:
             text = "".join(iter_file_chunks(path))
@@ -106,14 +113,45 @@ def _iter_files(pattern: Any) -> Iterator[tuple[str, Iterator[str]]]:
             yield str(path), iter_file_chunks(path)
 
 
+KINDS = ("debian_reference", "path", "paths", "jsonl", "text", *TABLE_KINDS)
+"""The keys that name a training source's kind in its mapping."""
+
+
+def source_files(spec: Any) -> list[Path]:
+    """The files a source reads (empty for literal text), for the token store's key.
+
+    Raises:
+        FileNotFoundError, TrainingDataError: As ``iter_documents`` would.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        return expand_paths(str(spec))
+    if not isinstance(spec, Mapping):
+        raise TrainingDataError(
+            f"A training source must be a path/glob or a mapping, got {spec!r}."
+        )
+    kind = source_kind(spec, KINDS, "training", TrainingDataError)
+    if kind in TABLE_KINDS:
+        return table_files(spec, kind)
+    if kind == "debian_reference":
+        root = Path(spec.get("root") or DEBIAN_REFERENCE_DIR)
+        langs = {str(spec["debian_reference"]), "en"}
+        return sorted(p for p in root.glob("*.html") if p.name.split(".")[-2] in langs)
+    if kind == "text":
+        return []
+    patterns = [spec[kind]] if kind in ("path", "jsonl") else list(spec["paths"])
+    return [path for pattern in patterns for path in expand_paths(str(pattern))]
+
+
 def iter_documents(spec: Any) -> Iterator[tuple[str, Iterator[str]]]:
     """The documents of one source, each as (name, chunks of text), read lazily.
 
     Args:
-        spec: A path / folder / glob string (``*.jsonl`` files read their ``text`` field), or
-            a mapping with exactly one of ``path``, ``paths``, ``jsonl`` (optional ``field``,
-            default ``text``), ``debian_reference`` (optional ``split``, default ``train``)
-            or ``text``.
+        spec: A path / folder / glob string (``*.jsonl``, ``*.parquet`` and ``*.arrow`` files
+            read their ``text`` field), or a mapping with exactly one of ``path``, ``paths``,
+            ``jsonl``, ``parquet``, ``arrow`` (optional ``field``, default ``text``),
+            ``dataset`` (a ``save_to_disk`` folder or a name in the local Hugging Face cache;
+            ``split``, default ``train``, ``config``, ``field``), ``debian_reference``
+            (optional ``split``, default ``train``) or ``text``.
 
     Raises:
         FileNotFoundError: For paths that match nothing, or a missing Debian package.
@@ -126,9 +164,10 @@ def iter_documents(spec: Any) -> Iterator[tuple[str, Iterator[str]]]:
         raise TrainingDataError(
             f"A training source must be a path/glob or a mapping, got {spec!r}."
         )
-    kinds = ("debian_reference", "path", "paths", "jsonl", "text")
-    kind = source_kind(spec, kinds, "training", TrainingDataError)
-    if kind == "debian_reference":
+    kind = source_kind(spec, KINDS, "training", TrainingDataError)
+    if kind in TABLE_KINDS:
+        yield from iter_table(spec, kind)
+    elif kind == "debian_reference":
         for doc in load_debian_reference(
             str(spec["debian_reference"]),
             split=str(spec.get("split", "train")),

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from fusion_bench import BaseAlgorithm, BaseModelPool, auto_register_config
 from fusion_bench.mixins import FabricTrainingMixin
 from torch import nn
@@ -29,14 +28,14 @@ from ..schema import signature
 from . import checkpoints, resume
 from .balancing import Balancer, check_balancing
 from .config import TrainingConfig, docstring
-from .data import load_windows
+from .data import log_data_plan, shared_training_data
 from .freeze import AnchorGuard, TrainingPlan, apply_requires_grad, plan_training
 from .loop import Position, TrainingLoop, TrainRun
 from .losses import set_model_aux_coefficient
 from .metrics import Evaluator
 from .optim import build_optimizer, build_scheduler
 from .plots import plot_training_history
-from .sampler import WindowBatchSampler, WindowDataset
+from .sampler import MixtureBatchSampler, WindowBatchSampler
 from .sharding import is_sharded, set_experts_implementation
 
 log = logging.getLogger(__name__)
@@ -64,6 +63,7 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         self.training_config  # noqa: B018 (checks every value now, before any work)
         self.history: list[dict[str, Any]] = []
         self.evaluations: list[dict[str, Any]] = []
+        self.data_plan: dict[str, Any] = {}
 
     __init__.__signature__ = signature(TrainingConfig)
 
@@ -159,9 +159,8 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         return plan_training(model, config.stage, anchors)
 
     @staticmethod
-    def _check_vocabulary(model: nn.Module, tokenizer: Any, windows: torch.Tensor) -> None:
+    def _check_vocabulary(model: nn.Module, tokenizer: Any, largest: int) -> None:
         rows = model.get_input_embeddings().weight.shape[0]
-        largest = int(windows.max())
         if len(tokenizer) > rows or largest >= rows:
             raise ValueError(
                 f"The tokenizer has {len(tokenizer)} tokens (largest id in the data: {largest}) "
@@ -170,7 +169,8 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
             )
 
     def _data(self, model: nn.Module, tokenizer: Any, plan: TrainingPlan, config: TrainingConfig):
-        """Windows, this rank's batch sampler, optimiser steps per epoch and in all."""
+        """Windows (memory-mapped stores), this rank's batch sampler, optimiser steps per
+        epoch and in all; the data plan is logged and kept in ``self.data_plan``."""
         fabric = self.fabric
         sources = _named(config.train_sources)
         if not sources:
@@ -178,14 +178,19 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
                 "moe_ct_training has no train_sources: set e.g. "
                 "`method.train_sources={de: {debian_reference: de, split: train}}`."
             )
-        windows, per_source = load_windows(
-            tokenizer, sources, config.seq_len, config.max_tokens_per_source
-        )
-        self._check_vocabulary(model, tokenizer, windows)
-        sampler = WindowBatchSampler(
-            len(windows), config.batch_size, fabric.world_size, fabric.global_rank, config.seed
-        )
-        accumulate = config.accumulate_grad_batches
+        windows = shared_training_data(fabric, tokenizer, sources, config.seq_len,
+                                       config.data_cache_dir, config.max_tokens_per_source)  # fmt: skip
+        self._check_vocabulary(model, tokenizer, windows.largest_id)
+        accumulate, world = config.accumulate_grad_batches, fabric.world_size
+        global_batch = config.batch_size * world * accumulate
+        mixture = windows.mixture(global_batch, config.seed)
+        if mixture is None:
+            sampler = WindowBatchSampler(
+                len(windows), config.batch_size, world, fabric.global_rank, config.seed
+            )
+        else:
+            sampler = MixtureBatchSampler(mixture, windows.offsets, config.batch_size, world,
+                                          fabric.global_rank, accumulate)  # fmt: skip
         steps_per_epoch = sampler.num_batches // accumulate
         if steps_per_epoch == 0:
             raise ValueError(
@@ -194,13 +199,15 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
             )
         limits = [config.max_steps, config.max_epochs * steps_per_epoch]
         total = min(n for n in limits if n > 0)
+        sampler.plan = self.data_plan = windows.plan(mixture, global_batch, total)
         if fabric.is_global_zero:
             log.info(
                 "moe_ct_training: stage %s, %d steps (%d per epoch) x %d processes x %d "
-                "micro-batches x %d windows of %d tokens; windows per source %s; anchors %s frozen",
-                config.stage, total, steps_per_epoch, fabric.world_size, accumulate,
-                config.batch_size, config.seq_len, per_source, plan.anchors or "none",
+                "micro-batches x %d windows of %d tokens; anchors %s frozen",
+                config.stage, total, steps_per_epoch, world, accumulate,
+                config.batch_size, config.seq_len, plan.anchors or "none",
             )  # fmt: skip
+            log_data_plan(self.data_plan, weighted=mixture is not None)
         return windows, sampler, steps_per_epoch, total
 
     def _setup(self, model, plan, windows, sampler, config: TrainingConfig) -> TrainRun:
@@ -223,7 +230,7 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
         optimizer = fabric.setup_optimizers(optimizer)
         loader = fabric.setup_dataloaders(
-            DataLoader(WindowDataset(windows), batch_sampler=sampler),
+            DataLoader(windows, batch_sampler=sampler),
             use_distributed_sampler=False,
         )
         # names again, in the unwrapped model: FSDP2 replaced the parameter objects
@@ -241,7 +248,8 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         module.eval()
         set_model_aux_coefficient(module, config.router_aux_loss_coef)
         final = {k: v for k, v in run.history[-1].items() if k != "layers"} if run.history else {}
-        module.config.moe_ct_training = {"params": config.record(), "final": final}
+        module.config.moe_ct_training = {"params": config.record(), "final": final,
+                                         "data_plan": self.data_plan}  # fmt: skip
         if config.save_checkpoint:
             checkpoints.save_model(fabric, run, Path(config.save_checkpoint))
             if fabric.is_global_zero:

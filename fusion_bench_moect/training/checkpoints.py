@@ -98,6 +98,9 @@ def layout(fabric: Any, config: TrainingConfig, run: TrainRun) -> dict[str, Any]
         "sharded": run.sharded,
         "stage": config.stage,
         "balancing": config.balancing,
+        "data": {
+            n: [r["windows"], r["share"]] for n, r in getattr(run.sampler, "plan", {}).items()
+        },
     }
 
 

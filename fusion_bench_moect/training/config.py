@@ -87,8 +87,10 @@ class TrainingConfig:
 
     train_sources: Any = param(
         None,
-        "name -> file / folder / glob / .jsonl / {debian_reference: LANG, split: train} / "
-        "{jsonl: PATH, field: text} / {text: ...}",
+        "name -> file / folder / glob / .jsonl / .parquet / .arrow / {debian_reference: LANG, "
+        "split: train} / {jsonl|parquet|arrow: PATH, field: text} / {dataset: DIR_OR_NAME, "
+        "split: train, field: text} / {text: ...}; add weight: W to every source for a "
+        "weighted mixture",
         check=_sources,
         yaml=_TRAIN_EXAMPLE,
     )
@@ -175,7 +177,15 @@ class TrainingConfig:
         check=lambda n, v: None if v is None else check_choice(EXPERTS_IMPLEMENTATIONS)(n, v),
     )
     max_tokens_per_source: int | None = param(
-        200_000, "cap on tokens read per source (null = all)", check=check_int(1, optional=True)
+        None,
+        "cap on tokens read per source, logged with what it drops (null = every token)",
+        check=check_int(1, optional=True),
+    )
+    data_cache_dir: str | None = param(
+        None,
+        "where the token stores go (null = ~/.cache/fusion_bench_moect/token_stores, or "
+        "$FUSION_BENCH_MOECT_CACHE/token_stores)",
+        check=check_optional_str,
     )
     seed: int = param(0, "data order seed (one permutation per epoch)", check=check_int())
     log_every: int = param(

@@ -1,23 +1,27 @@
-"""Handing out the packed training windows: the dataset and the sharded batch sampler.
+"""Handing out the training windows: the sharded batch samplers.
 
-``WindowBatchSampler`` draws one permutation per epoch (seeded with ``seed + epoch``), cut
-into consecutive blocks of ``batch_size``, block ``k * W + r`` to rank ``r``'s ``k``-th
-micro-batch. So W processes with accumulation A see, in every optimiser step, exactly the
-windows that one process with accumulation W * A sees, in the same micro-batches.
+``WindowBatchSampler`` (sources mixed by size) draws one permutation per epoch (seeded with
+``seed + epoch``), cut into consecutive blocks of ``batch_size``, block ``k * W + r`` to rank
+``r``'s ``k``-th micro-batch. ``MixtureBatchSampler`` (weighted sources) fills the same blocks
+from the mixture's stream of slots (``data.mixture``), block ``b`` of the run being slots
+``b * batch_size ...``. Either way W processes with accumulation A see, in every optimiser step,
+exactly the windows that one process with accumulation W * A sees, in the same micro-batches,
+and a position (epoch, micro-batches used) is all a resumed run needs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
+from ..data.mixture import Mixture
 from .data import TrainingDataError
 
 
 class WindowDataset(Dataset):
-    """Packed windows of every source, as ``long`` token ids."""
+    """Packed windows of every source (a tensor), as ``long`` token ids."""
 
     def __init__(self, windows: torch.Tensor) -> None:
         self.windows = windows
@@ -87,3 +91,33 @@ class WindowBatchSampler:
         for k in range(self.skip, self.num_batches):
             block = k * self.num_replicas + self.rank
             yield order[block * self.batch_size : (block + 1) * self.batch_size].tolist()
+
+
+class MixtureBatchSampler(WindowBatchSampler):
+    """Micro-batches of a weighted mixture, sharded over ranks like ``WindowBatchSampler``.
+
+    An epoch is as many steps as the corpus has windows (``num_windows`` over the global
+    batch); rank ``r``'s ``k``-th micro-batch of epoch ``e`` is block
+    ``(e * num_batches + k) * num_replicas + r`` of the mixture's stream.
+
+    Args:
+        mixture: The mixture's layout.
+        offsets: First global window index of each source (``TrainingData.offsets``).
+        batch_size, num_replicas, rank: As ``WindowBatchSampler``.
+        accumulate: Micro-batches per optimiser step (epochs end on a step).
+    """
+
+    def __init__(self, mixture: Mixture, offsets: Sequence[int], batch_size: int,
+                 num_replicas: int = 1, rank: int = 0, accumulate: int = 1) -> None:  # fmt: skip
+        super().__init__(int(offsets[-1]), batch_size, num_replicas, rank, mixture.seed, True)
+        self.mixture, self.offsets = mixture, [int(o) for o in offsets]
+        self.num_batches = self.num_batches // accumulate * accumulate
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for k in range(self.skip, self.num_batches):
+            block = (self.epoch * self.num_batches + k) * self.num_replicas + self.rank
+            batch = []
+            for slot in range(block * self.batch_size, (block + 1) * self.batch_size):
+                source, window = self.mixture.window(slot)
+                batch.append(self.offsets[source] + window)
+            yield batch
