@@ -100,7 +100,7 @@ def test_a_cap_is_explicit_and_says_what_it_dropped(tokenizer, tmp_path, monkeyp
     assert len(store.tokens) == 100
     line = describe_cap("big", store.meta)
     assert "max_tokens_per_source=100: kept 100 tokens, dropped " in line
-    assert " of the 1 documents read and 4 documents (" in line
+    assert " of the 1 documents read (the last in part perhaps) and 4 documents (" in line
     full = ensure_store(tokenizer, str(tmp_path / "docs"), "big", tmp_path / "c")
     assert describe_cap("big", full.meta) is None and full.meta["read"]["documents"] == 5
 

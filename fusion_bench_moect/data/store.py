@@ -158,33 +158,31 @@ def _pieces(text: str) -> Iterator[str]:
 
 def _batches(
     documents: Iterable[tuple[str, Iterable[str]]], name: str, stats: dict[str, int]
-) -> Iterator[tuple[list[str], list[bool]]]:
-    """Pieces of text in batches of about ``BATCH_CHARS``; the flags mark a document's last."""
-    pieces: list[str] = []
-    ends: list[bool] = []
+) -> Iterator[list[str | None]]:
+    """Pieces of text in batches of about ``BATCH_CHARS`` (a long document spans batches);
+    ``None`` marks the end of a document."""
+    pieces: list[str | None] = []
     size = 0
     for doc_name, chunks in documents:
+        stats["documents"] += 1
         found = False
         for chunk in chunks:
             if not chunk.strip():
                 continue
             found = True
             stats["characters"] += len(chunk)
-            for piece in _pieces(chunk):
-                pieces.append(piece)
-                ends.append(False)
-                size += len(piece)
+            pieces.extend(_pieces(chunk))
+            size += len(chunk)
+            if size >= BATCH_CHARS:
+                yield pieces
+                pieces, size = [], 0
         if not found:
             raise TrainingDataError(
                 f"Training source {name!r}: {doc_name} is empty; remove it or add text."
             )
-        stats["documents"] += 1
-        ends[-1] = True
-        if size >= BATCH_CHARS:
-            yield pieces, ends
-            pieces, ends, size = [], [], 0
+        pieces.append(None)
     if pieces:
-        yield pieces, ends
+        yield pieces
 
 
 def encode_documents(
@@ -192,13 +190,14 @@ def encode_documents(
 ) -> Iterator[np.ndarray]:
     """Token ids of the documents (EOS after each) in blocks, by the batch encoder."""
     backend, eos = tokenizer.backend_tokenizer, tokenizer.eos_token_id
-    for pieces, ends in _batches(documents, name, stats):
-        encodings = backend.encode_batch_fast(pieces, add_special_tokens=False)
-        parts: list[np.ndarray] = []
-        for encoding, end in zip(encodings, ends, strict=True):
-            parts.append(np.asarray(encoding.ids, dtype=np.int64))
-            if end and eos is not None:
-                parts.append(np.array([eos], dtype=np.int64))
+    for pieces in _batches(documents, name, stats):
+        texts = [p for p in pieces if p is not None]
+        encodings = iter(backend.encode_batch_fast(texts, add_special_tokens=False))
+        parts = [
+            np.asarray(next(encodings).ids if p is not None else [eos], dtype=np.int64)
+            for p in pieces
+            if p is not None or eos is not None
+        ]
         yield np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
@@ -305,6 +304,6 @@ def describe_cap(name: str, meta: Mapping[str, Any]) -> str | None:
     return (
         f"Training source {name!r} is capped at max_tokens_per_source={meta['max_tokens']}: "
         f"kept {meta['tokens']} tokens, dropped {dropped['tokens']} more tokens of the "
-        f"{meta['read']['documents']} documents read and {dropped['documents']} documents "
+        f"{meta['read']['documents']} documents read (the last in part perhaps) and {dropped['documents']} documents "
         f"({dropped['characters']} characters) not read; max_tokens_per_source: null keeps all."
     )
