@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import real_text, run_fabric, run_local
+from helpers import local_train, real_text, run_fabric, run_local
 from transformers import AutoTokenizer
 
 from fusion_bench_moect.data import documents
@@ -162,6 +162,14 @@ def test_resume_mid_mixture_is_exact_and_the_plan_is_recorded(
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     assert full.data_plan["short"]["epochs"] > 1 > full.data_plan["long"]["epochs"]
+    saved = tmp_path / "saved"
+    algo, model = local_train(moe_dir, str(tokenizer_dir), save_checkpoint=str(saved),
+                              train_sources=settings["train_sources"])  # fmt: skip
+    history = json.loads((saved / "training_history.json").read_text())
+    assert history["data_plan"] == algo.data_plan == model.config.moe_ct_training["data_plan"]
+    assert json.loads((saved / "config.json").read_text())["moe_ct_training"]["data_plan"] == (
+        algo.data_plan
+    )
     # the data plan is part of what a resumed run must share
     other = _weighted(real_text())
     other["short"]["weight"] = 0.5

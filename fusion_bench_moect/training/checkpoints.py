@@ -71,7 +71,8 @@ def checkpoint_root(config: TrainingConfig) -> Path:
 
 
 def history_json(run: TrainRun) -> str:
-    return json.dumps({"train": run.history, "eval": run.evaluations}, indent=1)
+    plan = getattr(run.sampler, "plan", {})  # the data plan (tokens, shares, epochs per source)
+    return json.dumps({"train": run.history, "eval": run.evaluations, "data_plan": plan}, indent=1)
 
 
 def save_model(fabric: Any, run: TrainRun, directory: Path) -> None:
