@@ -23,17 +23,25 @@ ensure_fusion_bench_mixtral_importable()
 from fusion_bench.method import MixtralForCausalLMMergingAlgorithm  # noqa: E402
 
 from .errors import one_line_errors  # noqa: E402
-from .io.pool import declared_model_path, open_source, pool_model_path  # noqa: E402
+from .io.pool import (  # noqa: E402
+    declared_model_path,
+    model_kwargs_dtype,
+    open_source,
+    pool_model_path,
+)
 from .io.sources import check_local_path  # noqa: E402
 from .io.streaming import TOKENIZER_FILES  # noqa: E402
 from .params import MoECTConfig, init_signature  # noqa: E402
 from .pipeline import ModelInputs, run_pipeline  # noqa: E402
+from .program import SavedBySaveCheckpoint  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
 @auto_register_config
-class OrthogonalMoECTMergingAlgorithm(SimpleProfilerMixin, MixtralForCausalLMMergingAlgorithm):
+class OrthogonalMoECTMergingAlgorithm(
+    SavedBySaveCheckpoint, SimpleProfilerMixin, MixtralForCausalLMMergingAlgorithm
+):
     """Upcycle a dense causal LM, or merge its fine-tunes, into a Mixture-of-Experts model.
 
     Pure upcycling (a pool with only ``_pretrained_``) makes ``num_experts`` copies of the
@@ -100,24 +108,6 @@ class OrthogonalMoECTMergingAlgorithm(SimpleProfilerMixin, MixtralForCausalLMMer
             )
         return result.model
 
-    def on_run_end(self) -> None:
-        """With ``save_checkpoint`` the model is saved already: FusionBench's program, which
-        would print "No save path specified for the merged model. Skipping saving." after our
-        "Saved MoE checkpoint to ...", is told there is nothing left to save (unless its own
-        ``merged_model_save_path`` asks for another copy)."""
-        super().on_run_end()
-        program = getattr(self, "_program", None)
-        if (
-            self.save_checkpoint
-            and hasattr(program, "save_merged_model")
-            and getattr(program, "merged_model_save_path", None) is None
-        ):
-            program.save_merged_model = _saved_by_save_checkpoint
-
-
-def _saved_by_save_checkpoint(model: torch.nn.Module) -> None:
-    """Stands in for the program's ``save_merged_model`` once ``save_checkpoint`` wrote it."""
-
 
 def check_pool_paths(modelpool: BaseModelPool) -> None:
     """Every local path of the pool (models, tokenizer) exists and is readable, before any
@@ -153,6 +143,6 @@ def pool_inputs(modelpool: BaseModelPool) -> ModelInputs:
         directory=lambda name: pool_model_path(modelpool, name),
         tokenizer=tokenizer,
         vocabulary_dir=vocabulary_dir,
-        default_dtype=kwargs.get("dtype") or kwargs.get("torch_dtype"),
+        default_dtype=model_kwargs_dtype(kwargs),
         load_dense=lambda: modelpool.load_model("_pretrained_"),
     )

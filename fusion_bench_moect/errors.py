@@ -79,3 +79,14 @@ def one_line_errors(method: F) -> F:
             raise PluginError(str(err)) from err
 
     return wrapper  # type: ignore[return-value]
+
+
+def retired_preset(name: str, replacement: str, why: str = "", **_: Any) -> None:
+    """The ``_target_`` of a retired config preset (a stub YAML kept under its old name):
+    instantiating it fails with one line naming what replaced it."""
+    if under_hydra():
+        _quiet_cli_logger()
+        error: type[Exception] = PluginError
+    else:
+        error = ValueError
+    raise error(f"{name} is retired{why}; use {replacement}.")

@@ -28,6 +28,7 @@ from .schema import (
     check_choice,
     check_float,
     check_int,
+    check_optional_path,
     markdown_table,
     param,
     plain,
@@ -178,17 +179,19 @@ class MoECTConfig:
         parse=float,
     )
     anchor_experts: list[str] | None = _param(
-        None, "expert names to anchor instead of the base expert", check=_names, nargs="*"
+        None, "expert names to anchor instead of the base expert", check=_names, nargs="+"
     )
     noise_scale: float | dict[str, float] = _param(
         0.0,
         "std of Gaussian noise on expert weights (number or {expert: number})",
         parse=number_or_mapping,
+        help="std of Gaussian noise on expert weights: X, or NAME=X,... per expert",
     )
     residual_scale: float | dict[str, float] = _param(
         1.0,
         "factor on expert down projections (number or {expert: number})",
         parse=number_or_mapping,
+        help="factor on expert down projections: X, or NAME=X,... per expert",
     )
     drop_ratio: float = _param(
         0.0,
@@ -219,6 +222,8 @@ class MoECTConfig:
         check=_shared_experts,
         parse=shared_entry,
         nargs="+",
+        help="outputs with a shared expert: the experts (--source names) whose FFNs together "
+        "form it, each NAME or NAME=R (R: its residual scale); null = the base alone",
     )
     moe_layers: str | list[int] | None = _param(
         None,
@@ -250,7 +255,9 @@ class MoECTConfig:
         "auto", "output family (docs/algorithm.md, What is built); auto: the base's default"
     )
     dtype: str | None = _param(
-        None, "output dtype (null = the pool's model_kwargs dtype, else the base's)"
+        None,
+        "output dtype (null = the pool's model_kwargs dtype, else the base's)",
+        help="output dtype: float32 | bfloat16 | float16 (null = the base's)",
     )
     seed: int = _param(
         42,
@@ -262,9 +269,15 @@ class MoECTConfig:
         None,
         "directory for the Hugging Face checkpoint (written atomically; run() then returns "
         "the written files, mapped)",
+        check=check_optional_path,
         flag=None,
     )
-    overwrite: bool = _param(False, "replace a non-empty save_checkpoint directory", check=_bool)
+    overwrite: bool = _param(
+        False,
+        "replace a non-empty save_checkpoint directory",
+        check=_bool,
+        help="replace a non-empty OUTPUT directory",
+    )
     streaming: bool = _param(
         False,
         "write save_checkpoint shard by shard, never holding the model (run() returns null)",
@@ -336,13 +349,15 @@ _METAVARS: dict[Any, str] = {
 def cli_help(f: dataclasses.Field) -> str:
     """An option's help, generated from the schema field so that it cannot contradict it: a
     flag says which value it sets; an option with choices lists exactly the ones it accepts
-    (a doc listing values reads ``"what: a | b | c"``)."""
-    doc, default = f.metadata["doc"], yaml_value(f.default)
+    (a doc listing values reads ``"what: a | b | c"``). A field's ``help`` replaces its doc
+    where the doc speaks of YAML forms or of the model pool."""
+    cli = f.metadata["cli"]
+    doc, default = cli.get("help", f.metadata["doc"]), yaml_value(f.default)
     if isinstance(f.default, bool):
         if f.default:
             return f"set {f.name} to false (default true: {doc})"
         return f"set {f.name} to true: {doc} (default false)"
-    choices = f.metadata["cli"].get("choices")
+    choices = cli.get("choices")
     if choices:
         doc = f"{doc.partition(':')[0]}: {' | '.join(choices)}"
     return f"{doc} (default {default})"

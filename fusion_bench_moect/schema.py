@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import field
 from typing import Any
@@ -22,7 +23,8 @@ Check = Callable[[str, Any], Any]
 
 def param(default: Any, doc: str, *, check: Check | None = None, yaml: str | None = None, **cli):
     """A schema field: default, one-line doc, check and the lean CLI's option (``flag``,
-    ``parse``, ``choices``, ``nargs``; ``flag=None``: not an option there). ``yaml`` replaces
+    ``parse``, ``choices``, ``nargs``, ``help`` in place of the doc; ``flag=None``: not an
+    option there). ``yaml`` replaces
     the default in the method YAML (an example value, e.g. a nested mapping)."""
     return field(default=default, metadata={"doc": doc, "check": check, "cli": cli, "yaml": yaml})
 
@@ -92,12 +94,22 @@ def check_choice(choices: Sequence[str]) -> Check:
     return check
 
 
-def check_optional_str(name: str, value: Any) -> str | None:
+def expand_path(value: str) -> str:
+    """``~`` and ``$VARIABLES`` expanded, as users expect of a path written in YAML or on a
+    command line (where no shell expanded it)."""
+    return os.path.expandvars(os.path.expanduser(value))
+
+
+def check_optional_path(name: str, value: Any) -> str | None:
+    """A path or null; the path with ``~`` and ``$VARIABLES`` expanded, once, here, so that
+    every reader of the parameter gets the same directory."""
     if value is None:
         return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must be a path or null, got {value!r}.")
-    return value
+    return expand_path(value)
 
 
 def run_checks(instance: Any) -> None:

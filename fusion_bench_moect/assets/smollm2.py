@@ -377,6 +377,10 @@ def prepare_smollm2(
         _convert(gguf_path, model_dir)
         continuation = check_model(model_dir)
         _write_marker(model_dir, continuation)
+        # Lazy: io.checkpoint imports torch (~2 s), which `--help` and a ready folder skip.
+        from ..io.checkpoint import apply_umask
+
+        apply_umask(model_dir)  # the umask's modes: transformers 5 writes 0600 safetensors
         if out.exists():
             shutil.rmtree(out)
         os.replace(model_dir, out)

@@ -1,9 +1,9 @@
 """A lean command line for the pure job: dense safetensors directories in, MoE checkpoint out.
 
-    python -m fusion_bench_moect.cli.upcycle BASE_DIR OUT_DIR [--num-experts 8] [--gate-mode random]
-    python -m fusion_bench_moect.cli.upcycle BASE_DIR OUT_DIR --source math=DIR --source code=DIR
+    moect-upcycle BASE_DIR OUT_DIR [--num-experts 8] [--gate-mode random]
+    moect-upcycle BASE_DIR OUT_DIR --source math=DIR --source code=DIR
 
-(also the console script ``moect-upcycle``). It runs the same
+(also ``python -m fusion_bench_moect.cli.upcycle``). It runs the same
 pipeline as ``fusion_bench method=moe_ct_upcycling`` with ``streaming: true``
 (``pipeline.run_pipeline``) and records the same ``moe_ct`` parameters in
 ``config.json``, but imports neither FusionBench nor transformers' modelling code: only torch,
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..params import add_cli_options, config_from_args
+from ..schema import expand_path
 
 # A fixed name: under ``python -m`` __name__ is "__main__", and the log lines show the name.
 log = logging.getLogger("fusion_bench_moect.upcycle")
@@ -37,12 +38,22 @@ log = logging.getLogger("fusion_bench_moect.upcycle")
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one option per parameter of ``MoECTConfig`` (its defaults)."""
     p = argparse.ArgumentParser(
-        prog="python -m fusion_bench_moect.cli.upcycle",
+        prog="moect-upcycle",
         description="Upcycle a dense model (or merge its fine-tunes) into an MoE checkpoint, "
-        "streamed to disk shard by shard.",
+        "streamed to disk shard by shard (also: python -m fusion_bench_moect.cli.upcycle).",
     )
-    p.add_argument("base", help="dense base model: a Hugging Face directory with safetensors")
-    p.add_argument("output", help="checkpoint directory to write (atomically)")
+    p.add_argument(
+        "base",
+        type=expand_path,
+        metavar="BASE",
+        help="dense base model: a Hugging Face directory with safetensors",
+    )
+    p.add_argument(
+        "output",
+        type=expand_path,
+        metavar="OUTPUT",
+        help="checkpoint directory to write (atomically)",
+    )
     p.add_argument(
         "--source",
         action="append",
@@ -54,12 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         default=None,
+        type=expand_path,
+        metavar="DIR",
         help="directory whose tokenizer files are copied (default BASE)",
     )
     p.add_argument(
-        "--max-shard-size", type=float, default=2.0, help="largest shard in GB (default 2)"
+        "--max-shard-size",
+        type=float,
+        default=2.0,
+        metavar="GB",
+        help="largest shard in GB (default 2)",
     )
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="warnings and errors only: no INFO lines, no bars",
+    )
     return p
 
 
@@ -71,7 +93,7 @@ def _parse_sources(items: list[str]) -> dict[str, Path]:
             raise ValueError(f"--source expects NAME=DIR, got {item!r}.")
         if name in sources or name == "_pretrained_":
             raise ValueError(f"Source name {name!r} is used twice or reserved.")
-        sources[name] = Path(path)
+        sources[name] = Path(expand_path(path))
     return sources
 
 
@@ -200,6 +222,17 @@ def upcycle(args: argparse.Namespace) -> list[float]:
     return run_pipeline(config, inputs).condition_numbers
 
 
+#: How the shared pipeline's messages name a parameter, and how this command line does.
+CLI_WORDS = {"save_checkpoint=": "OUTPUT=", "set overwrite: true": "pass --overwrite"}
+
+
+def in_cli_words(message: str) -> str:
+    """A pipeline error as this command line says it (its arguments, not the YAML keys)."""
+    for key, word in CLI_WORDS.items():
+        message = message.replace(key, word)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -212,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         conds = upcycle(args)
     except (ValueError, OSError) as err:  # SourceError and bad parameters are ValueErrors
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {in_cli_words(str(err))}", file=sys.stderr)
         return 2
     log.info(
         "Wrote %s in %.1f s (router condition numbers %.4f..%.4f)",

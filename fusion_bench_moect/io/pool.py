@@ -4,8 +4,11 @@ adapter is read lazily, anything else is loaded through the pool."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from fusion_bench.modelpool import CausalLMPool
 
 from .lora import is_adapter_dir, open_adapter
 from .sources import ModuleSource, SourceError, TensorSource, is_safetensors_dir, open_directory
@@ -26,6 +29,28 @@ def pool_model_path(modelpool: Any, name: str) -> Path | None:
     if isinstance(path, (str, os.PathLike)) and Path(path).expanduser().is_dir():
         return Path(path).expanduser()
     return None
+
+
+def model_kwargs_dtype(kwargs: Mapping[str, Any]) -> Any:
+    """The dtype that ``model_kwargs`` ask for: ``torch_dtype`` (FusionBench's configs'
+    spelling) when set, else ``dtype`` (transformers 5's). Our pools hold both keys, ``dtype``
+    with their default and ``torch_dtype`` null, so a set ``torch_dtype`` is the user's."""
+    torch_dtype = kwargs.get("torch_dtype")
+    return torch_dtype if torch_dtype is not None else kwargs.get("dtype")
+
+
+class MoECTCausalLMPool(CausalLMPool):
+    """FusionBench's ``CausalLMPool`` (config/modelpool/) that takes ``model_kwargs.dtype``
+    and ``model_kwargs.torch_dtype`` alike and hands transformers only ``dtype``: transformers
+    5 warns that ``torch_dtype`` is deprecated even when it is null."""
+
+    def get_model_kwargs(self) -> dict[str, Any]:
+        kwargs = super().get_model_kwargs()
+        dtype = model_kwargs_dtype(kwargs)
+        kwargs.pop("torch_dtype", None)
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        return kwargs
 
 
 def open_source(modelpool: Any, name: str, base: TensorSource | None = None) -> TensorSource:

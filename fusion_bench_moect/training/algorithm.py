@@ -11,6 +11,7 @@ builds a single-device Fabric (``accelerator``, ``precision``). The parameters a
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ from .._config import to_plain
 from ..errors import one_line_errors
 from ..inspection import moe_ct_record
 from ..io.checkpoint import check_destination
+from ..io.pool import pool_model_path
+from ..program import SavedBySaveCheckpoint
+from ..progress import library_bars
 from ..schema import signature
 from . import checkpoints, resume
 from .balancing import Balancer, check_balancing
@@ -35,14 +39,16 @@ from .losses import set_model_aux_coefficient
 from .metrics import Evaluator
 from .optim import build_optimizer, build_scheduler
 from .plots import plot_training_history
+from .runtime import run_record
 from .sampler import MixtureBatchSampler, WindowBatchSampler
 from .sharding import is_sharded, set_experts_implementation
+from .voice import one_voice
 
 log = logging.getLogger(__name__)
 
 
 @auto_register_config
-class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
+class MoECTTrainingAlgorithm(SavedBySaveCheckpoint, BaseAlgorithm, FabricTrainingMixin):
     __doc__ = docstring(
         """Continue training an MoE made by ``moe_ct_upcycling`` on user text, with Lightning Fabric.
 
@@ -58,6 +64,7 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
     save_checkpoint = None
     max_steps_per_epoch = -1
 
+    @one_line_errors  # a bad parameter is one line through ``fusion_bench``, as in run()
     def __init__(self, **kwargs: Any):
         super().__init__(**{k: v for k, v in kwargs.items() if k not in TrainingConfig.names()})
         self.training_config  # noqa: B018 (checks every value now, before any work)
@@ -85,12 +92,21 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
     # ------------------------------------------------------------------ run
     @one_line_errors
     def run(self, modelpool: BaseModelPool | nn.Module) -> nn.Module:
-        """Train the pool's ``_pretrained_`` MoE and return it (also saved when asked)."""
+        """Train the pool's ``_pretrained_`` MoE and return it (also saved when asked).
+
+        With several processes only rank 0 logs (docs/training.md); transformers' own bars
+        follow the package's progress policy (a terminal only, rank 0 only)."""
+        rank = self.fabric.global_rank
+        with one_voice(rank), library_bars(enabled=rank == 0):
+            return self._train(modelpool)
+
+    def _train(self, modelpool: BaseModelPool | nn.Module) -> nn.Module:
         config = self.training_config
         if config.ckpt_path:
             resume.read_manifest(config.ckpt_path)
         if config.save_checkpoint:
-            check_destination(config.save_checkpoint, config.overwrite)
+            inputs = _input_directories(modelpool, config)
+            check_destination(config.save_checkpoint, config.overwrite, inputs)
         model, tokenizer = self._load(modelpool, config)
         check_balancing(model, config)  # before the data is read
         plan = self._plan(model, config)
@@ -248,8 +264,18 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
         module.eval()
         set_model_aux_coefficient(module, config.router_aux_loss_coef)
         final = {k: v for k, v in run.history[-1].items() if k != "layers"} if run.history else {}
-        module.config.moe_ct_training = {"params": config.record(), "final": final,
-                                         "data_plan": self.data_plan}  # fmt: skip
+        ran = run_record(fabric, module)
+        params = {
+            **config.record(),
+            "accelerator": ran["accelerator"],
+            "precision": ran["precision"],
+        }
+        module.config.moe_ct_training = {
+            "params": params,
+            "run": ran,
+            "final": final,
+            "data_plan": self.data_plan,
+        }
         if config.save_checkpoint:
             checkpoints.save_model(fabric, run, Path(config.save_checkpoint))
             if fabric.is_global_zero:
@@ -268,6 +294,20 @@ class MoECTTrainingAlgorithm(BaseAlgorithm, FabricTrainingMixin):
     # the mixin's epoch hook: this loop runs whole epochs in ``run``
     def train_epoch(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover
         raise NotImplementedError("MoECTTrainingAlgorithm trains in run().")
+
+
+def _input_directories(modelpool: Any, config: TrainingConfig) -> dict[str, Path]:
+    """The local directories the run reads, by name (``save_checkpoint`` must not replace
+    one): the starting MoE, the tokenizers, the step checkpoint it resumes from."""
+    named: dict[str, Any] = {"ckpt_path": config.ckpt_path, "tokenizer": config.tokenizer}
+    if not isinstance(modelpool, nn.Module):
+        named["_pretrained_"] = pool_model_path(modelpool, "_pretrained_")
+        named["the pool's tokenizer"] = getattr(modelpool, "tokenizer", None)
+    return {
+        name: Path(path).expanduser()
+        for name, path in named.items()
+        if isinstance(path, (str, os.PathLike)) and Path(path).expanduser().is_dir()
+    }
 
 
 def _named(value: Any) -> dict[str, Any]:

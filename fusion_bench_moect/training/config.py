@@ -21,7 +21,7 @@ from ..schema import (
     check_choice,
     check_float,
     check_int,
-    check_optional_str,
+    check_optional_path,
     markdown_table,
     param,
     plain,
@@ -217,15 +217,15 @@ class TrainingConfig:
     checkpoint_dir: str | None = param(
         None,
         "where step-NNNNNN/ checkpoints go; null = <save_checkpoint>-checkpoints",
-        check=check_optional_str,
+        check=check_optional_path,
     )
     ckpt_path: str | None = param(
-        None, "a step-NNNNNN checkpoint to resume from", check=check_optional_str
+        None, "a step-NNNNNN checkpoint to resume from", check=check_optional_path
     )
     save_checkpoint: str | None = param(
         None,
         "directory for the trained model + training_history.json/.png",
-        check=check_optional_str,
+        check=check_optional_path,
     )
     overwrite: bool = param(False, "replace a non-empty save_checkpoint", check=check_bool)
     accelerator: str = param(
@@ -235,7 +235,7 @@ class TrainingConfig:
     tokenizer: str | None = param(
         None,
         "tokenizer directory when the pool has none (null = the pool's)",
-        check=check_optional_str,
+        check=check_optional_path,
     )
 
     def __post_init__(self) -> None:

@@ -37,6 +37,11 @@ def read_manifest(ckpt_path: str | Path) -> dict[str, Any]:
     """The manifest of a step checkpoint, or a one-line error naming what is wrong."""
     directory = Path(ckpt_path)
     path = directory / MANIFEST
+    if not directory.exists():
+        raise FileNotFoundError(
+            f"ckpt_path={directory} does not exist; give a step-NNNNNN directory under "
+            "checkpoint_dir."
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"ckpt_path={directory} is not a complete moe_ct_training step checkpoint (no "

@@ -1,0 +1,31 @@
+"""What the plugin's algorithms tell FusionBench's program once ``run()`` has saved the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SavedBySaveCheckpoint:
+    """Mixin for an algorithm whose ``save_checkpoint`` writes the model itself.
+
+    FusionBench's program would then print "No save path specified for the merged model.
+    Skipping saving." after our "Saved MoE checkpoint to ..." (once per process): it is told
+    there is nothing left to save, unless its own ``merged_model_save_path`` asks for another
+    copy.
+    """
+
+    save_checkpoint: Any = None
+
+    def on_run_end(self) -> None:
+        super().on_run_end()  # type: ignore[misc]
+        program = getattr(self, "_program", None)
+        if (
+            self.save_checkpoint
+            and hasattr(program, "save_merged_model")
+            and getattr(program, "merged_model_save_path", None) is None
+        ):
+            program.save_merged_model = _saved_by_save_checkpoint
+
+
+def _saved_by_save_checkpoint(model: Any) -> None:
+    """Stands in for the program's ``save_merged_model`` once ``save_checkpoint`` wrote it."""
