@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -410,3 +411,145 @@ def test_finite_check_is_exact(dtype):
             assert not all_finite(broken), (where, bad)
             strided = torch.stack([broken, broken], dim=1)[:, 0]
             assert not strided.is_contiguous() and not all_finite(strided)
+
+
+# -- moe_ct_training: the same care (issue 29) ------------------------------------------------
+
+TRAINING_PARAMETER_ERRORS = [
+    (
+        "learning_rate",
+        {"learning_rate": -1e-4},
+        r"learning_rate must lie in \(0, inf\), got -0.0001",
+    ),
+    ("max_steps", {"max_steps": 0}, r"max_steps must be >= 1 \(or -1 for no limit\), got 0"),
+    ("stage", {"stage": "all"}, "Unknown stage 'all'; valid: router, experts, router_then_experts"),
+    ("balancing", {"balancing": "loss"}, "Unknown balancing 'loss'; valid: aux_loss, bias"),
+    (
+        "warm_up",
+        {"stage": "router_then_experts"},
+        "stage router_then_experts needs router_warmup_steps >= 1",
+    ),
+]
+
+
+def own_input(
+    root: Path, base_dir: Path, tokenizer_dir: Path, which: str
+) -> tuple[Path, Path, str]:
+    """A starting model (a copy of ``base_dir``), a tokenizer directory and a
+    ``save_checkpoint`` that would replace one of them: (base, tokenizer, target)."""
+    base = Path(shutil.copytree(base_dir, root / "models" / "base"))
+    tok = Path(shutil.copytree(tokenizer_dir, root / "tok"))
+    (root / "link").symlink_to(base)
+    target = {"input": base, "parent": root / "models", "symlink": root / "link", "tokenizer": tok}
+    return base, tok, str(target[which])
+
+
+@pytest.mark.parametrize("which", ["input", "parent", "symlink", "tokenizer"])
+def test_training_refuses_to_replace_its_own_input(tmp_path, base_dir, tokenizer_dir, which):
+    """Before: ``overwrite: true`` onto the starting MoE replaced it with the trained one.
+    Refused before anything loads (a dense base stands in for the MoE), nothing changed."""
+    from fusion_bench_moect.training import MoECTTrainingAlgorithm
+
+    base, tok, target = own_input(tmp_path, base_dir, tokenizer_dir, which)
+    before = snapshot(tmp_path)
+    algo = MoECTTrainingAlgorithm(
+        save_checkpoint=target,
+        overwrite=True,
+        accelerator="cpu",
+        train_sources={"a": {"text": "x"}},
+    )
+    relation = "contains" if which == "parent" else "is"
+    owner = "the pool's tokenizer" if which == "tokenizer" else "_pretrained_"
+    with pytest.raises(
+        ValueError, match=rf"save_checkpoint=.* {relation} the directory of '{owner}'"
+    ):
+        algo.run(pool({"_pretrained_": str(base)}, tokenizer=str(tok)))
+    assert snapshot(tmp_path) == before
+
+
+def test_a_missing_ckpt_path_says_it_does_not_exist(tmp_path):
+    from fusion_bench_moect.training import MoECTTrainingAlgorithm
+
+    algo = MoECTTrainingAlgorithm(ckpt_path=str(tmp_path / "nope"), accelerator="cpu")
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*/nope does not exist; give a step-"):
+        algo.run(pool({"_pretrained_": str(tmp_path)}))
+
+
+def training_overrides(root: Path, base: Path, tok: Path, params: dict[str, Any]) -> list[str]:
+    """The ``fusion_bench`` command line of a bad ``moe_ct_training`` run."""
+    argv = ["method=moe_ct_training", "modelpool=CausalLMPool/moe_ct_upcycle", "taskpool=dummy"]
+    argv += [f"modelpool.models._pretrained_={base}", f"modelpool.tokenizer={tok}"]
+    argv += ["fabric.accelerator=cpu", "fabric.loggers=null"]
+    argv += [f"method.{k}={hydra_value(v)}" for k, v in params.items()]
+    logs = root.parent / f"{root.name}-logs"
+    return argv + [f"hydra.run.dir={hydra_value(str(logs))}"]
+
+
+def test_training_errors_through_fusion_bench_are_as_compact_as_the_build_s(
+    tmp_path, base_dir, tokenizer_dir
+):
+    """Before: 237-254 lines, the traceback printed twice, for a parameter checked when the
+    method is made. Now as the build's equivalent error (base_alpha=1.2): exit status 1, the
+    message on the last line but two (then Hydra's hint), no traceback, and no more lines
+    than the build's, give or take the longer configuration printed first. Also the issue's
+    own-input run, and the retired ``fabric=moe_fsdp`` preset, which names its successor."""
+    base, tok, _ = own_input(tmp_path / "own", base_dir, tokenizer_dir, "input")
+    reference = tmp_path / "build"
+    reference.mkdir()
+    build = Setup({"_pretrained_": str(base)}, {"base_alpha": 1.2})
+    jobs = [(cli_overrides(build, reference), r"base_alpha must lie in \[0, 1\], got 1.2")]
+    for name, params, message in TRAINING_PARAMETER_ERRORS:
+        jobs.append((training_overrides(tmp_path / name, base, tok, params), message))
+    own = {"save_checkpoint": str(base), "overwrite": True}
+    jobs.append(
+        (
+            training_overrides(tmp_path / "own_input", base, tok, own),
+            r"save_checkpoint=.* is the directory of '_pretrained_'",
+        )
+    )
+    jobs.append(
+        (
+            training_overrides(tmp_path / "fsdp1", base, tok, {}) + ["fabric=moe_fsdp"],
+            "fabric=moe_fsdp is retired .*; use fabric=moe_fsdp2",
+        )
+    )
+    before = snapshot(tmp_path / "own")
+    outputs = [str(tmp_path / f"job{i}.txt") for i in range(len(jobs))]
+    run_fusion_bench(
+        [{"argv": argv, "output": out} for (argv, _), out in zip(jobs, outputs, strict=True)],
+        tmp_path,
+    )
+    lines = [Path(out).read_text().rstrip("\n").splitlines() for out in outputs]
+    for (argv, message), text, out in zip(jobs, lines, outputs, strict=True):
+        assert Path(out + ".status").read_text() == "1", (argv, text[-20:])
+        assert re.search(message, text[-3]), (argv, text[-3:])
+        assert text[-2:] == lines[0][-2:], text[-2:]  # Hydra's hint, as for the build
+        assert not any("Traceback" in line for line in text), argv
+        assert len(beyond_configuration(text)) <= len(beyond_configuration(lines[0])), argv
+    assert snapshot(tmp_path / "own") == before
+
+
+def beyond_configuration(lines: list[str]) -> list[str]:
+    """The output lines other than the configuration FusionBench prints first (its tree and
+    "Instantiate by calling" boxes, whose length follows the parameter count) and the wrapped
+    continuations of log records."""
+    return [line for line in lines if line[:1] not in "│├└╭╰" and not line.startswith("    ")]
+
+
+def test_the_pools_take_fusion_bench_s_torch_dtype_spelling(tmp_path, base_dir):
+    """FusionBench's configs write ``model_kwargs.torch_dtype``; ours wrote only ``dtype``, so
+    the override failed with Hydra's "Could not override". Set, it wins over the pool's
+    default ``dtype``."""
+    out = tmp_path / "moe"
+    argv = ["method=moe_ct_upcycling", "modelpool=CausalLMPool/moe_ct_upcycle", "taskpool=dummy"]
+    argv += [
+        f"modelpool.models._pretrained_={base_dir}",
+        "modelpool.model_kwargs.torch_dtype=float16",
+    ]
+    argv += ["method.num_experts=2", f"method.save_checkpoint={out}"]
+    argv += [f"hydra.run.dir={tmp_path / 'logs'}", f"path.log_dir={tmp_path / 'logs'}"]
+    run_fusion_bench([{"argv": argv, "output": str(tmp_path / "run.txt")}], tmp_path)
+    text = (tmp_path / "run.txt").read_text()
+    assert (tmp_path / "run.txt.status").read_text() == "0", text[-3000:]
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    assert "deprecated" not in text

@@ -155,3 +155,59 @@ def test_default_anchor_scale_is_quiet_and_scales_only_with_an_anchor(saved, cap
         assert torch.equal(router(default, layer), router(explicit, layer))
         assert torch.equal(router(upcycled, layer), router(plain, layer))
     assert default.config.moe_ct["params"]["router_aux_scale"] is None
+
+
+def test_path_parameters_expand_home_and_variables_once(monkeypatch, tmp_path, base_dir):
+    """``~`` and ``$VARS`` in every path parameter of both methods and the lean CLI, expanded
+    where the schema reads them. Before, the writer expanded ``~`` but the build then read
+    ``~/x/model.safetensors`` literally and failed (training: after training ended)."""
+    from fusion_bench_moect.cli.upcycle import _parse_sources, build_parser
+    from fusion_bench_moect.training.config import TrainingConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MOECT_TEST_DIR", str(tmp_path / "var"))
+    assert MoECTConfig(save_checkpoint="~/x").save_checkpoint == str(tmp_path / "x")
+    paths = ("save_checkpoint", "checkpoint_dir", "ckpt_path", "tokenizer")
+    training = TrainingConfig(**{name: f"$MOECT_TEST_DIR/{name}" for name in paths})
+    assert [getattr(training, name) for name in paths] == [f"{tmp_path}/var/{n}" for n in paths]
+    args = build_parser().parse_args(["~/base", "$MOECT_TEST_DIR/out", "--tokenizer", "~/tok"])
+    assert (args.base, args.output, args.tokenizer) == (
+        f"{tmp_path}/base",
+        f"{tmp_path}/var/out",
+        f"{tmp_path}/tok",
+    )
+    assert _parse_sources(["de=~/de"]) == {"de": tmp_path / "de"}
+    moe = OrthogonalMoECTMergingAlgorithm(num_experts=2, save_checkpoint="~/moe").run(
+        pool({"_pretrained_": str(base_dir)})
+    )
+    assert (tmp_path / "moe" / "model.safetensors").is_file() and moe is not None
+    assert not (tmp_path / "~").exists()
+
+
+def test_lean_cli_help_speaks_of_its_own_flags():
+    """Issue 29: the usage names the console script; no option's help speaks of the model
+    pool, of YAML keys or of YAML syntax; every option has help; a flag taking names refuses
+    none; a pipeline error names OUTPUT and --overwrite, not the method's keys."""
+    from fusion_bench_moect.cli.upcycle import build_parser, in_cli_words
+
+    parser = build_parser()
+    text = parser.format_help()
+    assert text.startswith("usage: moect-upcycle ")
+    for word in (
+        "model_kwargs",
+        "save_checkpoint",
+        "overwrite: true",
+        "{source",
+        "{expert",
+        "pool",
+    ):
+        assert word not in text, word
+    assert all(action.help for action in parser._actions), [a.dest for a in parser._actions]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["b", "o", "--anchor-experts"])
+    said = in_cli_words(
+        "save_checkpoint=/x is not empty; choose a new directory or set overwrite: true to replace it."
+    )
+    assert (
+        said == "OUTPUT=/x is not empty; choose a new directory or pass --overwrite to replace it."
+    )

@@ -3,6 +3,7 @@ terminal), print no WARNING, no progress-bar cursor moves (ESC [A) and no contra
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import transformers
-from helpers import REPO, add_tokenizer, perturbed, unavailable
+from helpers import REPO, add_tokenizer, perturbed, real_text, unavailable
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -26,14 +27,15 @@ def assert_quiet(text: str) -> None:
         assert "No save path specified" not in text
 
 
-def run(command: list[str], cwd: Path) -> str:
+def run(command: list[str], cwd: Path, **env: str) -> str:
+    """``command``'s output (stdout, then stderr); it must succeed. ``env``: more variables."""
     out = subprocess.run(
         command,
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=900,
-        env=ENV,
+        env={**ENV, **env},
         stdin=subprocess.DEVNULL,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -107,3 +109,58 @@ def test_main_job_output(tmp_path):
     shutil.rmtree(REPO / Path(report.split()[1]).parent, ignore_errors=True)
     assert_quiet(text)
     assert "MoETextTaskPool summary" in text
+
+
+def test_training_on_two_processes_speaks_once(moe_checkpoint, tokenizer_dir, tmp_path):
+    """Issue 29: under DDP only rank 0 logs (each step line and FusionBench's "Loading model"
+    once), no "No save path specified" after the save, no transformers bar as ``\\r`` lines;
+    ``model_kwargs.torch_dtype`` (FusionBench's spelling) overrides the pool's ``dtype`` with
+    no deprecation warning; ``~`` in ``save_checkpoint`` is the home directory; the record
+    says what ran (2 CPU processes under DDP, 32-true), not the method's unused defaults."""
+    moe_dir, _ = moe_checkpoint("mixtral")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(real_text())
+    command = [
+        str(BIN / "fusion_bench"),
+        "method=moe_ct_training",
+        "method.stage=experts",
+        "method.max_steps=2",
+        "method.log_every=1",
+        "method.batch_size=2",
+        "method.seq_len=32",
+        "~method.train_sources",
+        f"+method.train_sources={{corpus:'{corpus}'}}",
+        "method.save_checkpoint='~/trained'",  # quoted: Hydra's grammar has no bare ~
+        "modelpool=CausalLMPool/moe_ct_upcycle",
+        f"modelpool.models._pretrained_={moe_dir}",
+        f"modelpool.tokenizer={tokenizer_dir}",
+        "modelpool.model_kwargs.torch_dtype=float32",  # the pool's dtype says bfloat16
+        "taskpool=dummy",
+        "fabric.accelerator=cpu",
+        "fabric.devices=2",
+        "fabric.strategy=ddp",
+        "fabric.precision=32-true",
+        "fabric.loggers=null",
+        f"hydra.run.dir={tmp_path / 'logs'}",
+    ]
+    text = run(command, tmp_path, HOME=str(tmp_path))
+    assert_quiet(text)
+    assert "\r" not in text
+    assert text.count("Loading model: _pretrained_") == 1
+    assert [text.count(f"step {n}: loss") for n in (1, 2)] == [1, 1]
+    trained = tmp_path / "trained"
+    assert (trained / "training_history.png").is_file() and not (tmp_path / "~").exists()
+    config = json.loads((trained / "config.json").read_text())
+    assert config["dtype"] == "float32"
+    record = config["moe_ct_training"]
+    assert record["run"] == {
+        "strategy": "DDPStrategy",
+        "sharded": False,
+        "processes": 2,
+        "nodes": 1,
+        "accelerator": "cpu",
+        "precision": "32-true",
+        "mixed_precision": None,
+    }
+    assert record["params"]["accelerator"] == "cpu"
+    assert record["params"]["save_checkpoint"] == str(trained)

@@ -55,6 +55,10 @@ def test_cli_fsdp2_trains_like_ddp_evaluates_and_resumes(
     assert [e["step"] for e in training_history(fsdp)["eval"]] == [0, 2, 4]
     params = json.loads((ddp / "config.json").read_text())["moe_ct_training"]["params"]
     assert params["stage"] == "experts" and params["max_steps"] == 4
+    ran = json.loads((fsdp / "config.json").read_text())["moe_ct_training"]["run"]
+    assert ran["strategy"] == "ModelParallelStrategy" and ran["sharded"] is True  # issue 29
+    assert (ran["processes"], ran["nodes"], ran["accelerator"]) == (2, 1, "cpu")
+    assert ran["mixed_precision"] is None  # FSDP2's "auto": bf16 on a CUDA device only
     assert [h["step"] for h in training_history(ddp)["train"]] == [1, 2, 3, 4]
     events = list(log_dir.rglob("events.out.tfevents*"))
     assert events, "no TensorBoard log in the run's log dir"

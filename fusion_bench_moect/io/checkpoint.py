@@ -1,10 +1,10 @@
 """Write MoE checkpoints atomically: a temp directory beside the target, then one rename.
 
 A temporary is named ``.NAME.tmp-PID-XXXXXXXX`` and locked (``flock``) while its process lives,
-so the next run into the same place removes what a killed process left and never touches a live
-one's. An overwrite swaps the new directory with the old in one step where Linux can
-(``renameat2``), so the target is never absent; elsewhere the old one is first renamed aside
-(``.NAME.old-PID-XXXXXXXX``).
+so the next run into the same folder removes what a killed process left there (for any NAME)
+and never touches a live one's. An overwrite swaps the new directory with the old in one step
+where Linux can (``renameat2``), so the target is never absent; elsewhere the old one is first
+renamed aside (``.NAME.old-PID-XXXXXXXX``).
 Files and directories get the modes the umask gives, as files written by ``open`` do
 (transformers 5 writes ``model.safetensors`` 0600 through a temporary file).
 """
@@ -156,12 +156,15 @@ def _temporary_path(target: Path, kind: str) -> Path:
 
 
 def _temporary_owner(target: Path, entry: Path) -> int | None:
-    """The process id in a temporary's name (0 for a name without one), None for other names."""
+    """The process id in the name of a temporary beside ``target``: any checkpoint's
+    (``.NAME.tmp-PID-XXXXXXXX``), or 0 for ``target``'s own from older versions (no process
+    id); None for other names."""
     kinds = "|".join(_TEMP_KINDS)
-    match = re.fullmatch(rf"\.{re.escape(target.name)}\.({kinds})-(?:(\d+)-)?[\w]+", entry.name)
-    if match is None:
-        return None
-    return int(match.group(2) or 0)
+    match = re.fullmatch(rf"\..+\.(?:{kinds})-(\d+)-[0-9a-f]{{8}}", entry.name)
+    if match is not None:
+        return int(match.group(1))
+    own = re.fullmatch(rf"\.{re.escape(target.name)}\.(?:{kinds})-\w+", entry.name)
+    return 0 if own is not None else None
 
 
 def _lock(path: Path) -> int | None:
@@ -193,10 +196,13 @@ def _process_alive(pid: int) -> bool:
 
 
 def clear_stale_temporaries(target: Path) -> None:
-    """Remove the temporaries that a dead process left next to ``target``; name the others.
+    """Remove the temporaries that dead processes left in ``target``'s folder, whatever
+    checkpoint they were for (a killed build into another name leaves one there as well);
+    name the others.
 
-    A temporary is stale when its lock is free and the process in its name no longer runs;
-    one without a process id in its name (older versions) is only named.
+    A temporary is stale when its lock is free and the process in its name no longer runs; a
+    live writer's is left alone; one of ``target`` without a process id in its name (older
+    versions) is only named.
     """
     if not target.parent.is_dir():
         return
