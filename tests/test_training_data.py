@@ -22,9 +22,7 @@ from fusion_bench_moect.training.sampler import WindowBatchSampler
 
 def test_files_are_read_in_chunks_and_packed_with_eos(tokenizer_dir, tmp_path, monkeypatch):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    monkeypatch.setattr(
-        documents, "CHUNK_BYTES", 97
-    )  # many chunks, cut inside lines and characters
+    monkeypatch.setattr(documents, "CHUNK_BYTES", 97)  # many chunks, cut inside lines and characters
     text = real_text() + "\nCafé, naïve, 東京.\n"
     (tmp_path / "a.txt").write_text(text)
     windows = pack_source(tokenizer, str(tmp_path / "a.txt"), seq_len=16)
