@@ -185,7 +185,7 @@ class TrainingConfig:
         None,
         "where the token stores go (null = ~/.cache/fusion_bench_moect/token_stores, or "
         "$FUSION_BENCH_MOECT_CACHE/token_stores)",
-        check=check_optional_str,
+        check=check_optional_path,
     )
     seed: int = param(0, "data order seed (one permutation per epoch)", check=check_int())
     log_every: int = param(
