@@ -204,6 +204,7 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=1.0)
     parser.add_argument("--slice-mb", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--launch-rounds", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the corpus and the stores")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
@@ -226,6 +227,7 @@ def measure(args) -> dict:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from training import smollm2_moe  # the training benchmark's 4-expert SmolLM2 MoE
 
+    load = [os.getloadavg()[0]]
     folder = corpus(args.root, args.gb)
     parts = PART // 1_000_000
     slice_glob = str(folder / f"part-00[0-{args.slice_mb // parts - 1}].txt")
@@ -247,12 +249,13 @@ def measure(args) -> dict:
     run("loader", small, stores)  # builds the replay store, warms the page cache: not counted
     launches: dict[str, list] = {"0.1": [], str(args.gb): []}
     memory: dict[str, list] = {"0.1": [], str(args.gb): []}
-    for _ in range(args.rounds):
+    for _ in range(args.launch_rounds):
         for size, glob in (("0.1", small), (str(args.gb), big)):
             launches[size].append(run("launch", glob, stores, moe=moe))
             memory[size].append(run("loader", glob, stores))
             print(size, launches[size][-1]["first_step_s"], memory[size][-1], flush=True)
-    return {"slice_mb": args.slice_mb, "rows": {k: spread(v) for k, v in rows.items()},
+    load.append(os.getloadavg()[0])
+    return {"load_average_start_end": load, "slice_mb": args.slice_mb, "rows": {k: spread(v) for k, v in rows.items()},
             "raw": rows, "whole": whole, "launches": launches, "memory": memory,
             "corpus": json.loads((folder / "done").read_text())}  # fmt: skip
 

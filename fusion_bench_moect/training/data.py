@@ -181,6 +181,7 @@ class TrainingData(Dataset):
                     f"fewer than one window of seq_len={self.seq_len}; add text or lower seq_len."
                 )
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self._tokens = [store.tokens for store in self.stores.values()]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -188,7 +189,7 @@ class TrainingData(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         s = int(np.searchsorted(self.offsets, index, side="right")) - 1
         start = (index - int(self.offsets[s])) * self.seq_len
-        tokens = list(self.stores.values())[s].tokens[start : start + self.seq_len]
+        tokens = self._tokens[s][start : start + self.seq_len]
         return torch.from_numpy(tokens.astype(np.int64))
 
     @property
