@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
-from helpers import local_train, real_text, run_fabric, run_local
+from helpers import REPO, WORKER, local_train, real_text, run_fabric, run_local, training_params
 from transformers import AutoTokenizer
 
 from fusion_bench_moect.data import documents
@@ -174,3 +178,27 @@ def test_resume_mid_mixture_is_exact_and_the_plan_is_recorded(
     with pytest.raises(ValueError, match="another stage or parallel layout"):
         run_local(moe_dir, str(tokenizer_dir), **{**settings, "train_sources": other,
                   "ckpt_path": str(step3), "checkpoint_every": 0})  # fmt: skip
+
+
+def test_a_bad_source_under_ddp_stops_every_process_with_its_line(
+    moe_checkpoint, tokenizer_dir, tmp_path
+):
+    """Local rank 0 builds the stores while rank 1 waits: its error reaches both, no hang."""
+    moe_dir, _ = moe_checkpoint("qwen2_moe")
+    (tmp_path / "empty.txt").write_text("")
+    spec = {
+        "moe_dir": moe_dir, "tokenizer": str(tokenizer_dir), "devices": 2, "strategy": "ddp",
+        "params": training_params(train_sources={"bad": str(tmp_path / "empty.txt")}),
+        "output": str(tmp_path / "out.pt"),
+    }  # fmt: skip
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = subprocess.run(
+        [sys.executable, str(WORKER), str(tmp_path / "spec.json")], capture_output=True,
+        text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (WORKER.parent, REPO)))},
+    )  # fmt: skip
+    assert out.returncode != 0
+    stderr = re.sub(r"\s*\n(\[rank\d\]: )?", " ", out.stderr)  # the traceback's wrapping
+    assert f"Training source 'bad': {tmp_path / 'empty.txt'} is empty" in stderr
+    assert "The token stores could not be built (the error of local rank 0" in stderr
+    assert not (tmp_path / "out.pt").exists()
