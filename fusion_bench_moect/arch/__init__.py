@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..params import MoECTConfig
-from .base import MoELayer, OutputArchitecture, Unsupported, rope_legacy_fields
+from .base import MoELayer, OutputArchitecture, PlanLayout, Unsupported, rope_legacy_fields
 from .glm4_moe import Glm4MoeArchitecture
 from .mixtral import MixtralArchitecture
 from .qwen2_moe import Qwen2MoeArchitecture
@@ -40,6 +40,7 @@ __all__ = [
     "AUTO_ARCHITECTURE",
     "MoELayer",
     "OutputArchitecture",
+    "PlanLayout",
     "Unsupported",
     "auto_architecture",
     "check_base",

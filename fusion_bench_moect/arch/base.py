@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -19,9 +19,6 @@ from torch import nn
 from .. import inspection
 from ..params import MoECTConfig
 from ..prompt_gates import SHARED_EXPERT_PROMPTS
-
-if TYPE_CHECKING:
-    from ..plan import MoEPlan
 
 # Config keys that describe the checkpoint, not the network, and must not leak into the MoE config.
 _DROPPED_CONFIG_KEYS = (
@@ -106,6 +103,23 @@ COMMON_LAYER_TENSORS = (
     "self_attn.v_proj.weight",
     "self_attn.o_proj.weight",
 )
+
+
+class PlanLayout(Protocol):
+    """What a family's ``plan_config`` reads of an expert plan, as plain values
+    (``plan.MoEPlan`` has them): the plan imports the families, never the reverse."""
+
+    granularity: int
+    n_group: int
+    topk_group: int
+
+    @property
+    def dense_layers(self) -> list[int]:
+        """Decoder layers that stay dense."""
+
+    @property
+    def shared_ffns(self) -> Sequence[Any]:
+        """The FFNs concatenated into the shared expert."""
 
 
 @dataclass(frozen=True)
@@ -265,7 +279,7 @@ class OutputArchitecture(ABC):
                 found.append((index, getattr(block.gate, self.router_bias_name)))
         return found
 
-    def plan_config(self, plan: MoEPlan, base_config: Any) -> dict[str, Any]:
+    def plan_config(self, plan: PlanLayout, base_config: Any) -> dict[str, Any]:
         """Config keys that depend on the plan beyond the expert count (dense layers, the
         shared expert's width)."""
         return {}

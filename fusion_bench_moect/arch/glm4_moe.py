@@ -16,14 +16,11 @@ declared (``num_nextn_predict_layers: 0``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..ops.routers import group_routing_problem
 from ..params import MoECTConfig
-from .base import COMMON_LAYER_TENSORS, OutputArchitecture
-
-if TYPE_CHECKING:
-    from ..plan import MoEPlan
+from .base import COMMON_LAYER_TENSORS, OutputArchitecture, PlanLayout
 
 #: The dense families whose attention has q/k/v biases always (others: ``attention_bias``).
 _QKV_BIAS_BASES = ("qwen2",)
@@ -97,7 +94,7 @@ class Glm4MoeArchitecture(OutputArchitecture):
             "topk_group": 1,
         }
 
-    def plan_config(self, plan: MoEPlan, base_config: Any) -> dict[str, Any]:
+    def plan_config(self, plan: PlanLayout, base_config: Any) -> dict[str, Any]:
         return {
             "first_k_dense_replace": len(plan.dense_layers),
             # n FFNs of width I side by side, in units of moe_intermediate_size = I / G

@@ -9,15 +9,12 @@ starts at a tiny nonzero weight (``SHARED_GATE_INIT``) instead of zero.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .base import COMMON_LAYER_TENSORS
+from .base import COMMON_LAYER_TENSORS, PlanLayout
 from .qwen3_moe import Qwen3MoeArchitecture
-
-if TYPE_CHECKING:
-    from ..plan import MoEPlan
 
 #: Every weight of the shared expert's gate at initialisation. sigmoid(x) rounds to exactly
 #: 1/2 for |x| < 2**-25 (float32), so transformers sees the zero-gate model bit for bit,
@@ -64,7 +61,7 @@ class Qwen2MoeArchitecture(Qwen3MoeArchitecture):
     def shared_gate_init(self, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
         return initial_shared_gate(hidden_size, dtype)
 
-    def plan_config(self, plan: MoEPlan, base_config: Any) -> dict[str, Any]:
+    def plan_config(self, plan: PlanLayout, base_config: Any) -> dict[str, Any]:
         # The shared expert is n FFNs of width I side by side.
         width = base_config.intermediate_size * len(plan.shared_ffns)
         return {**super().plan_config(plan, base_config), "shared_expert_intermediate_size": width}

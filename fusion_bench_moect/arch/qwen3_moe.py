@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .base import COMMON_LAYER_TENSORS, OutputArchitecture
-
-if TYPE_CHECKING:
-    from ..plan import MoEPlan
+from .base import COMMON_LAYER_TENSORS, OutputArchitecture, PlanLayout
 
 
 class Qwen3MoeArchitecture(OutputArchitecture):
@@ -29,7 +26,7 @@ class Qwen3MoeArchitecture(OutputArchitecture):
             return {"num_experts": config["num_local_experts"]}
         return {}
 
-    def plan_config(self, plan: MoEPlan, base_config: Any) -> dict[str, Any]:
+    def plan_config(self, plan: PlanLayout, base_config: Any) -> dict[str, Any]:
         return {"mlp_only_layers": plan.dense_layers}
 
     def family_config(self, base_config: Any) -> dict[str, Any]:
