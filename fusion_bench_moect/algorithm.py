@@ -145,4 +145,5 @@ def pool_inputs(modelpool: BaseModelPool) -> ModelInputs:
         vocabulary_dir=vocabulary_dir,
         default_dtype=model_kwargs_dtype(kwargs),
         load_dense=lambda: modelpool.load_model("_pretrained_"),
+        given=lambda name: declared_model_path(modelpool, name),
     )

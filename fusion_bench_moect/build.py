@@ -425,6 +425,7 @@ class MoEEngine:
         max_shard_bytes: int | None = None,
         config: Any = None,
         fused_order: bool = False,
+        card: Any = None,
     ) -> list[float]:
         """Write the MoE model as a Hugging Face checkpoint without building it in memory.
 
@@ -449,6 +450,7 @@ class MoEEngine:
                 (``io.mapped.fused_units``), so that ``io.mapped`` can map the checkpoint
                 back as a model without copies. The experts are still computed and written
                 one at a time.
+            card: Returns the model card given the final config (``write_hub_checkpoint``).
 
         Returns:
             The router condition number of every layer (also in the record).
@@ -469,6 +471,7 @@ class MoEEngine:
                 overwrite=overwrite,
                 max_shard_bytes=max_shard_bytes or streaming.DEFAULT_MAX_SHARD_BYTES,
                 units=fused_units(specs, self.arch.expert_proj_names) if fused_order else None,
+                card=card,
             )
         return conds
 

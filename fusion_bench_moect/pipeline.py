@@ -10,6 +10,7 @@ the command line. Nothing here imports FusionBench, so the lean CLI starts fast.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .inspection import moe_block
 from .io.checkpoint import check_destination
 from .io.mapped import mapped_model
 from .io.sources import SourceError, TensorSource, read_vocabulary, resolve_dtype
+from .model_card import build_card
 from .ops.routers import condition_number
 from .params import PROMPT_GATE_MODES, MoECTConfig
 from .plan import BASE_EXPERT, MoEPlan, make_plan
@@ -51,6 +53,8 @@ class ModelInputs:
         output_config: For streaming, returns the output's transformers config given
             ``(plan, arch, dtype)``; it is called after the tensors are written.
         max_shard_bytes: Largest checkpoint shard (default 2 GB).
+        given: How the user gave a model, by name (a path or hub id), for the model card's
+            ``base_model``; default its ``directory``.
     """
 
     source_names: Sequence[str]
@@ -63,6 +67,7 @@ class ModelInputs:
     load_dense: Callable[[], torch.nn.Module] | None = None
     output_config: Callable[[MoEPlan, Any, torch.dtype], Any] | None = None
     max_shard_bytes: int | None = None
+    given: Callable[[str], Any] | None = None
 
 
 @dataclass
@@ -105,6 +110,7 @@ def run_pipeline(config: MoECTConfig, inputs: ModelInputs) -> BuildResult:
                 max_shard_bytes=inputs.max_shard_bytes,
                 config=_recorded_config(inputs, engine, written),
                 fused_order=not config.streaming,
+                card=output_card(inputs, config.save_checkpoint),
             )
             _log_conditions(conds)
             if config.streaming:
@@ -123,6 +129,19 @@ def input_directories(inputs: ModelInputs) -> dict[str, Path]:
     named = {name: inputs.directory(name) for name in (BASE_EXPERT, *inputs.source_names)}
     named["tokenizer"] = inputs.tokenizer_dir or inputs.vocabulary_dir
     return {name: path for name, path in named.items() if path is not None}
+
+
+def output_card(inputs: ModelInputs, directory: str | os.PathLike) -> Callable[[Any], str]:
+    """The output's model card given its final config: each model as the user gave it (a
+    path or hub id; None for one given in memory), the directory's name as the title."""
+    names = {}
+    for name in (BASE_EXPERT, *inputs.source_names):
+        given = inputs.given(name) if inputs.given is not None else None
+        if not isinstance(given, (str, os.PathLike)):
+            given = inputs.directory(name)
+        names[name] = None if given is None else str(given)
+    title = Path(directory).expanduser().absolute().name
+    return lambda config: build_card(config.to_dict(), names, title)
 
 
 def prepare_engine(

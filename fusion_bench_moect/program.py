@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .io.model_card import record_evaluation
+
 
 class SavedBySaveCheckpoint:
     """Mixin for an algorithm whose ``save_checkpoint`` writes the model itself.
@@ -11,7 +13,7 @@ class SavedBySaveCheckpoint:
     FusionBench's program would then print "No save path specified for the merged model.
     Skipping saving." after our "Saved MoE checkpoint to ..." (once per process): it is told
     there is nothing left to save, unless its own ``merged_model_save_path`` asks for another
-    copy.
+    copy. Its evaluation report also goes into the saved model's card (rank 0 writes).
     """
 
     save_checkpoint: Any = None
@@ -19,6 +21,9 @@ class SavedBySaveCheckpoint:
     def on_run_end(self) -> None:
         super().on_run_end()  # type: ignore[misc]
         program = getattr(self, "_program", None)
+        fabric = getattr(self, "_fabric_instance", None)
+        if fabric is None or fabric.is_global_zero:
+            record_evaluation(program, self.save_checkpoint)
         if (
             self.save_checkpoint
             and hasattr(program, "save_merged_model")

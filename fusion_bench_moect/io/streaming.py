@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..model_card import CARD_FILE
 from ..progress import progress
 from .checkpoint import atomic_directory, make_portable
 from .filewriter import PositionalWriter
@@ -248,6 +249,7 @@ def write_hub_checkpoint(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     units: Sequence[int] | None = None,
+    card: Callable[[Any], str] | None = None,
 ) -> Path:
     """Write a Hugging Face checkpoint from a stream of tensors, all or nothing.
 
@@ -264,6 +266,7 @@ def write_hub_checkpoint(
         overwrite: Replace a non-empty ``directory``.
         max_shard_bytes: Largest shard.
         units: Runs of ``specs`` kept in one shard (``shard_layout``).
+        card: Returns the model card (``README.md``) given the final config.
 
     Returns:
         The checkpoint directory.
@@ -274,6 +277,8 @@ def write_hub_checkpoint(
                 writer.write(name, tensor)
         final_config = config() if callable(config) else config
         final_config.save_pretrained(tmp)
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card(final_config))
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         elif generation_config_from is not None:

@@ -32,6 +32,7 @@ from torch import nn
 from ..io.checkpoint import atomic_directory, clear_stale_temporaries
 from ..io.checkpoint import save_checkpoint as write_checkpoint
 from ..progress import progress
+from .card import card_file
 from .config import TrainingConfig
 from .loop import Position, TrainRun
 from .sharding import full_state_dict, local
@@ -84,7 +85,7 @@ def save_model(fabric: Any, run: TrainRun, directory: Path) -> None:
             directory,
             run.tokenizer,
             overwrite=True,
-            extra_files={"training_history.json": history_json(run)},
+            extra_files={"training_history.json": history_json(run), **card_file(run, directory)},
             state_dict=state_dict,
         )
     fabric.barrier()
