@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .io.model_card import record_evaluation
+from .schema import check_optional_path
 
 
 class SavedBySaveCheckpoint:
@@ -23,7 +24,7 @@ class SavedBySaveCheckpoint:
         program = getattr(self, "_program", None)
         fabric = getattr(self, "_fabric_instance", None)
         if fabric is None or fabric.is_global_zero:
-            record_evaluation(program, self.save_checkpoint)
+            record_evaluation(program, check_optional_path("save_checkpoint", self.save_checkpoint))
         if (
             self.save_checkpoint
             and hasattr(program, "save_merged_model")

@@ -28,7 +28,6 @@ from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 from fusion_bench_moect.cli.upcycle import main as lean_main
 from fusion_bench_moect.io.model_card import add_results
 from fusion_bench_moect.model_card import number, results_section, with_results
-from fusion_bench_moect.training.card import training_card
 
 SOURCE_CARD = "This card describes a dense source model"
 GLM = ["architecture=glm4_moe", "granularity=2", "n_group=3", "topk_group=2"]
@@ -169,15 +168,14 @@ def test_training_card_has_the_run_the_data_and_the_curves(models, tmp_path, tok
     assert row + f"{number(last['perplexity']['held_out'])} |" in text
     assert "![training history](training_history.png)" in text
     assert (trained / "training_history.png").is_file()
-    assert "| gpl | inline text, " in text  # the data mixture
     config = json.loads((trained / "config.json").read_text())
-    alphas = config["moe_ct"]["alphas"]
-    assert ", ".join(f"{a:.3f}" for a in alphas) in text  # the recipe it started from
-    # the data helper's plan, where the run has one, is the mixture's table
-    plan = {"de": {"weight": 0.4, "tokens": 1200}, "en": {"weight": 0.6, "tokens": 800}}
-    config["moe_ct_training"]["data_plan"] = plan
-    planned = training_card(config, str(moe), algo.evaluations, "trained")
-    assert "| source | weight | tokens |\n| --- | --- | --- |\n| de | 0.4 | 1200 |" in planned
+    plan = config["moe_ct_training"]["data_plan"]  # the run's plan is the mixture's table
+    assert (
+        "| source | data | tokens | windows | weight | share | windows_per_step | epochs |" in text
+    )
+    gpl = plan["gpl"]
+    assert f" characters | {gpl['tokens']} | {gpl['windows']} | n/a | 1 |" in text
+    assert ", ".join(f"{a:.3f}" for a in config["moe_ct"]["alphas"]) in text  # the recipe
 
 
 KILL_AT_CARD = """

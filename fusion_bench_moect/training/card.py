@@ -110,15 +110,18 @@ def _data(run: Mapping[str, Any], params: Mapping[str, Any]) -> list[str]:
     """The data mixture: the run's ``data_plan`` where it has one, else the sources."""
     lines = ["## Data", ""]
     plan = run.get("data_plan")
-    if isinstance(plan, Mapping) and plan and all(isinstance(v, Mapping) for v in plan.values()):
-        keys = list(dict.fromkeys(k for v in plan.values() for k in v))
-        rows = [[name, *(number(v.get(k)) for k in keys)] for name, v in plan.items()]
-        return lines + table(["source", *keys], rows) + [""]
-    if plan:
-        return lines + ["```json", json.dumps(plan, indent=1), "```", ""]
     sources = params.get("train_sources") or {}
     if not isinstance(sources, Mapping):
         sources = {f"source{i}": s for i, s in enumerate(sources)}
+    if isinstance(plan, Mapping) and plan and all(isinstance(v, Mapping) for v in plan.values()):
+        keys = list(dict.fromkeys(k for v in plan.values() for k in v))
+        rows = [
+            [name, _source(sources.get(name, "")), *(number(v.get(k)) for k in keys)]
+            for name, v in plan.items()
+        ]
+        return lines + table(["source", "data", *keys], rows) + [""]
+    if plan:
+        return lines + ["```json", json.dumps(plan, indent=1), "```", ""]
     rows = [[name, _source(spec)] for name, spec in sources.items()]
     return lines + table(["source", "data"], rows) + [""]
 
