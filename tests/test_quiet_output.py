@@ -164,3 +164,35 @@ def test_training_on_two_processes_speaks_once(moe_checkpoint, tokenizer_dir, tm
     }
     assert record["params"]["accelerator"] == "cpu"
     assert record["params"]["save_checkpoint"] == str(trained)
+
+
+def test_other_ranks_keep_only_their_warnings_and_say_whose():
+    """``one_voice``: on rank 1 the INFO lines go, a warning comes with ``rank 1:`` (once,
+    however many handlers it meets); rank 0 is untouched; the filters go with the block."""
+    import logging
+
+    from fusion_bench_moect.training.voice import one_voice
+
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handlers = [Collect(), Collect()]
+    root = logging.getLogger()
+    for handler in handlers:
+        root.addHandler(handler)
+    log = logging.getLogger("fusion_bench_moect.test_voice")
+    log.setLevel(logging.INFO)
+    try:
+        with one_voice(1):
+            log.info("step 1: loss 2.0")
+            log.warning("slow disk")
+        with one_voice(0):
+            log.info("step 2: loss 1.0")
+        log.info("after")
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+    assert seen == ["rank 1: slow disk"] * 2 + ["step 2: loss 1.0"] * 2 + ["after"] * 2

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from fusion_bench.modelpool import CausalLMPool
 
 from .lora import is_adapter_dir, open_adapter
@@ -29,6 +30,21 @@ def pool_model_path(modelpool: Any, name: str) -> Path | None:
     if isinstance(path, (str, os.PathLike)) and Path(path).expanduser().is_dir():
         return Path(path).expanduser()
     return None
+
+
+def read_directories(modelpool: Any, **more: Any) -> dict[str, Path]:
+    """The local directories a run reads, by name, that its output must not replace: the
+    pool's ``_pretrained_`` and tokenizer (none for a bare model) and ``more`` (name: path or
+    None); paths that are not local directories are left out."""
+    named = dict(more)
+    if not isinstance(modelpool, torch.nn.Module):
+        named["_pretrained_"] = pool_model_path(modelpool, "_pretrained_")
+        named["the pool's tokenizer"] = getattr(modelpool, "tokenizer", None)
+    return {
+        name: Path(path).expanduser()
+        for name, path in named.items()
+        if isinstance(path, (str, os.PathLike)) and Path(path).expanduser().is_dir()
+    }
 
 
 def model_kwargs_dtype(kwargs: Mapping[str, Any]) -> Any:

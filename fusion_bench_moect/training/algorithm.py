@@ -11,7 +11,6 @@ builds a single-device Fabric (``accelerator``, ``precision``). The parameters a
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from .._config import to_plain
 from ..errors import one_line_errors
 from ..inspection import moe_ct_record
 from ..io.checkpoint import check_destination
-from ..io.pool import pool_model_path
+from ..io.pool import read_directories
 from ..program import SavedBySaveCheckpoint
 from ..progress import library_bars
 from ..schema import signature
@@ -39,7 +38,7 @@ from .losses import set_model_aux_coefficient
 from .metrics import Evaluator
 from .optim import build_optimizer, build_scheduler
 from .plots import plot_training_history
-from .runtime import run_record
+from .runtime import training_record
 from .sampler import MixtureBatchSampler, WindowBatchSampler
 from .sharding import is_sharded, set_experts_implementation
 from .voice import one_voice
@@ -105,8 +104,10 @@ class MoECTTrainingAlgorithm(SavedBySaveCheckpoint, BaseAlgorithm, FabricTrainin
         if config.ckpt_path:
             resume.read_manifest(config.ckpt_path)
         if config.save_checkpoint:
-            inputs = _input_directories(modelpool, config)
-            check_destination(config.save_checkpoint, config.overwrite, inputs)
+            reads = read_directories(
+                modelpool, ckpt_path=config.ckpt_path, tokenizer=config.tokenizer
+            )
+            check_destination(config.save_checkpoint, config.overwrite, reads)
         model, tokenizer = self._load(modelpool, config)
         check_balancing(model, config)  # before the data is read
         plan = self._plan(model, config)
@@ -264,18 +265,8 @@ class MoECTTrainingAlgorithm(SavedBySaveCheckpoint, BaseAlgorithm, FabricTrainin
         module.eval()
         set_model_aux_coefficient(module, config.router_aux_loss_coef)
         final = {k: v for k, v in run.history[-1].items() if k != "layers"} if run.history else {}
-        ran = run_record(fabric, module)
-        params = {
-            **config.record(),
-            "accelerator": ran["accelerator"],
-            "precision": ran["precision"],
-        }
-        module.config.moe_ct_training = {
-            "params": params,
-            "run": ran,
-            "final": final,
-            "data_plan": self.data_plan,
-        }
+        record = training_record(config.record(), fabric, module)
+        module.config.moe_ct_training = {**record, "final": final, "data_plan": self.data_plan}
         if config.save_checkpoint:
             checkpoints.save_model(fabric, run, Path(config.save_checkpoint))
             if fabric.is_global_zero:
@@ -294,20 +285,6 @@ class MoECTTrainingAlgorithm(SavedBySaveCheckpoint, BaseAlgorithm, FabricTrainin
     # the mixin's epoch hook: this loop runs whole epochs in ``run``
     def train_epoch(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover
         raise NotImplementedError("MoECTTrainingAlgorithm trains in run().")
-
-
-def _input_directories(modelpool: Any, config: TrainingConfig) -> dict[str, Path]:
-    """The local directories the run reads, by name (``save_checkpoint`` must not replace
-    one): the starting MoE, the tokenizers, the step checkpoint it resumes from."""
-    named: dict[str, Any] = {"ckpt_path": config.ckpt_path, "tokenizer": config.tokenizer}
-    if not isinstance(modelpool, nn.Module):
-        named["_pretrained_"] = pool_model_path(modelpool, "_pretrained_")
-        named["the pool's tokenizer"] = getattr(modelpool, "tokenizer", None)
-    return {
-        name: Path(path).expanduser()
-        for name, path in named.items()
-        if isinstance(path, (str, os.PathLike)) and Path(path).expanduser().is_dir()
-    }
 
 
 def _named(value: Any) -> dict[str, Any]:

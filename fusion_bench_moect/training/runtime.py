@@ -1,5 +1,6 @@
 """What ran: the Fabric's strategy, processes, nodes, accelerator, precision and
-mixed-precision policy, recorded with the trained model (``config.moe_ct_training.run``).
+mixed-precision policy, recorded with the trained model (``config.moe_ct_training.run``;
+``params`` gets the accelerator and precision that ran).
 
 Through ``fusion_bench`` these come from the program's Fabric (``fabric.*``), not from the
 method's ``accelerator`` and ``precision`` parameters (which only the Python API uses), so
@@ -56,4 +57,13 @@ def run_record(fabric: Any, module: nn.Module) -> dict[str, Any]:
         "accelerator": fabric.device.type,
         "precision": precision,
         "mixed_precision": mixed_precision(precision, module),
+    }
+
+
+def training_record(params: dict[str, Any], fabric: Any, module: nn.Module) -> dict[str, Any]:
+    """``params`` with ``accelerator`` and ``precision`` as they ran, and ``run``."""
+    ran = run_record(fabric, module)
+    return {
+        "params": {**params, "accelerator": ran["accelerator"], "precision": ran["precision"]},
+        "run": ran,
     }
