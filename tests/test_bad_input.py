@@ -467,14 +467,6 @@ def test_training_refuses_to_replace_its_own_input(tmp_path, base_dir, tokenizer
     assert snapshot(tmp_path) == before
 
 
-def test_a_missing_ckpt_path_says_it_does_not_exist(tmp_path):
-    from fusion_bench_moect.training import MoECTTrainingAlgorithm
-
-    algo = MoECTTrainingAlgorithm(ckpt_path=str(tmp_path / "nope"), accelerator="cpu")
-    with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*/nope does not exist; give a step-"):
-        algo.run(pool({"_pretrained_": str(tmp_path)}))
-
-
 def training_overrides(root: Path, base: Path, tok: Path, params: dict[str, Any]) -> list[str]:
     """The ``fusion_bench`` command line of a bad ``moe_ct_training`` run."""
     argv = ["method=moe_ct_training", "modelpool=CausalLMPool/moe_ct_upcycle", "taskpool=dummy"]

@@ -179,7 +179,7 @@ def test_warm_up_starts_above_zero():
         ({"stage": "experts", "anchor_experts": [0, 7]}, r"Anchor expert\(s\) \[7\] do not exist"),
         ({"seq_len": 100_000}, "fewer than one window of seq_len=100000"),
         ({"batch_size": 10_000, "seq_len": 8}, "fewer than one global batch"),
-        ({"ckpt_path": "/nonexistent/step-000002"}, "step-000002 does not exist"),
+        ({"ckpt_path": "/nonexistent/step-000002"}, "step-000002 does not exist; give a step-"),
         ({"train_sources": {"x": "/nonexistent/corpus.txt"}}, "does not exist"),
     ],
 )
