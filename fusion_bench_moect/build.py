@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,6 +44,9 @@ from .ops.routers import (
 from .ops.shared import concat_ffns, shared_expert_scales
 from .plan import MoEPlan
 from .progress import progress
+
+if TYPE_CHECKING:
+    from .non_expert import NonExpertMerge
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +209,8 @@ class MoEEngine:
         dtype: The output dtype.
         shared_gate_rows: Per layer, a (1, H) shared-expert gate weight from prompts (families
             whose shared expert has a gate); default ``arch.shared_gate_init``.
+        non_expert: The FusionBench merge of the non-FFN tensors it covers (default: every
+            non-FFN tensor is the base's).
     """
 
     plan: MoEPlan
@@ -215,6 +220,7 @@ class MoEEngine:
     router_rows: Sequence[torch.Tensor]
     dtype: torch.dtype
     shared_gate_rows: Sequence[torch.Tensor] | None = None
+    non_expert: NonExpertMerge | None = None
 
     @property
     def expert_size(self) -> int:
@@ -240,6 +246,8 @@ class MoEEngine:
         for item in progress(non_ffn, desc="Copying attention/embeddings", leave=False):
             if item.source is None:
                 yield item.name, torch.zeros(item.shape, dtype=self.dtype)
+            elif self.non_expert is not None and self.non_expert.covers(item.source):
+                yield item.name, self.non_expert.merged(item.source, self.dtype)
             elif item.name == LM_HEAD and tied_base:
                 # Untied from the embedding: its own memory, or training would update both.
                 yield item.name, self.base.get(item.source).to(self.dtype, copy=True)
@@ -560,8 +568,15 @@ class MoEEngine:
                 "Internal error: the config's tensor names differ from those written "
                 f"({sorted(set(self.arch.non_ffn_names(final)) ^ set(names))[:3]})."
             )
-        final.moe_ct = self.plan.record(params, conds)
+        final.moe_ct = self.record(params, conds)
         return final
+
+    def record(self, params: Mapping[str, Any], condition_numbers: Sequence[float]) -> dict:
+        """``config.moe_ct``: the plan's record, and what the non-expert merge merged."""
+        record = self.plan.record(params, condition_numbers)
+        if self.non_expert is not None:
+            record["non_expert"] = self.non_expert.record()
+        return record
 
 
 def output_config(

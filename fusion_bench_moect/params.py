@@ -18,9 +18,12 @@ import argparse
 import dataclasses
 import inspect
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import yaml
 
 from .ops.schedules import ALPHA_STRATEGIES
 from .schema import (
@@ -45,6 +48,8 @@ GATE_MODES = ("orthogonal", "random", "uniform_random", "hidden", "cheap_embed")
 PROMPT_GATE_MODES = ("hidden", "cheap_embed")
 #: Router default factor on the anchor experts' rows when ``router_aux_scale`` is null.
 DEFAULT_ANCHOR_ROUTER_SCALE = 1.1
+#: ``non_expert_merge`` value that keeps the base's non-FFN tensors.
+KEEP_BASE = "base"
 
 
 def number_or_mapping(text: str) -> float | dict[str, float]:
@@ -78,6 +83,21 @@ def shared_entry(text: str) -> str | dict[str, Any]:
     """``name`` or ``name=residual_scale`` (command-line form of a shared-expert entry)."""
     name, sep, scale = text.partition("=")
     return {"source": name, "residual_scale": float(scale)} if sep else text
+
+
+def algorithm_config(text: str) -> str | dict[str, Any]:
+    """``base``, an algorithm class, or a YAML mapping ``{_target_: CLASS, option: value}``
+    (command-line form of ``non_expert_merge``)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"not YAML: {text!r} ({err})") from err
+    if not isinstance(value, (str, dict)):
+        raise argparse.ArgumentTypeError(
+            f"expected base or {{_target_: fusion_bench.method.SimpleAverageAlgorithm}}, "
+            f"got {text!r}"
+        )
+    return value
 
 
 _param = param
@@ -120,6 +140,31 @@ def _shared_experts(name: str, value: Any) -> list[Any] | None:
     if isinstance(value, (str, Mapping)):
         value = [value]
     return [dict(v) if isinstance(v, Mapping) else str(v) for v in value]
+
+
+def _merge_method(name: str, value: Any) -> str | dict[str, Any]:
+    if value == KEEP_BASE:
+        return value
+    if isinstance(value, str) and "." in value:  # a class path alone: no parameters
+        value = {"_target_": value}
+    if isinstance(value, Mapping) and isinstance(value.get("_target_"), str) and value["_target_"]:
+        return plain(value)
+    raise ValueError(
+        f"{name} must be base or a FusionBench algorithm config such as "
+        f"{{_target_: fusion_bench.method.SimpleAverageAlgorithm}}, got {value!r}."
+    )
+
+
+def _pattern(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a regular expression or null, got {value!r}.")
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise ValueError(f"{name} {value!r} is not a regular expression ({err}).") from err
+    return value
 
 
 def _names(name: str, value: Any) -> list[str] | None:
@@ -246,6 +291,20 @@ class MoECTConfig:
         check=_int(1),
         parse=int,
     )
+    non_expert_merge: str | dict[str, Any] = _param(
+        KEEP_BASE,
+        "the non-FFN weights (attention, norms, embeddings, lm_head): base (the base's), or a "
+        "FusionBench algorithm run on the pool's models for them, e.g. {_target_: "
+        "fusion_bench.method.TaskArithmeticAlgorithm, scaling_factor: 0.3}",
+        check=_merge_method,
+        parse=algorithm_config,
+    )
+    non_expert_tensors: str | None = _param(
+        None,
+        "with non_expert_merge: a regular expression (re.search) selecting the non-FFN tensors "
+        "it merges, e.g. self_attn; the others stay the base's (null = all)",
+        check=_pattern,
+    )
     prompts: dict[str, Any] | None = _param(
         None,
         "hidden / cheap_embed: {expert name: [prompts] or {positive: [], negative: []}}",
@@ -287,6 +346,12 @@ class MoECTConfig:
 
     def __post_init__(self) -> None:
         run_checks(self)
+        if self.non_expert_tensors is not None and self.non_expert_merge == KEEP_BASE:
+            raise ValueError(
+                "non_expert_tensors selects what non_expert_merge merges, but non_expert_merge "
+                "is base; set non_expert_merge to a FusionBench algorithm config, or drop "
+                "non_expert_tensors."
+            )
 
     @classmethod
     def names(cls) -> list[str]:
@@ -343,6 +408,7 @@ _METAVARS: dict[Any, str] = {
     strategy_or_list: "NAME|A0,A1,...",
     layers_or_auto: "auto_from_alpha|I,J,...",
     shared_entry: "NAME[=R]",
+    algorithm_config: "base|{_target_: CLASS, ...}",
 }
 
 

@@ -20,12 +20,19 @@ from typing import Any
 import torch
 
 from . import arch as arch_registry
-from .build import MoEEngine, check_compatible, engine_threads, prompt_free_router_rows
+from .build import (
+    MoEEngine,
+    check_compatible,
+    engine_threads,
+    is_ffn_key,
+    prompt_free_router_rows,
+)
 from .inspection import moe_block
 from .io.checkpoint import check_destination
 from .io.mapped import mapped_model
 from .io.sources import SourceError, TensorSource, read_vocabulary, resolve_dtype
 from .model_card import build_card
+from .non_expert import make_non_expert_merge
 from .ops.routers import condition_number
 from .params import PROMPT_GATE_MODES, MoECTConfig
 from .plan import BASE_EXPERT, MoEPlan, make_plan
@@ -150,7 +157,8 @@ def prepare_engine(
     base: TensorSource,
     sources: dict[str, TensorSource],
 ) -> MoEEngine:
-    """Check the opened models, plan the experts, pick the dtype, compute the router rows."""
+    """Check the opened models, plan the experts, pick the dtype, set up the non-expert
+    merge, compute the router rows."""
     arch = arch_registry.resolve(config.architecture, base.config.model_type)
     arch_registry.check_base(arch, base.config)
     for source in sources.values():
@@ -168,8 +176,16 @@ def prepare_engine(
     requested = config.dtype if config.dtype not in (None, "auto") else inputs.default_dtype
     dtype = resolve_dtype(requested, base)
     log_plan(plan, dtype, arch)
+    non_expert = make_non_expert_merge(
+        config.non_expert_merge,
+        config.non_expert_tensors,
+        base,
+        {name: sources[name] for name in inputs.source_names},
+        [key for key in base.keys() if not is_ffn_key(key)],
+        config.streaming,
+    )
     rows, shared_gate_rows = router_rows(plan, config, base, inputs)
-    return MoEEngine(plan, arch, base, sources, rows, dtype, shared_gate_rows)
+    return MoEEngine(plan, arch, base, sources, rows, dtype, shared_gate_rows, non_expert)
 
 
 def _finish_in_memory(
@@ -179,7 +195,7 @@ def _finish_in_memory(
     plan = engine.plan
     with engine_threads():
         conds = [_router_condition(model, layer, plan) for layer in plan.moe_layers]
-    model.config.moe_ct = plan.record(config.record(), conds)
+    model.config.moe_ct = engine.record(config.record(), conds)
     _log_conditions(conds)
     return BuildResult(model, conds)
 

@@ -174,6 +174,37 @@ BAD_PARAMETERS = [
     ({"num_experts": 3}, "num_experts=3 but the pool gives 1 source experts \\+ the base expert"),
     ({"dtype": "float8"}, "Unknown dtype 'float8'"),
     ({"anchor_experts": ["nobody"]}, "anchor_experts names \\['nobody'\\] that are not experts"),
+    *[
+        ({"non_expert_merge": {"_target_": target}, **extra}, message)
+        for target, extra, message in [
+            ("fusion_bench.method.NoSuch", {}, "_target_ 'fusion_bench.method.NoSuch' cannot be"),
+            ("torch.nn.Linear", {}, "_target_ 'torch.nn.Linear' is not a FusionBench algorithm"),
+            (
+                "fusion_bench.method.TaskArithmeticAlgorithm",
+                {},
+                r"TaskArithmeticAlgorithm\(\) cannot be created .*'scaling_factor'",
+            ),
+            (
+                "fusion_bench.method.SimpleAverageAlgorithm",
+                {"non_expert_tensors": "nothing_like_this"},
+                "non_expert_tensors 'nothing_like_this' matches none of the base's 14 non-FFN",
+            ),
+            (
+                "fusion_bench.method.TiesMergingAlgorithm",
+                {"streaming": True},
+                "TiesMergingAlgorithm is not elementwise .* so it cannot stream",
+            ),
+        ]
+    ],
+    (
+        {
+            "non_expert_merge": {"_target_": "fusion_bench.method.WeightedAverageAlgorithm"}
+            | {"normalize": True, "weights": [1, 2, 3]}
+        },
+        "WeightedAverageAlgorithm failed on the non-expert tensors .*3 weights and 1 models",
+    ),
+    ({"non_expert_tensors": "self_attn"}, "non_expert_tensors selects .* non_expert_merge is base"),
+    ({"non_expert_merge": "average"}, "non_expert_merge must be base or a FusionBench algorithm"),
 ]
 
 CASES = [
@@ -245,6 +276,11 @@ CASES = [
         Case(f"parameter_{i}", base_and_source(**params), message)
         for i, (params, message) in enumerate(BAD_PARAMETERS)
     ],
+    Case(
+        "non_expert_merge_without_sources",
+        base_only(non_expert_merge="fusion_bench.method.SimpleAverageAlgorithm"),
+        "non_expert_merge merges the pool's models, but the pool has only the base",
+    ),
     Case(
         "experts_not_a_multiple",
         base_only(granularity=4, num_experts=6),
