@@ -165,14 +165,16 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def algorithm_class(target: str) -> tuple[type, bool]:
-    """The FusionBench algorithm class ``target`` names, and whether it is elementwise.
+def import_algorithm(target: str) -> tuple[type, bool]:
+    """Import everything a merge with ``target`` needs (FusionBench's pool and the class), and
+    return the class and whether it is elementwise.
 
     Raises:
         ValueError: If it cannot be imported or is not a FusionBench algorithm.
     """
     # Lazy: FusionBench (~5 s) loads only when a merge is asked for (the lean CLI's default).
     import fusion_bench.method as methods
+    import fusion_bench.modelpool  # noqa: F401  (what ``NonExpertMerge.run`` imports)
 
     module_name, _, attr = target.rpartition(".")
     try:
@@ -223,7 +225,7 @@ def make_non_expert_merge(
             "non_expert_merge merges the pool's models, but the pool has only the base (pure "
             "upcycling); add source models, or set non_expert_merge: base."
         )
-    cls, elementwise = algorithm_class(target)
+    cls, elementwise = import_algorithm(target)
     if streaming and not elementwise:
         raise ValueError(
             f"non_expert_merge: {target} is not elementwise (it needs every merged tensor of "

@@ -35,6 +35,25 @@ BUILD_CASES = [
     ("llama", "glm4_moe", "float32", {"shared_experts": ["ft", "_pretrained_"]}),
 ]
 
+#: FusionBench merging configs for ``non_expert_merge`` (tests and benchmarks/non_expert.py).
+MERGE_SIMPLE = {"_target_": "fusion_bench.method.SimpleAverageAlgorithm"}
+MERGE_WEIGHTED = {
+    "_target_": "fusion_bench.method.WeightedAverageAlgorithm",
+    "normalize": True,
+    "weights": [0.3, 0.7],
+}
+MERGE_TASK_ARITHMETIC = {
+    "_target_": "fusion_bench.method.TaskArithmeticAlgorithm",
+    "scaling_factor": 0.3,
+}
+MERGE_TIES = {
+    "_target_": "fusion_bench.method.TiesMergingAlgorithm",
+    "scaling_factor": 0.5,
+    "threshold": 20,
+    "remove_keys": [],
+    "merge_func": "sum",
+}
+
 
 def in_ci() -> bool:
     """Whether the tests run in CI (``CI`` set), where nothing may be skipped for lack of it."""

@@ -9,28 +9,27 @@ import json
 
 import pytest
 import torch
-from helpers import add_tokenizer, max_diff, perturbed, pool, read_tensors, reload
+from helpers import (
+    MERGE_SIMPLE,
+    MERGE_TASK_ARITHMETIC,
+    MERGE_TIES,
+    MERGE_WEIGHTED,
+    REPO,
+    add_tokenizer,
+    fusion_bench,
+    max_diff,
+    perturbed,
+    pool,
+    read_tensors,
+    reload,
+)
 from safetensors.torch import load_file
 
 import fusion_bench_moect.ops.non_expert as ops
 from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
 
-SIMPLE = {"_target_": "fusion_bench.method.SimpleAverageAlgorithm"}
-WEIGHTED = {
-    "_target_": "fusion_bench.method.WeightedAverageAlgorithm",
-    "normalize": True,
-    "weights": [0.3, 0.7],
-}
-TASK = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
-TIES = {
-    "_target_": "fusion_bench.method.TiesMergingAlgorithm",
-    "scaling_factor": 0.5,
-    "threshold": 20,
-    "remove_keys": [],
-    "merge_func": "sum",
-}
 #: Every method with two sources (the weighted average has two weights).
-METHODS = [SIMPLE, WEIGHTED, TASK, TIES]
+METHODS = [MERGE_SIMPLE, MERGE_WEIGHTED, MERGE_TASK_ARITHMETIC, MERGE_TIES]
 IDS = ["simple", "weighted", "task_arithmetic", "ties"]
 
 
@@ -64,7 +63,7 @@ def test_simple_average_is_the_elementwise_mean_bit_for_bit(saved, tiny_model, m
     sources = [load_file(f"{models[f's{i}']}/model.safetensors") for i in (1, 2, 3)]
     default = build(models).state_dict()
     for pattern in (None, "self_attn"):
-        moe = build(models, non_expert_merge=SIMPLE, non_expert_tensors=pattern)
+        moe = build(models, non_expert_merge=MERGE_SIMPLE, non_expert_tensors=pattern)
         state, merged = moe.state_dict(), 0
         for key, tensor in non_ffn(state).items():
             if pattern is None or pattern in key:
@@ -78,10 +77,10 @@ def test_simple_average_is_the_elementwise_mean_bit_for_bit(saved, tiny_model, m
             if ".mlp." in key:
                 assert torch.equal(tensor, default[key]), key
         record = moe.config.moe_ct
-        assert record["params"]["non_expert_merge"] == SIMPLE
+        assert record["params"]["non_expert_merge"] == MERGE_SIMPLE
         assert record["params"]["non_expert_tensors"] == pattern
         assert record["non_expert"] == {
-            "method": SIMPLE["_target_"],
+            "method": MERGE_SIMPLE["_target_"],
             "models": ["_pretrained_", "s1", "s2", "s3"],
             "tensors": merged,
             "elementwise": True,
@@ -118,7 +117,12 @@ def fusion_bench_on_dense(method: dict, dense: list, remove_keys: list[str]) -> 
 
 @pytest.mark.parametrize(
     "method, pattern",
-    [(TASK, None), (TASK, "self_attn"), (TIES, None), ({**TIES, "merge_func": "mean"}, "proj")],
+    [
+        (MERGE_TASK_ARITHMETIC, None),
+        (MERGE_TASK_ARITHMETIC, "self_attn"),
+        (MERGE_TIES, None),
+        ({**MERGE_TIES, "merge_func": "mean"}, "proj"),
+    ],
     ids=["task_arithmetic", "task_arithmetic-attention", "ties-sum", "ties-mean-attention"],
 )
 def test_task_arithmetic_and_ties_equal_fusion_bench_on_the_dense_models(
@@ -164,7 +168,7 @@ def test_lora_sources_work_with_every_method(saved, tiny_model, method):
     for key, tensor in got.items():
         want = experts[key] if ".mlp." in key else expected[key]
         assert torch.equal(tensor, want), key
-    if method is SIMPLE:
+    if method is MERGE_SIMPLE:
         ft_weights = load_file(f"{ft}/model.safetensors")
         for key, tensor in non_ffn(got).items():
             assert torch.equal(tensor, (dense.state_dict()[key] + ft_weights[key]) / 2), key
@@ -178,7 +182,9 @@ def run_params_dropped(directory) -> dict:
     return config
 
 
-@pytest.mark.parametrize("method, pattern", [(SIMPLE, "self_attn|norm"), (TASK, None)])
+@pytest.mark.parametrize(
+    "method, pattern", [(MERGE_SIMPLE, "self_attn|norm"), (MERGE_TASK_ARITHMETIC, None)]
+)
 def test_lean_cli_and_streaming_write_the_in_memory_bytes(
     saved, tiny_model, tokenizer_dir, real_ids, tmp_path, method, pattern, monkeypatch
 ):
@@ -208,5 +214,46 @@ def test_lean_cli_and_streaming_write_the_in_memory_bytes(
         assert torch.equal(reload(tmp_path / "stream")(real_ids).logits, in_memory(real_ids).logits)
     # a method that needs every tensor at once is refused by the streaming CLI, before work
     argv[1] = str(tmp_path / "refused")
-    argv[argv.index("--non-expert-merge") + 1] = json.dumps(TIES)
+    argv[argv.index("--non-expert-merge") + 1] = json.dumps(MERGE_TIES)
     assert main(argv) == 2 and not (tmp_path / "refused").exists()
+
+
+def test_the_fusion_bench_cli_takes_the_config_as_docs_algorithm_md_writes_it(
+    saved, tiny_model, tmp_path
+):
+    dense = tiny_model("llama")
+    models = {"_pretrained_": saved(dense, "base")}
+    models |= {n: saved(perturbed(dense, i, ffn_only=False), n) for i, n in ((1, "de"), (2, "fr"))}
+    out, logs = tmp_path / "moe", tmp_path / "logs"
+    fusion_bench(
+        REPO,
+        "method=moe_ct_upcycling",
+        "modelpool=CausalLMPool/moe_ct_merge",
+        f"modelpool.models._pretrained_={models['_pretrained_']}",
+        f"modelpool.models.expert_de={models['de']}",
+        f"modelpool.models.expert_fr={models['fr']}",
+        "modelpool.tokenizer=null",
+        "taskpool=dummy",
+        "method.non_expert_merge={_target_:fusion_bench.method.TaskArithmeticAlgorithm,"
+        "scaling_factor:0.3}",
+        "method.non_expert_tensors=self_attn",
+        "method.dtype=float32",
+        f"method.save_checkpoint={out}",
+        f"hydra.run.dir={logs}",
+        f"path.log_dir={logs}",
+    )
+    record = json.loads((out / "config.json").read_text())["moe_ct"]
+    assert record["params"]["non_expert_merge"] == MERGE_TASK_ARITHMETIC
+    assert record["non_expert"]["tensors"] == 8  # q, k, v, o of 2 layers
+    expected = build(
+        {
+            "_pretrained_": models["_pretrained_"],
+            "expert_de": models["de"],
+            "expert_fr": models["fr"],
+        },
+        non_expert_merge=MERGE_TASK_ARITHMETIC,
+        non_expert_tensors="self_attn",
+    )
+    written = read_tensors(out)
+    for key, tensor in non_ffn(expected.state_dict()).items():
+        assert torch.equal(written[key if key in written else "model.embed_tokens.weight"], tensor)

@@ -190,9 +190,16 @@ def upcycle(args: argparse.Namespace) -> list[float]:
     from ..io.lora import is_adapter_dir, open_adapter
     from ..io.sources import SourceError, open_directory, read_config_json
     from ..io.streaming import write_hub_checkpoint  # noqa: F401
+    from ..non_expert import import_algorithm
     from ..pipeline import ModelInputs, run_pipeline
 
     config = config_from_args(args, save_checkpoint=args.output, streaming=True)
+    if isinstance(config.non_expert_merge, dict):
+        # FusionBench imports transformers, as the loader thread does: both here, before the
+        # thread starts, so that the two threads never import the same module at once.
+        from transformers import AutoConfig  # noqa: F401
+
+        import_algorithm(config.non_expert_merge["_target_"])
     dirs = {"_pretrained_": Path(args.base), **_parse_sources(args.source)}
     _check_inputs(dirs, args.tokenizer)
     raw = read_config_json("_pretrained_", args.base)
