@@ -257,3 +257,16 @@ def test_the_fusion_bench_cli_takes_the_config_as_docs_algorithm_md_writes_it(
     written = read_tensors(out)
     for key, tensor in non_ffn(expected.state_dict()).items():
         assert torch.equal(written[key if key in written else "model.embed_tokens.weight"], tensor)
+
+
+def test_the_study_row_compares_the_merges_of_one_setting():
+    from fusion_bench_moect.params import MoECTConfig
+    from study.non_expert import VARIANTS, rows
+
+    built = rows()
+    assert [r["name"] for r in built] == list(VARIANTS)
+    reference = built[0]["params"]
+    for row in built:
+        MoECTConfig(**row["params"])  # valid parameters
+        changed = {k: v for k, v in row["params"].items() if reference.get(k) != v}
+        assert changed == VARIANTS[row["name"]]
