@@ -35,10 +35,10 @@ from torch import nn
 from .io.sources import TensorSource
 from .ops.non_expert import row_pieces, select_tensors
 from .params import KEEP_BASE
+from .plan import BASE_EXPERT
 
 log = logging.getLogger(__name__)
 
-BASE_NAME = "_pretrained_"
 #: FusionBench algorithms (in ``fusion_bench.method``) whose result is elementwise in the
 #: models' weights: safe to run piece by piece, and so to stream.
 ELEMENTWISE = ("SimpleAverageAlgorithm", "WeightedAverageAlgorithm", "TaskArithmeticAlgorithm")
@@ -63,7 +63,7 @@ class NonExpertMerge:
     elementwise: bool
     keys: list[str]
     models: dict[str, TensorSource]
-    _merged: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _merged: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._covered = frozenset(self.keys)
@@ -243,7 +243,7 @@ def make_non_expert_merge(
             f"cannot be created ({type(err).__name__}: {err}); give its parameters beside "
             "_target_."
         ) from err
-    merge = NonExpertMerge(target, algorithm, elementwise, keys, {BASE_NAME: base, **sources})
+    merge = NonExpertMerge(target, algorithm, elementwise, keys, {BASE_EXPERT: base, **sources})
     merge.run({name: {"probe.weight": torch.zeros(1)} for name in merge.models})
     log.info(
         "Non-expert weights: %d of %d tensors merged by %s over %s (%s)",
