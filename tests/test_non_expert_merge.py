@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -270,3 +271,24 @@ def test_the_study_row_compares_the_merges_of_one_setting():
         MoECTConfig(**row["params"])  # valid parameters
         changed = {k: v for k, v in row["params"].items() if reference.get(k) != v}
         assert changed == VARIANTS[row["name"]]
+
+
+@pytest.mark.parametrize("shape, limit", [((7,), 3), ((10, 4), 8), ((5, 100), 30), ((3, 2, 2), 4)])
+def test_row_pieces_cover_every_row_once_within_the_limit(shape, limit):
+    pieces = ops.row_pieces(shape, limit)
+    rows = [i for piece in pieces for i in range(shape[0])[piece]]
+    assert rows == list(range(shape[0]))
+    per_row = math.prod(shape[1:])
+    assert all(len(range(shape[0])[p]) * per_row <= max(limit, per_row) for p in pieces)
+
+
+def test_select_tensors_by_pattern():
+    names = [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.norm.weight",
+    ]
+    assert ops.select_tensors(names, None) == names
+    assert ops.select_tensors(names, "self_attn|^model.norm") == names[1:]
+    with pytest.raises(ValueError, match="matches none of the base's 3 non-FFN tensors"):
+        ops.select_tensors(names, "mlp")
