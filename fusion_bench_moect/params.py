@@ -294,7 +294,7 @@ class MoECTConfig:
     non_expert_merge: str | dict[str, Any] = _param(
         KEEP_BASE,
         "the non-FFN weights (attention, norms, embeddings, lm_head): base (the base's), or a "
-        "FusionBench algorithm run on the pool's models for them, e.g. {_target_: "
+        "FusionBench algorithm run on the base and source models for them, e.g. {_target_: "
         "fusion_bench.method.TaskArithmeticAlgorithm, scaling_factor: 0.3}",
         check=_merge_method,
         parse=algorithm_config,
