@@ -275,3 +275,32 @@ def test_the_at_scale_table_in_the_docs_is_the_code_s():
     assert table in (root / "docs/training.md").read_text(), "run benchmarks/at_scale.py --write"
     # a row by hand: Llama-3.2-1B router stage = 16 layers x 8 experts x 2048 router weights
     assert "| Llama-3.2-1B | `router` | 6.87B | 0.26M |" in table
+
+
+def test_the_run_record_reads_the_fabric_that_trains():
+    """Issue 29: ``config.moe_ct_training`` recorded the method's ``accelerator: auto,
+    precision: 32-true`` whatever ran; the record now comes from the Fabric itself."""
+    import lightning as L
+
+    from fusion_bench_moect.training.runtime import training_record
+
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision="bf16-mixed")
+    record = training_record(
+        {"accelerator": "auto", "precision": "32-true"}, fabric, torch.nn.Linear(2, 2)
+    )
+    assert record == {
+        "params": {"accelerator": "cpu", "precision": "bf16-mixed"},
+        "run": {
+            "strategy": "SingleDeviceStrategy",
+            "sharded": False,
+            "processes": 1,
+            "nodes": 1,
+            "accelerator": "cpu",
+            "precision": "bf16-mixed",
+            "mixed_precision": {
+                "by": "fabric",
+                "compute_dtype": "bfloat16",
+                "weight_dtype": "float32",
+            },
+        },
+    }

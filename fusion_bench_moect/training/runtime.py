@@ -13,14 +13,8 @@ from typing import Any
 
 from torch import nn
 
-#: Fabric precision -> (compute dtype, weight dtype) where the two differ or are not float32.
-_FABRIC_PRECISION = {
-    "bf16-mixed": ("bfloat16", "float32"),
-    "16-mixed": ("float16", "float32"),
-    "bf16-true": ("bfloat16", "bfloat16"),
-    "16-true": ("float16", "float16"),
-    "64-true": ("float64", "float64"),
-}
+#: Fabric's mixed precisions: (compute dtype under autocast, weight dtype).
+_FABRIC_MIXED = {"bf16-mixed": ("bfloat16", "float32"), "16-mixed": ("float16", "float32")}
 
 
 def _dtype_name(dtype: Any) -> str | None:
@@ -38,8 +32,8 @@ def mixed_precision(precision: str, module: nn.Module) -> dict[str, Any] | None:
             "param_dtype": _dtype_name(policy.param_dtype),
             "reduce_dtype": _dtype_name(policy.reduce_dtype),
         }
-    if "mixed" in precision and precision in _FABRIC_PRECISION:
-        compute, weights = _FABRIC_PRECISION[precision]
+    if precision in _FABRIC_MIXED:
+        compute, weights = _FABRIC_MIXED[precision]
         return {"by": "fabric", "compute_dtype": compute, "weight_dtype": weights}
     return None
 
