@@ -7,15 +7,19 @@ their llama.cpp perplexity with the dense model's.
 
 1. Downloads the ``llama-cpp-python==0.3.36`` sdist with pip (it vendors llama.cpp under
    ``vendor/llama.cpp``) and builds ``llama-perplexity`` with cmake (CPU, Release, that
-   target only), cached in ``~/.cache/fusion_bench_moect/llama.cpp``.
+   target only), cached in ``~/.cache/fusion_bench_moect/llama.cpp`` (``$MOECT_LLAMA_CPP_DIR``
+   to put it elsewhere).
 2. Builds the outputs from SmolLM2-135M with the lean CLI (``python -m
    fusion_bench_moect.cli.upcycle``): Mixtral G=1 (8 experts), Mixtral G=4 (32 experts),
-   Qwen2-MoE (tied base: explicit ``lm_head``), and Qwen3-MoE G=8 (64 experts) from a Qwen3
+   Qwen2-MoE (tied base: explicit ``lm_head``), Qwen3-MoE G=8 (64 experts) from a Qwen3
    version of SmolLM2 (unit q/k norms: a different dense model, compared with its own
-   conversion).
+   conversion), and GLM4-MoE (8 experts, top-2, groups, shared expert).
 3. Converts each (and the dense models) with the vendored ``convert_hf_to_gguf.py`` (run by
    the transformers-4 virtualenv, as llama.cpp pins transformers 4.57) to an f16 GGUF and
-   runs ``llama-perplexity`` on the held-out Debian Reference chapters (English).
+   runs ``llama-perplexity`` on the held-out Debian Reference chapters (English). The
+   GLM4-MoE goes through our entry point ``python -m fusion_bench_moect.cli.convert_gguf``
+   (the same converter, with SmolLM2's vocabulary handling: llama.cpp's GLM4-MoE class
+   looks up GLM's special tokens).
 4. Prints a markdown table (and writes it to ``benchmarks/results/interop-DATE.md``): each
    output's perplexity, the dense reference's, the relative difference, pass = within 0.5%.
 """
@@ -29,7 +33,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +44,9 @@ VENV = REPO / ".venv"
 VENV_TF4 = REPO / ".venv-tf4"
 LLAMA_CPP_PYTHON = "0.3.36"
 CACHE = Path(os.environ.get("FUSION_BENCH_MOECT_CACHE", Path.home() / ".cache/fusion_bench_moect"))
-LLAMA_DIR = CACHE / "llama.cpp"
+# Where the sdist is unpacked and llama-perplexity built: $MOECT_LLAMA_CPP_DIR (e.g. under /tmp
+# on a shared machine), else the cache (fusion_bench_moect/assets/llama_cpp.py).
+LLAMA_DIR = Path(os.environ.get("MOECT_LLAMA_CPP_DIR", CACHE / "llama.cpp"))
 TOLERANCE = 0.005
 
 
@@ -63,20 +68,10 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 def llama_cpp_source() -> Path:
     """The vendored llama.cpp of the llama-cpp-python sdist (downloaded once with pip)."""
-    src = LLAMA_DIR / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    if (src / "convert_hf_to_gguf.py").is_file():
-        return src
-    LLAMA_DIR.mkdir(parents=True, exist_ok=True)
-    sdist = LLAMA_DIR / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
-    if not sdist.is_file():
-        log(f"== downloading the llama-cpp-python {LLAMA_CPP_PYTHON} sdist")
-        run(
-            [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP_PYTHON}"]
-            + ["--no-binary", ":all:", "--no-deps", "-d", str(LLAMA_DIR)]
-        )
-    with tarfile.open(sdist) as tar:
-        tar.extractall(LLAMA_DIR, filter="data")
-    return src
+    sys.path.insert(0, str(REPO))
+    from fusion_bench_moect.assets.llama_cpp import fetch_llama_cpp
+
+    return fetch_llama_cpp(LLAMA_DIR)
 
 
 def llama_perplexity(src: Path) -> Path:
@@ -100,11 +95,18 @@ def llama_perplexity(src: Path) -> Path:
     return binary
 
 
-def convert(src: Path, model_dir: Path, gguf: Path, outtype: str) -> None:
+def convert(src: Path, model_dir: Path, gguf: Path, outtype: str, ours: bool = False) -> None:
+    """llama.cpp's ``convert_hf_to_gguf.py`` on ``model_dir``; with ``ours``, through our entry
+    point (``moect-convert-gguf``: the same converter, the base's vocabulary for GLM4-MoE)."""
     env = {**os.environ, "PYTHONPATH": str(src / "gguf-py"), "HF_HUB_OFFLINE": "1"}
-    python = VENV_TF4 / "bin" / "python"
+    python = str(VENV_TF4 / "bin" / "python")
+    if ours:
+        env["PYTHONPATH"] += os.pathsep + str(REPO)
+        cmd = [python, "-m", "fusion_bench_moect.cli.convert_gguf", str(model_dir), str(gguf)]
+        run(cmd + ["--outtype", outtype, "--llama-cpp", str(src)], env=env, cwd=REPO)
+        return
     run(
-        [str(python), str(src / "convert_hf_to_gguf.py"), str(model_dir)]
+        [python, str(src / "convert_hf_to_gguf.py"), str(model_dir)]
         + ["--outfile", str(gguf), "--outtype", outtype],
         env=env,
     )
@@ -173,6 +175,14 @@ CASES = [
         "qwen3",
         ["--num-experts", "64", "--granularity", "8", "--experts-per-token", "8"],
     ),
+    # Converted with our entry point (llama.cpp's GLM4-MoE class wants GLM's tokenizer);
+    # llama.cpp's glm4moe renormalises the top-k: a shared expert with top-k < E runs there.
+    (
+        "GLM4-MoE, 8 experts, top-2 in 2 of 4 groups, shared expert",
+        "smollm2",
+        ["--architecture", "glm4_moe", "--num-experts", "8", "--n-group", "4"]
+        + ["--topk-group", "2"],
+    ),
 ]
 
 
@@ -216,9 +226,9 @@ def main() -> int:
     return 0 if all(r["ok"] for r in rows) else 1
 
 
-def ppl_of(llama: SimpleNamespace, model_dir: Path, gguf: Path) -> float:
-    """llama.cpp's perplexity of ``model_dir`` after its own conversion to ``gguf`` (deleted)."""
-    convert(llama.src, model_dir, gguf, llama.args.outtype)
+def ppl_of(llama: SimpleNamespace, model_dir: Path, gguf: Path, ours: bool = False) -> float:
+    """llama.cpp's perplexity of ``model_dir`` after its conversion to ``gguf`` (deleted)."""
+    convert(llama.src, model_dir, gguf, llama.args.outtype, ours)
     ppl = perplexity(llama.binary, gguf, llama.text, llama.args.ctx, llama.args.chunks)
     gguf.unlink()
     return ppl
@@ -241,7 +251,7 @@ def run_case(
     shutil.rmtree(out, ignore_errors=True)
     cmd = [str(VENV / "bin" / "python"), "-m", "fusion_bench_moect.cli.upcycle", str(base)]
     run(cmd + [str(out), "-q", *flags], cwd=REPO)
-    ppl = ppl_of(llama, out, work / "moe.gguf")
+    ppl = ppl_of(llama, out, work / "moe.gguf", ours="glm4_moe" in flags)
     shutil.rmtree(out)
     diff = ppl / reference[base_name] - 1
     ok = abs(diff) <= TOLERANCE

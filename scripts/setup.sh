@@ -4,7 +4,8 @@
 # Usage: scripts/setup.sh [--tf4] [--no-model] [--no-text] [--interop]
 #   --interop: also what benchmarks/interop.py needs (implies --tf4): cmake, a C++ compiler and
 #   ninja from apt when missing; sentencepiece for llama.cpp's GGUF converter,
-#   which runs in .venv-tf4 (llama.cpp pins transformers 4.57).
+#   which runs in .venv-tf4 (llama.cpp pins transformers 4.57); llama.cpp's sources (the
+#   llama-cpp-python sdist, into $MOECT_LLAMA_CPP_DIR or the cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -54,6 +55,8 @@ if [ "$want_interop" = 1 ]; then
     apt_install "${tools[@]}"
   fi
   pip_in .venv-tf4 -c constraints-tf4.txt "sentencepiece>=0.1.98,<0.3"
+  # llama.cpp's sources (the converter; interop.py builds from them): once, into the cache.
+  .venv/bin/python -c "from fusion_bench_moect.assets.llama_cpp import fetch_llama_cpp as f; f()"
 fi
 
 if [ "$want_text" = 1 ]; then

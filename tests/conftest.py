@@ -156,3 +156,14 @@ def debian_reference():
             unavailable(f"Debian Reference not installed; run: {apt_install_command(langs)}")
 
     return require
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_tree() -> Path:
+    """llama.cpp's converter (``vendor/llama.cpp`` of the llama-cpp-python sdist,
+    ``assets/llama_cpp.py``); fetched here in CI, a skip elsewhere when missing."""
+    from fusion_bench_moect.assets.llama_cpp import fetch_llama_cpp, vendored_source
+
+    if not (vendored_source() / "convert_hf_to_gguf.py").is_file() and not in_ci():
+        unavailable(f"llama.cpp is not in {vendored_source()}; run: scripts/setup.sh --interop")
+    return fetch_llama_cpp()

@@ -6,4 +6,6 @@ study, research beside the product, has its own: ``python -m study`` (docs/study
 - ``python -m fusion_bench_moect.cli.smollm2`` (``moect-smollm2``): prepare SmolLM2 offline.
 - ``python -m fusion_bench_moect.cli.leaderboard`` (``moect-leaderboard``): a grid of
   ``fusion_bench`` runs, ranked (docs/leaderboard.md).
+- ``python -m fusion_bench_moect.cli.convert_gguf`` (``moect-convert-gguf``): an output to
+  GGUF with llama.cpp's own converter, the base's vocabulary kept (docs/interop.md).
 """
