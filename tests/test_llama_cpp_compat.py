@@ -186,6 +186,14 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return fields, {t.name: np.asarray(t.data) for t in reader.tensors}
 
 
+def test_only_a_tokenizer_with_all_glm_tokens_keeps_glm_vocabulary():
+    glm = {token: 151329 + i for i, token in enumerate(convert_gguf.GLM_SPECIAL_TOKENS)}
+    assert convert_gguf.uses_glm_vocabulary(glm)
+    for token in glm:
+        assert not convert_gguf.uses_glm_vocabulary({k: v for k, v in glm.items() if k != token})
+    assert not convert_gguf.uses_glm_vocabulary({"<|im_start|>": 1, "<|endoftext|>": 0})
+
+
 def test_glm4_moe_of_a_llama_base_converts_with_the_base_vocabulary(
     tmp_path, saved, tiny_model, smollm2_dir, llama_cpp_tree, converter_python
 ):

@@ -112,7 +112,9 @@ def load_converter(llama_cpp: Path) -> ModuleType:
 
 def model_class(converter: ModuleType, architecture: str) -> type:
     """llama.cpp's converter class registered for a Hugging Face architecture name."""
-    lookup = getattr(converter, "get_model_class", None)  # lazily imported modules (2026)
+    # The conversion/ package imports each family's module on demand (get_model_class); a
+    # single-file convert_hf_to_gguf.py (llama.cpp before 2026) has every class registered.
+    lookup = getattr(converter, "get_model_class", None)
     return (
         lookup(architecture)
         if lookup
