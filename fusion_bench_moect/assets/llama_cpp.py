@@ -3,7 +3,7 @@
 The sdist vendors llama.cpp under ``vendor/llama.cpp``: its GGUF converter
 (``convert_hf_to_gguf.py`` with the ``conversion/`` package and ``gguf-py``) and the C++
 sources ``benchmarks/interop.py`` builds ``llama-perplexity`` from. We fetch the sdist alone
-with pip (``pip download --no-deps --no-binary :all:``; PyPI carries no wheel of it), check its
+with pip (``pip download --no-deps --no-binary llama-cpp-python``: the sdist), check its
 sha256 and unpack it once into ``llama_cpp_root()``:
 ``$MOECT_LLAMA_CPP_DIR``, else ``$FUSION_BENCH_MOECT_CACHE/llama.cpp``.
 """
@@ -54,7 +54,7 @@ def _download(root: Path) -> Path:
     if not sdist.is_file() or sha256_file(sdist) != SDIST_SHA256:
         sdist.unlink(missing_ok=True)
         command = [sys.executable, "-m", "pip", "download", f"{PACKAGE}=={VERSION}"]
-        command += ["--no-binary", ":all:", "--no-deps", "--disable-pip-version-check"]
+        command += ["--no-binary", PACKAGE, "--no-deps", "--disable-pip-version-check"]
         log.info("Fetching %s==%s from PyPI (77 MB): %s", PACKAGE, VERSION, " ".join(command))
         result = subprocess.run(command + ["-d", str(root)], capture_output=True, text=True)
         if result.returncode != 0 or not sdist.is_file():
