@@ -13,7 +13,8 @@ their llama.cpp perplexity with the dense model's.
    fusion_bench_moect.cli.upcycle``): Mixtral G=1 (8 experts), Mixtral G=4 (32 experts),
    Qwen2-MoE (tied base: explicit ``lm_head``), Qwen3-MoE G=8 (64 experts) from a Qwen3
    version of SmolLM2 (unit q/k norms: a different dense model, compared with its own
-   conversion), and GLM4-MoE (8 experts, top-2, groups, shared expert).
+   conversion), and GLM4-MoE (8 experts, top-2, shared expert; with groups from SmolLM2, with
+   q/k norms from the Qwen3 version).
 3. Converts each (and the dense models) with the vendored ``convert_hf_to_gguf.py`` (run by
    the transformers-4 virtualenv, as llama.cpp pins transformers 4.57) to an f16 GGUF and
    runs ``llama-perplexity`` on the held-out Debian Reference chapters (English). The
@@ -96,15 +97,17 @@ def llama_perplexity(src: Path) -> Path:
     return binary
 
 
-def convert(src: Path, model_dir: Path, gguf: Path, outtype: str, ours: bool = False) -> None:
-    """llama.cpp's ``convert_hf_to_gguf.py`` on ``model_dir``; with ``ours``, through our entry
-    point (``moect-convert-gguf``: the same converter, the base's vocabulary for GLM4-MoE)."""
+def convert(src: Path, model_dir: Path, gguf: Path, outtype: str, base_arch: str | None) -> None:
+    """llama.cpp's ``convert_hf_to_gguf.py`` on ``model_dir``; given the dense base's
+    architecture, through our entry point (``moect-convert-gguf``: the same converter, that
+    base family's vocabulary for GLM4-MoE)."""
     env = {**os.environ, "PYTHONPATH": str(src / "gguf-py"), "HF_HUB_OFFLINE": "1"}
     python = str(VENV_TF4 / "bin" / "python")
-    if ours:
+    if base_arch is not None:
         env["PYTHONPATH"] += os.pathsep + str(REPO)
         cmd = [python, "-m", "fusion_bench_moect.cli.convert_gguf", str(model_dir), str(gguf)]
-        run(cmd + ["--outtype", outtype, "--llama-cpp", str(src)], env=env, cwd=REPO)
+        cmd += ["--outtype", outtype, "--llama-cpp", str(src), "--base-architecture", base_arch]
+        run(cmd, env=env, cwd=REPO)
         return
     run(
         [python, str(src / "convert_hf_to_gguf.py"), str(model_dir)]
@@ -184,6 +187,12 @@ CASES = [
         ["--architecture", "glm4_moe", "--num-experts", "8", "--n-group", "4"]
         + ["--topk-group", "2"],
     ),
+    # The same from a Qwen3 base: q/k norms in glm4moe, Qwen2's vocabulary path.
+    (
+        "GLM4-MoE with q/k norms, 8 experts, top-2, shared expert",
+        "qwen3",
+        ["--architecture", "glm4_moe", "--num-experts", "8"],
+    ),
 ]
 
 
@@ -228,9 +237,11 @@ def main() -> int:
     return 0 if all(r["ok"] for r in rows) else 1
 
 
-def ppl_of(llama: SimpleNamespace, model_dir: Path, gguf: Path, ours: bool = False) -> float:
+def ppl_of(
+    llama: SimpleNamespace, model_dir: Path, gguf: Path, base_arch: str | None = None
+) -> float:
     """llama.cpp's perplexity of ``model_dir`` after its conversion to ``gguf`` (deleted)."""
-    convert(llama.src, model_dir, gguf, llama.args.outtype, ours)
+    convert(llama.src, model_dir, gguf, llama.args.outtype, base_arch)
     ppl = perplexity(llama.binary, gguf, llama.text, llama.args.ctx, llama.args.chunks)
     gguf.unlink()
     return ppl
@@ -253,7 +264,8 @@ def run_case(
     shutil.rmtree(out, ignore_errors=True)
     cmd = [str(VENV / "bin" / "python"), "-m", "fusion_bench_moect.cli.upcycle", str(base)]
     run(cmd + [str(out), "-q", *flags], cwd=REPO)
-    ppl = ppl_of(llama, out, work / "moe.gguf", ours="glm4_moe" in flags)
+    base_arch = json.loads((base / "config.json").read_text())["architectures"][0]
+    ppl = ppl_of(llama, out, work / "moe.gguf", base_arch if "glm4_moe" in flags else None)
     shutil.rmtree(out)
     diff = ppl / reference[base_name] - 1
     ok = abs(diff) <= TOLERANCE
