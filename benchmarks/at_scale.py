@@ -11,6 +11,11 @@ Float32 master weights with bf16 compute: every weight is held in float32 (4 byt
 trainable one adds a float32 gradient (4) and AdamW's two moments (8). Under FSDP2 all three
 are divided over the GPUs; the one decoder layer gathered at a time (bf16, doubled for
 prefetching) is added. Activations are not counted: they depend on the batch and sequence.
+"FSDP2, frozen bf16" keeps the frozen weights as a bf16 MoE stores them (2 bytes) and gives
+float32 masters to the trainable ones only (``training.loading``). Host memory per node while
+loading: 8 processes each loading the whole model in float32 through the model pool (DDP, and
+FSDP2 before issue 27), against FSDP2's sharded load, where each process holds its rows of
+one tensor at a time (at most the largest tensor in float32 over the node).
 Trainable counts the stacked expert tensors whole: the anchor's rows get zero gradients but
 hold gradient and AdamW memory like the others.
 """
@@ -61,9 +66,16 @@ def stage_row(name: str, model: torch.nn.Module, stage: str) -> dict:
     layer = max(sum(p.numel() for p in lay.parameters()) for lay in decoder_layers(model))
     ddp = 4 * total + 12 * trainable
     fsdp = ddp / GPUS + 2 * 2 * layer
+    # frozen weights as stored (bf16), float32 masters of the trainable ones only
+    frozen_bf16 = (2 * (total - trainable) + 16 * trainable) / GPUS + 2 * 2 * layer
     need = next(n for n in range(1, 1025) if ddp / n + 4 * layer < GPU_GB * 1e9)
+    # host memory of a node while loading: every process reading the whole model in float32
+    # (the model pool), or each reading its rows of one tensor at a time (training.loading)
+    largest = max(p.numel() for p in model.parameters())
+    host_whole, host_sharded = GPUS * 4 * total, 4 * largest
     return {"base": name, "stage": stage, "total": total, "trainable": trainable,
-            "ddp": ddp, "fsdp": fsdp, "need": need}  # fmt: skip
+            "ddp": ddp, "fsdp": fsdp, "frozen_bf16": frozen_bf16, "need": need,
+            "host_whole": host_whole, "host_sharded": host_sharded}  # fmt: skip
 
 
 def count(n: int) -> str:
@@ -81,14 +93,17 @@ def table() -> str:
     lines = [
         f"| base -> 8 experts, top-2 | stage | parameters | trainable | DDP, per GPU | "
         f"FSDP2 over {GPUS} GPUs, per GPU | fits {GPU_GB} GB (DDP / FSDP2) | "
-        f"GPUs FSDP2 needs under {GPU_GB} GB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"GPUs FSDP2 needs under {GPU_GB} GB | FSDP2, frozen bf16, per GPU | "
+        f"host memory per node while loading (whole model per process / sharded) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         fits = " / ".join("yes" if v / gb < GPU_GB else "no" for v in (r["ddp"], r["fsdp"]))
         lines.append(
             f"| {r['base']} | `{r['stage']}` | {count(r['total'])} | {count(r['trainable'])} | "
-            f"{r['ddp'] / gb:.1f} GB | {r['fsdp'] / gb:.1f} GB | {fits} | {r['need']} |"
+            f"{r['ddp'] / gb:.1f} GB | {r['fsdp'] / gb:.1f} GB | {fits} | {r['need']} | "
+            f"{r['frozen_bf16'] / gb:.1f} GB | {r['host_whole'] / gb:.0f} GB / "
+            f"{r['host_sharded'] / gb:.2f} GB |"
         )
     return "\n".join(lines) + "\n"
 

@@ -38,7 +38,7 @@ def main(spec_path: str) -> None:
     pool = CausalLMPool(
         models={"_pretrained_": spec["moe_dir"]},
         tokenizer=spec["tokenizer"],
-        model_kwargs={"dtype": "float32"},
+        model_kwargs={"dtype": spec.get("dtype", "float32")},
     )
     model = algo.run(pool)
     if spec["strategy"] == "moe_fsdp2":  # the whole model, gathered on rank 0
@@ -51,11 +51,14 @@ def main(spec_path: str) -> None:
         gathered = [None] * fabric.world_size
         torch.distributed.all_gather_object(gathered, states[0])
         states = gathered
+    # what each process read of the checkpoint while loading (0: the pool loaded it whole)
+    read = [algo.bytes_loaded] * fabric.world_size
+    if fabric.world_size > 1:
+        torch.distributed.all_gather_object(read, algo.bytes_loaded)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
     if fabric.is_global_zero:
-        torch.save(
-            {"states": states, "history": algo.history, "evaluations": algo.evaluations},
-            spec["output"],
-        )
+        record = {"history": algo.history, "evaluations": algo.evaluations, "bytes_loaded": read}
+        torch.save({"states": states, "dtypes": dtypes, **record}, spec["output"])
     fabric.barrier()
 
 

@@ -253,7 +253,13 @@ def fusion_bench(
     return out
 
 
-def train_cli(
+def train_cli(cwd: Path, out: Path, moe_dir, tokenizer, *overrides: str, **options) -> Path:
+    """``fusion_bench method=moe_ct_training`` with ``train_cli_args``; returns ``out``."""
+    fusion_bench(cwd, *train_cli_args(cwd, out, moe_dir, tokenizer, *overrides, **options))
+    return out
+
+
+def train_cli_args(
     cwd: Path,
     out: Path,
     moe_dir,
@@ -262,16 +268,15 @@ def train_cli(
     devices: int = 1,
     learning_rate: float = 1e-2,
     log_dir: Path | None = None,
-) -> Path:
-    """``fusion_bench method=moe_ct_training``: 4 experts-stage steps on ``devices`` CPU
-    processes on real text (``cwd/corpus.txt``), saved to ``out``; TensorBoard logs only with
-    ``log_dir``. Returns ``out``."""
+) -> list[str]:
+    """``fusion_bench`` overrides for 4 experts-stage steps on ``devices`` CPU processes on
+    real text (``cwd/corpus.txt``, written here), saved to ``out``; TensorBoard logs only with
+    ``log_dir``."""
     corpus = cwd / "corpus.txt"
     if not corpus.exists():
         corpus.write_text(real_text())
     loggers = [f"path.log_dir={log_dir}"] if log_dir else ["fabric.loggers=null"]
-    fusion_bench(
-        cwd,
+    return [
         "method=moe_ct_training",
         "method.stage=experts",
         "method.max_steps=4",
@@ -291,8 +296,7 @@ def train_cli(
         *loggers,
         f"hydra.run.dir={log_dir or out.with_name(out.name + '-logs')}",
         *overrides,
-    )
-    return out
+    ]
 
 
 def report(log_dir: Path) -> dict:

@@ -77,6 +77,35 @@ def test_ddp_resume_is_exact(moe_checkpoint, tokenizer_dir, tmp_path):
     assert timeless(resumed["history"]) == timeless(full["history"])
 
 
+# 2 micro-batches per step reduced over 2 processes or accumulated in one: the same windows,
+# summed in another order
+RESHARD_TOLERANCE = 1e-5
+
+
+@pytest.mark.parametrize("strategy, before, after", [("moe_fsdp2", 2, 1), ("ddp", 1, 2)])
+def test_resume_on_another_process_count(
+    moe_checkpoint, tokenizer_dir, tmp_path, strategy, before, after
+):
+    moe_dir, _ = moe_checkpoint("qwen2_moe")
+    tok, ckpts = str(tokenizer_dir), tmp_path / "ckpts"
+    settings = dict(max_steps=4, checkpoint_every=2, checkpoint_dir=str(ckpts))
+    full = run_fabric(tmp_path / "a", moe_dir, tok, before, strategy,
+                      accumulate_grad_batches=2 // before, **settings)  # fmt: skip
+    resumed = run_fabric(
+        tmp_path / "b", moe_dir, tok, after, strategy, accumulate_grad_batches=2 // after,
+        **{**settings, "checkpoint_every": 0, "ckpt_path": str(ckpts / "step-000002")},
+    )  # fmt: skip
+    reference, again = full["states"][0], resumed["states"][0]
+    assert set(reference) == set(again)
+    worst = max((reference[k] - again[k]).abs().max().item() for k in reference)
+    print(f"{strategy} {before} -> {after} processes: max |resumed - uninterrupted| = {worst:.3g}")
+    assert worst < RESHARD_TOLERANCE
+    assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]
+    assert timeless(resumed["history"])[:2] == timeless(full["history"])[:2]
+    for mine, theirs in zip(resumed["history"][2:], full["history"][2:], strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+
+
 def test_keep_last_prunes_older_steps(moe_checkpoint, tokenizer_dir, tmp_path):
     moe_dir, _ = moe_checkpoint()
     root = tmp_path / "ckpts"
@@ -101,7 +130,8 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
         ("no_manifest", "not a complete moe_ct_training step checkpoint"),
         ("garbage_manifest", "trainer_state.json is corrupt"),
         ("truncated_weights", "trainable.safetensors is missing, truncated or corrupt"),
-        ("other_stage", "another stage or parallel layout"),
+        ("other_stage", "another stage, strategy or global batch"),
+        ("other_global_batch", r"processes x accumulate_grad_batches': \(1, 2\)"),
         ("other_model", "continues training of another model"),
     ],
 )
@@ -122,6 +152,8 @@ def test_a_bad_ckpt_path_is_refused_and_nothing_is_written(
         (step / "trainable.safetensors").write_bytes(data[: len(data) // 2])
     elif damage == "other_stage":
         extra = {"stage": "experts"}
+    elif damage == "other_global_batch":  # 1 process x 1 micro-batch, now 1 x 2
+        extra = {"accumulate_grad_batches": 2}
     else:  # another MoE: the same shapes, other frozen weights
         moe_dir, _ = moe_checkpoint("qwen2_moe")
     before = _snapshot(root)

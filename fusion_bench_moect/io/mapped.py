@@ -17,7 +17,7 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +107,13 @@ def mapped_model(directory: str | os.PathLike, arch: Any, config: Any) -> nn.Mod
     views = safetensors_views(directory)
     with init_empty_weights(include_buffers=False):
         model = arch.model_class()(config)
-    prefixes = _block_prefixes(model, arch)
+    prefixes = block_prefixes(model, arch)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for name, _ in list(model.named_parameters()):
         if tied and name == "lm_head.weight":
             continue
         _set(model, name, _tensor_for(name, views, prefixes, arch))
-    for name in _persistent_buffers(model):
+    for name in persistent_buffers(model):
         _set(model, name, _tensor_for(name, views, prefixes, arch), buffer=True)
     if tied:
         model.tie_weights()
@@ -122,12 +122,12 @@ def mapped_model(directory: str | os.PathLike, arch: Any, config: Any) -> nn.Mod
             f"{directory}: {len(views)} tensor(s) the {arch.name} model does not use, e.g. "
             f"'{next(iter(views))}'."
         )
-    _load_generation_config(model, Path(directory))
+    load_generation_config(model, Path(directory))
     model.eval()
     return model
 
 
-def _block_prefixes(model: nn.Module, arch: Any) -> dict[str, str]:
+def block_prefixes(model: nn.Module, arch: Any) -> dict[str, str]:
     """Model-name prefix -> hub-name prefix of every MoE block (``mlp.`` -> e.g.
     ``block_sparse_moe.``)."""
     prefixes = {}
@@ -144,24 +144,39 @@ def _tensor_for(
     name: str, views: dict[str, torch.Tensor], prefixes: dict[str, str], arch: Any
 ) -> torch.Tensor:
     """The checkpoint tensor of model parameter ``name`` (consumed from ``views``)."""
+    parts, experts = hub_sources(name, views, prefixes, arch)
+    tensors = [views.pop(part) for part in parts]
+    return _stacked(tensors, experts) if experts else tensors[0]
+
+
+def hub_sources(
+    name: str, available: Container[str], prefixes: dict[str, str], arch: Any
+) -> tuple[list[str], int]:
+    """The hub tensors that make model tensor ``name``, and the number of experts they stack
+    (0: ``name`` is the one hub tensor listed). A fused transformers-5 tensor lists, per
+    expert, its (gate, up) or (down) projections.
+
+    Raises:
+        ValueError: When ``available`` lacks them.
+    """
     hub = name
     for model_prefix, hub_prefix in prefixes.items():
         if name.startswith(model_prefix):
             hub = hub_prefix + name[len(model_prefix) :]
             break
-    if hub in views:
-        return views.pop(hub)
+    if hub in available:
+        return [hub], 0
     gate, up, down = arch.expert_proj_names
     for fused, projs in (("experts.gate_up_proj", (gate, up)), ("experts.down_proj", (down,))):
         if hub.endswith(fused):
             block = hub[: -len(fused)]
-            parts = []
+            parts: list[str] = []
             j = 0
-            while f"{block}experts.{j}.{projs[0]}.weight" in views:
-                parts += [views.pop(f"{block}experts.{j}.{p}.weight") for p in projs]
+            while f"{block}experts.{j}.{projs[0]}.weight" in available:
+                parts += [f"{block}experts.{j}.{p}.weight" for p in projs]
                 j += 1
             if parts:
-                return _stacked(parts, j)
+                return parts, j
     raise ValueError(f"The checkpoint has no tensor for parameter '{name}' (looked for '{hub}').")
 
 
@@ -186,7 +201,7 @@ def _stacked(parts: Sequence[torch.Tensor], num_experts: int) -> torch.Tensor:
     return first.as_strided(shape, stride, first.storage_offset())
 
 
-def _persistent_buffers(model: nn.Module) -> list[str]:
+def persistent_buffers(model: nn.Module) -> list[str]:
     """Names of the buffers a checkpoint holds (e.g. a router's selection bias)."""
     return [
         f"{module_name}.{attr}" if module_name else attr
@@ -211,7 +226,7 @@ def _set(model: nn.Module, name: str, tensor: torch.Tensor, buffer: bool = False
         setattr(module, attr, nn.Parameter(tensor, requires_grad=current.requires_grad))
 
 
-def _load_generation_config(model: nn.Module, directory: Path) -> None:
+def load_generation_config(model: nn.Module, directory: Path) -> None:
     if (directory / "generation_config.json").is_file() and hasattr(model, "generation_config"):
         # Lazy: transformers' generation module (~1 s) only for a directory that has one.
         from transformers import GenerationConfig

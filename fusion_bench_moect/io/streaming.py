@@ -250,6 +250,7 @@ def write_hub_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     units: Sequence[int] | None = None,
     card: Callable[[Any], str] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write a Hugging Face checkpoint from a stream of tensors, all or nothing.
 
@@ -267,6 +268,7 @@ def write_hub_checkpoint(
         max_shard_bytes: Largest shard.
         units: Runs of ``specs`` kept in one shard (``shard_layout``).
         card: Returns the model card (``README.md``) given the final config.
+        extra_files: More files to write beside the model, name -> text.
 
     Returns:
         The checkpoint directory.
@@ -290,6 +292,8 @@ def write_hub_checkpoint(
         elif tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
         make_portable(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     target = Path(directory).expanduser().absolute()
     log.info(
         "Saved MoE checkpoint to %s (%d tensors, %.2f GB in %d shard(s))",

@@ -28,11 +28,11 @@ from ..io.pool import read_directories
 from ..program import SavedBySaveCheckpoint
 from ..progress import library_bars
 from ..schema import signature
-from . import checkpoints, resume
+from . import checkpoints, loading, resume
 from .balancing import Balancer, check_balancing
 from .config import TrainingConfig, docstring
 from .data import log_data_plan, shared_training_data
-from .freeze import AnchorGuard, TrainingPlan, apply_requires_grad, plan_training
+from .freeze import TrainingPlan, apply_requires_grad, plan_training
 from .loop import Position, TrainingLoop, TrainRun
 from .losses import set_model_aux_coefficient
 from .metrics import Evaluator
@@ -152,7 +152,9 @@ class MoECTTrainingAlgorithm(SavedBySaveCheckpoint, BaseAlgorithm, FabricTrainin
         if isinstance(modelpool, nn.Module):
             model, tokenizer = modelpool, None
         else:
-            model = modelpool.load_model("_pretrained_")
+            # FSDP2: an empty model, each process reads its shards in _setup (loading)
+            source = loading.sharded_source(self.fabric, modelpool)
+            model = loading.empty_model(source) if source else modelpool.load_model("_pretrained_")
             tokenizer = (
                 modelpool.load_tokenizer() if getattr(modelpool, "tokenizer", None) else None
             )
@@ -240,9 +242,10 @@ class MoECTTrainingAlgorithm(SavedBySaveCheckpoint, BaseAlgorithm, FabricTrainin
         names = {id(p): n for n, p in model.named_parameters()}
         expert_names = {names[id(p)] for p in plan.experts}
         trainable_names = {names[id(p)] for p in trainable}
-        guard = AnchorGuard(plan)
-        resumable = config.checkpoint_every or config.ckpt_path
-        identity = checkpoints.model_identity(model, trainable_names) if resumable else {}
+        resumable = bool(config.checkpoint_every or config.ckpt_path)
+        guard, identity, self.bytes_loaded = loading.prepare(
+            fabric, model, plan, trainable_names, resumable
+        )
         model = fabric.setup_module(model)
         optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
         optimizer = fabric.setup_optimizers(optimizer)

@@ -21,6 +21,7 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,11 @@ from torch import nn
 
 from ..io.checkpoint import atomic_directory, clear_stale_temporaries
 from ..io.checkpoint import save_checkpoint as write_checkpoint
+from ..io.sliced import is_checkpoint
 from ..progress import progress
 from .card import card_file
 from .config import TrainingConfig
+from .export import save_streamed
 from .loop import Position, TrainRun
 from .sharding import full_state_dict, local
 
@@ -44,12 +47,18 @@ MANIFEST = "trainer_state.json"
 FORMAT = 2
 
 
-def model_identity(model: nn.Module, trainable: set[str]) -> dict[str, Any]:
-    """The starting model's path, checkpoint file sizes and a hash of its frozen tensors."""
+def model_identity(
+    model: nn.Module,
+    trainable: set[str],
+    read: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """The starting model's path, checkpoint file sizes and a hash of its frozen tensors
+    (``read(name, tensor)``: the values of a tensor the model does not hold yet)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
         if name in trainable:
             continue
+        tensor = read(name, tensor) if read is not None else tensor
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
     path = str(getattr(model, "name_or_path", "") or "")
@@ -77,17 +86,24 @@ def history_json(run: TrainRun) -> str:
 
 
 def save_model(fabric: Any, run: TrainRun, directory: Path) -> None:
-    """The whole model as a Hugging Face directory (rank 0 writes; FSDP2 shards gathered)."""
-    state_dict = full_state_dict(run.module) if run.sharded else None
-    if fabric.is_global_zero:
-        write_checkpoint(
-            run.module,
-            directory,
-            run.tokenizer,
-            overwrite=True,
-            extra_files={"training_history.json": history_json(run), **card_file(run, directory)},
-            state_dict=state_dict,
-        )
+    """The whole model as a Hugging Face directory, rank 0 writing. Started from a checkpoint
+    directory: tensor by tensor, frozen ones copied from it (``export``); a model given as an
+    object: its state dict (FSDP2 shards gathered on rank 0)."""
+    extra = {"training_history.json": history_json(run), **card_file(run, directory)}
+    module = run.module
+    if is_checkpoint(str(getattr(module, "name_or_path", "") or "")):
+        save_streamed(fabric, module, run.trainable, directory, run.tokenizer, extra)
+    else:
+        state_dict = full_state_dict(module) if run.sharded else None
+        if fabric.is_global_zero:
+            write_checkpoint(
+                module,
+                directory,
+                run.tokenizer,
+                overwrite=True,
+                extra_files=extra,
+                state_dict=state_dict,
+            )
     fabric.barrier()
 
 

@@ -122,10 +122,12 @@ class AnchorGuard:
     rows it holds (``sharding.local_rows``).
     """
 
-    def __init__(self, plan: TrainingPlan) -> None:
+    def __init__(self, plan: TrainingPlan, saved: dict[str, torch.Tensor] | None = None) -> None:
         self.anchors = list(plan.anchors)
         index = torch.tensor(self.anchors, dtype=torch.long)
-        self.saved = {name: param.detach()[index].clone() for param, name in plan.pinned}
+        if saved is None:  # the model holds its weights (else: the rows read from the files)
+            saved = {name: param.detach()[index].clone() for param, name in plan.pinned}
+        self.saved = saved
 
     def __bool__(self) -> bool:
         return bool(self.saved)

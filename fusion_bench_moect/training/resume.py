@@ -1,8 +1,13 @@
 """Resuming ``moe_ct_training`` from a step checkpoint (written by ``checkpoints``).
 
 Every refusal is one line naming the checkpoint, what is wrong and what to do: an
-incomplete or foreign directory, a corrupt manifest or tensor file, another stage or
-parallel layout, another starting model (the hash of its frozen tensors differs).
+incomplete or foreign directory, a corrupt manifest or tensor file, another stage, strategy
+or global batch, another starting model (the hash of its frozen tensors differs).
+
+Another process count is fine (W -> W'): each process reads its rows of every saved tensor
+from the shards that hold them (``io.sliced.rows_across``), and ``skip`` (micro-batches used
+per process) is rescaled; with processes x accumulation unchanged every optimiser step sees
+the same windows (``sampler.WindowBatchSampler``).
 """
 
 from __future__ import annotations
@@ -10,25 +15,24 @@ from __future__ import annotations
 import json
 import logging
 import random
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
+from ..io.sliced import Entry, read_header, read_rows, rows_across
 from .checkpoints import (
     FORMAT,
     MANIFEST,
     inner_optimizer,
     layout,
-    rank_suffix,
     router_biases,
     trainable_params,
 )
 from .config import TrainingConfig
 from .loop import Position, TrainRun
-from .sharding import like, local
+from .sharding import like, local, local_rows
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +69,22 @@ def read_manifest(ckpt_path: str | Path) -> dict[str, Any]:
 
 def _check_compatible(fabric, config: TrainingConfig, run: TrainRun, manifest: dict) -> None:
     directory = config.ckpt_path
-    now = layout(fabric, config, run)
-    differs = {k: (v, now[k]) for k, v in manifest["layout"].items() if now.get(k) != v}
+    now, saved = layout(fabric, config, run), manifest["layout"]
+    # another process count is fine when every optimiser step still sees the same windows
+    # (WindowBatchSampler): same micro-batch size and processes x accumulation
+    keep = ("stage", "balancing", "batch_size", "sharded")
+    differs = {k: (saved.get(k), now[k]) for k in keep if saved.get(k) != now[k]}
+    if global_micro_batches(saved) != global_micro_batches(now):
+        differs["processes x accumulate_grad_batches"] = (
+            global_micro_batches(saved),
+            global_micro_batches(now),
+        )
     if differs:
         raise ValueError(
-            f"ckpt_path={directory} was written with another stage or parallel layout "
-            f"(checkpoint, now): {differs}; resume with the same stage, processes, strategy "
-            "and batch."
+            f"ckpt_path={directory} was written with another stage, strategy or global batch "
+            f"(checkpoint, now): {differs}; resume with the same stage, strategy and batch_size, "
+            "and processes x accumulate_grad_batches unchanged (e.g. 2 processes -> 1 with "
+            "accumulate_grad_batches doubled)."
         )
     saved, current = manifest["model"], run.identity
     if saved.get("frozen_sha256") != current.get("frozen_sha256"):
@@ -83,36 +96,60 @@ def _check_compatible(fabric, config: TrainingConfig, run: TrainRun, manifest: d
         )
 
 
-def _load_file(directory: Path, name: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(directory / name))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(
-            f"ckpt_path={directory}: {name} is missing, truncated or corrupt ({err}); resume "
-            "from another step checkpoint."
-        ) from err
+def global_micro_batches(layout: dict[str, Any]) -> int:
+    """Micro-batches per optimiser step over all processes."""
+    return int(layout["world_size"]) * int(layout["accumulate_grad_batches"])
+
+
+def _headers(directory: Path, kind: str, saved: dict[str, Any]) -> list[dict[str, Entry]]:
+    """The headers of the ``kind`` files, one per process that wrote a shard (or one)."""
+    names = [f"{kind}.safetensors"]
+    if saved["sharded"]:
+        names = [f"{kind}-rank{r}.safetensors" for r in range(int(saved["world_size"]))]
+    headers = []
+    for name in names:
+        try:
+            headers.append(read_header(directory / name))
+        except (OSError, ValueError, KeyError, struct.error) as err:
+            raise ValueError(
+                f"ckpt_path={directory}: {name} is missing, truncated or corrupt ({err}); "
+                "resume from another step checkpoint."
+            ) from err
+    return headers
+
+
+def _value(headers: list[dict[str, Entry]], name: str, like_param: torch.Tensor) -> torch.Tensor:
+    """This process's rows of saved tensor ``name`` (its shards joined as needed)."""
+    parts = [h[name] for h in headers]
+    if not parts[0].shape:  # a scalar (AdamW's step), the same in every shard
+        return read_rows(parts[0])
+    data, start = local_rows(like_param)
+    return rows_across(parts, start, start + data.shape[0])
 
 
 @torch.no_grad()
-def _load_tensors(fabric: Any, run: TrainRun, directory: Path) -> None:
-    suffix = rank_suffix(fabric, run)
-    params = _load_file(directory, f"trainable{suffix}.safetensors")
-    states = _load_file(directory, f"optimizer{suffix}.safetensors")
+def _load_tensors(fabric: Any, run: TrainRun, directory: Path, saved: dict[str, Any]) -> None:
+    params = _headers(directory, "trainable", saved)
+    states = _headers(directory, "optimizer", saved)
     optimizer = inner_optimizer(run)
     trainable = trainable_params(run)
     biases = router_biases(run)
-    missing = sorted((set(trainable) | set(biases)) - set(params))
+    missing = sorted((set(trainable) | set(biases)) - set(params[0]))
     if missing:
         raise ValueError(
             f"ckpt_path={directory} lacks trainable parameters {missing[:3]}: it was written "
             "for another stage or model; resume with the settings it was written with."
         )
     for name, bias in biases.items():
-        bias.copy_(params[name])
+        bias.copy_(read_rows(params[0][name]))
     for name, param in trainable.items():
-        local(param.data).copy_(params[name])
+        local(param.data).copy_(_value(params, name, param.data))
         prefix = f"{name}::"
-        state = {k[len(prefix) :]: v for k, v in states.items() if k.startswith(prefix)}
+        state = {
+            k[len(prefix) :]: _value(states, k, param.data)
+            for k in states[0]
+            if k.startswith(prefix)
+        }
         if state:
             optimizer.state[param] = {
                 k: like(param, v.to(local(param).device)) for k, v in state.items()
@@ -124,7 +161,8 @@ def restore(fabric: Any, config: TrainingConfig, run: TrainRun) -> Position:
     directory = Path(config.ckpt_path)
     manifest = read_manifest(directory)
     _check_compatible(fabric, config, run, manifest)
-    _load_tensors(fabric, run, directory)
+    written = manifest["layout"]
+    _load_tensors(fabric, run, directory, written)
     for group, saved in zip(
         inner_optimizer(run).param_groups, manifest["param_groups"], strict=True
     ):
@@ -134,7 +172,10 @@ def restore(fabric: Any, config: TrainingConfig, run: TrainRun) -> Position:
             run.scheduler.load_state_dict(manifest["scheduler"])
         else:
             vars(run.scheduler).update(manifest["scheduler"])
-    rng = json.loads((directory / f"rng-rank{fabric.global_rank}.json").read_text())
+    rng_file = directory / f"rng-rank{fabric.global_rank}.json"
+    if not rng_file.is_file():  # more processes than wrote it; training draws no numbers
+        rng_file = directory / "rng-rank0.json"
+    rng = json.loads(rng_file.read_text())
     torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
     random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
     if "cuda" in rng and torch.cuda.is_available():
@@ -143,4 +184,7 @@ def restore(fabric: Any, config: TrainingConfig, run: TrainRun) -> Position:
     run.evaluations[:] = manifest["evaluations"]
     if fabric.is_global_zero:
         log.info("Resumed from %s at step %d", directory, manifest["position"]["step"])
-    return {k: int(manifest["position"][k]) for k in ("step", "epoch", "skip")}
+    position = {k: int(manifest["position"][k]) for k in ("step", "epoch", "skip")}
+    # micro-batches this process used in the epoch, for the new process count
+    position["skip"] = position["skip"] * int(written["world_size"]) // fabric.world_size
+    return position

@@ -46,20 +46,24 @@ def parallelize(
             it until backward (ZeRO-2, more memory, less communication).
 
     Returns:
-        The same model, sharded in place.
+        The same model, sharded in place (a model sharded already is returned as it is).
     """
     from torch.distributed.fsdp import (  # ~0.7 s, sharded runs only
+        FSDPModule,
         MixedPrecisionPolicy,
         fully_shard,
     )
 
+    if isinstance(model, FSDPModule):  # sharded while loading (training.loading)
+        return model
     mesh = device_mesh
     if mixed_precision == "auto":
         mixed_precision = device_mesh.device_type == "cuda" and torch.cuda.is_bf16_supported()
-    policy = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if mixed_precision
-        else MixedPrecisionPolicy()
+    # frozen weights may be stored in bf16 beside float32 trainable ones: every parameter
+    # is cast to the compute dtype when gathered (a no-op for those already in it)
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if mixed_precision else torch.float32,
+        reduce_dtype=torch.float32,
     )
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
