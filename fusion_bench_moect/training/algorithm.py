@@ -62,6 +62,8 @@ class MoECTTrainingAlgorithm(SavedBySaveCheckpoint, BaseAlgorithm, FabricTrainin
     # place of the mixin's abstract checkpoint hook, which this loop does not use.
     save_checkpoint = None
     max_steps_per_epoch = -1
+    #: Bytes of the checkpoint this process read while loading sharded (0: the pool loaded it).
+    bytes_loaded = 0
 
     @one_line_errors  # a bad parameter is one line through ``fusion_bench``, as in run()
     def __init__(self, **kwargs: Any):

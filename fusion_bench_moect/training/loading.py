@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.strategies import ModelParallelStrategy
 from torch import nn
 
 from ..arch import ARCHITECTURES
@@ -41,8 +42,6 @@ log = logging.getLogger(__name__)
 def sharded_source(fabric: Any, modelpool: Any) -> Path | None:
     """The local checkpoint directory of the pool's ``_pretrained_`` when the run shards the
     model (FSDP2) and the pool names a directory; else None (the pool loads the model)."""
-    from lightning.fabric.strategies import ModelParallelStrategy  # Lightning is loaded
-
     if not isinstance(fabric.strategy, ModelParallelStrategy):
         return None
     entry = modelpool.get_model_config("_pretrained_")
