@@ -126,7 +126,11 @@ class AnchorGuard:
         self.anchors = list(plan.anchors)
         index = torch.tensor(self.anchors, dtype=torch.long)
         if saved is None:  # the model holds its weights (else: the rows read from the files)
-            saved = {name: param.detach()[index].clone() for param, name in plan.pinned}
+            saved = {
+                name: param.detach()[index].clone()
+                for param, name in plan.pinned
+                if param.requires_grad  # a frozen stack (router stage) cannot change
+            }
         self.saved = saved
 
     def __bool__(self) -> bool:

@@ -94,6 +94,7 @@ def prepare(
     anchor_rows = {  # only the anchors' rows
         name: torch.cat([source.rows(names[id(param)], a, a + 1) for a in plan.anchors])
         for param, name in plan.pinned
+        if param.requires_grad  # frozen stacks cannot change
     }
     guard = AnchorGuard(plan, anchor_rows)
     identity = _identity(fabric, model, source, trainable) if resumable else {}
