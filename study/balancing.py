@@ -18,11 +18,11 @@ Usage::
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import sections
 from .common import pm, table
 from .grid import grid_rows
 from .report_training import trained_groups
@@ -32,9 +32,9 @@ from .trained import POINTS
 BALANCING_MODES = ("aux_loss", "bias", "none")
 #: The merge every run starts from: the study's u_shaped@0.8 row, as GLM4-MoE.
 MERGE_ROW = "u_shaped@0.8"
-BEGIN, END = "<!-- balancing:begin -->", "<!-- balancing:end -->"
+SECTION = sections.Section("balancing")
+BEGIN, END = SECTION.begin, SECTION.end
 STAGES = ("router", "experts")
-_SECTION = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", re.S)
 
 
 def balancing_rows(
@@ -175,27 +175,18 @@ def render(summary: Mapping[str, Any], img_rel: str, command: str) -> str:
 
 def read_section(doc: Path) -> str | None:
     """The balancing section of ``doc``, if it has one."""
-    found = _SECTION.search(doc.read_text()) if doc.exists() else None
-    return found.group(0) if found else None
+    return SECTION.read(doc)
 
 
 def read_tail(doc: Path) -> str | None:
     """``doc`` from its balancing section to the end (the section and the notes written after
     it by hand), which a rewrite of the rest of the document keeps."""
-    text = doc.read_text() if doc.exists() else ""
-    return text[text.index(BEGIN) :] if BEGIN in text else None
+    return sections.read_tail(doc, (SECTION,))
 
 
-def append_tail(doc: Path, tail: str) -> None:
-    """Put back what ``read_tail`` kept, at the end of the rewritten ``doc``."""
-    doc.write_text(doc.read_text().rstrip("\n") + "\n\n" + tail)
+append_tail = sections.append_tail
 
 
 def write_section(doc: Path, section: str) -> None:
     """Put ``section`` into ``doc`` in place of its previous one (else at the end)."""
-    text = doc.read_text() if doc.exists() else ""
-    if _SECTION.search(text):
-        text = _SECTION.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    doc.write_text(text)
+    SECTION.write(doc, section)

@@ -1,4 +1,4 @@
-"""Reproduce the MoE-CT study: experts -> merge grid -> trained rows -> collapse runs -> balancing (GLM4-MoE) -> docs/study.md.
+"""Reproduce the MoE-CT study: experts -> merge grid -> trained rows -> collapse runs -> balancing (GLM4-MoE) -> forgetting (replay) -> docs/study.md.
 
 Usage::
 
@@ -34,13 +34,15 @@ from fusion_bench_moect.paths import cache_root
 from . import balancing as balancing_mod
 from . import collapse as collapse_mod
 from . import experts as experts_mod
+from . import forgetting as forgetting_mod
 from . import grid as grid_mod
+from . import sections
 from . import trained as trained_mod
 from .report import write_report
 
 log = logging.getLogger(__name__)
 
-PARTS = ("experts", "grid", "trained", "collapse", "balancing", "report")
+PARTS = ("experts", "grid", "trained", "collapse", "balancing", "forgetting", "report")
 
 
 def _parse_ints(text: str) -> list[int]:
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experts-lr", type=float, default=1e-4)
     _add_collapse_arguments(parser)
     _add_balancing_arguments(parser)
+    _add_forgetting_arguments(parser)
     parser.add_argument("--label", default="", help="a line describing the run, in the doc")
     experts_mod.add_arguments(parser)
     return parser
@@ -97,6 +100,24 @@ def _add_balancing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--balancing-experts-steps", type=int, default=None, help="default 200")
     parser.add_argument(
         "--balancing-curve-every", type=int, default=None, help="steps between held-out checks"
+    )
+
+
+def _add_forgetting_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the replay runs (``--forgetting-*``; MoE and dense)."""
+    parser.add_argument("--forgetting-seeds", default=None, help="seeds (default 0,1)")
+    parser.add_argument(
+        "--forgetting-replay",
+        default=None,
+        help="English replay ratios (default "
+        + ",".join(f"{r:g}" for r in forgetting_mod.REPLAY_RATIOS)
+        + ")",
+    )
+    parser.add_argument("--forgetting-models", default=None, help="moe,dense (default both)")
+    parser.add_argument("--forgetting-router-steps", type=int, default=None, help="default 100")
+    parser.add_argument("--forgetting-experts-steps", type=int, default=None, help="default 100")
+    parser.add_argument(
+        "--forgetting-curve-every", type=int, default=None, help="steps between held-out checks"
     )
 
 
@@ -167,6 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings,
         lambda: _run_balancing(run, args),
     )
+    forgetting = _part(
+        "forgetting" in parts,
+        run.out / "forgetting" / "forgetting.json",
+        timings,
+        lambda: _run_forgetting(run, args),
+    )
     if args.collapse_extra:
         collapse = collapse_mod.combine_runs(
             collapse, [Path(p) for p in args.collapse_extra.split(",") if p]
@@ -188,26 +215,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
             f"{'GPU' if torch.cuda.is_available() else 'CPU'}"
         )
-        kept = balancing_mod.read_tail(run.doc)  # the report rewrites the document
+        # the report rewrites the document; the parts' sections and notes stay at its end
+        kept = sections.read_tail(run.doc, (balancing_mod.SECTION, forgetting_mod.SECTION))
         path = write_report(
             grid, collapse, markers, run.doc, run.img, timings, label, trained=trained
         )
         if kept:
-            balancing_mod.append_tail(run.doc, kept)
+            sections.append_tail(run.doc, kept)
         print(f"Report: {path}  (plots and data in {run.img})")
     if "balancing" in parts and balancing and balancing.get("complete"):
-        run.img.mkdir(parents=True, exist_ok=True)
-        balancing_mod.plot_curves(balancing, run.img / "balancing.png")
-        (run.img / "balancing.json").write_text(
-            json.dumps(balancing_mod.compact(balancing), indent=1)
-        )
-        rel = Path(os.path.relpath(run.img.resolve(), run.doc.parent.resolve())).as_posix()
-        command = "python -m study --parts balancing " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in _balancing_flags(args).items()
-        )
-        balancing_mod.write_section(run.doc, balancing_mod.render(balancing, str(rel), command))
-        print(f"Balancing section: {run.doc}")
+        _write_section(run, args, "balancing", balancing, balancing_mod, balancing_mod.plot_curves)
+    if "forgetting" in parts and forgetting and forgetting.get("complete"):
+        _write_section(run, args, "forgetting", forgetting, forgetting_mod, forgetting_mod.plot)
     return 0
+
+
+def _write_section(
+    run: SimpleNamespace,
+    args: argparse.Namespace,
+    part: str,
+    summary: dict[str, Any],
+    module: Any,
+    plot: Callable[[dict[str, Any], Path], Any],
+) -> None:
+    """A finished part's plot, compact record (``<part>.json``, what the section renders
+    from) and section of the document, with the command that reproduces it."""
+    run.img.mkdir(parents=True, exist_ok=True)
+    plot(summary, run.img / f"{part}.png")
+    (run.img / f"{part}.json").write_text(json.dumps(module.compact(summary), indent=1))
+    rel = Path(os.path.relpath(run.img.resolve(), run.doc.parent.resolve())).as_posix()
+    command = f"python -m study --parts {part} " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in _part_flags(args, part).items()
+    )
+    module.SECTION.write(run.doc, module.render(summary, str(rel), command))
+    print(f"{part.capitalize()} section: {run.doc}")
 
 
 def _resolve(args: argparse.Namespace) -> SimpleNamespace:
@@ -326,9 +367,9 @@ def _training_settings(run: SimpleNamespace, args: argparse.Namespace) -> dict[s
     )
 
 
-def _balancing_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``--balancing-*`` values of this invocation (what the document's command repeats)."""
-    return {k: v for k, v in vars(args).items() if k.startswith("balancing_") and v is not None}
+def _part_flags(args: argparse.Namespace, part: str) -> dict[str, Any]:
+    """The ``--<part>-*`` values of this invocation (what the document's command repeats)."""
+    return {k: v for k, v in vars(args).items() if k.startswith(f"{part}_") and v is not None}
 
 
 def _run_balancing(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]:
@@ -337,19 +378,52 @@ def _run_balancing(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, 
         seeds[:1] if run.quick and not args.balancing_seeds else seeds,
         [m for m in args.balancing_modes.split(",") if m],
     )
-    log.info("Balancing: %d runs", len(rows))
-    steps = 3 if run.quick else 200
+    return _run_stages(run, args, "balancing", rows, steps=200, curve_every=50)
+
+
+def _run_forgetting(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]:
+    seeds = _parse_ints(args.forgetting_seeds) if args.forgetting_seeds else [0, 1]
+    replays = forgetting_mod.REPLAY_RATIOS
+    if args.forgetting_replay:
+        replays = tuple(float(r) for r in args.forgetting_replay.split(",") if r.strip())
+    models = forgetting_mod.MODELS
+    if args.forgetting_models:
+        models = tuple(m for m in args.forgetting_models.split(",") if m)
+    langs = ["en", *run.experts]
+    rows = forgetting_mod.forgetting_rows(
+        seeds[:1] if run.quick and not args.forgetting_seeds else seeds,
+        lambda replay: forgetting_mod.debian_mixture(langs, replay),
+        replays,
+        models,
+        experts_lr=args.experts_lr,
+    )
+    return _run_stages(run, args, "forgetting", rows, steps=100, curve_every=25)
+
+
+def _run_stages(
+    run: SimpleNamespace,
+    args: argparse.Namespace,
+    part: str,
+    rows: list[dict[str, Any]],
+    steps: int,
+    curve_every: int,
+) -> dict[str, Any]:
+    """A part's rows merged, then trained in a router and an experts stage with held-out
+    curves (``--<part>-router-steps``, ``-experts-steps``, ``-curve-every``; else ``steps``
+    and ``curve_every``, 3 and 3 with ``--quick``), into ``<out>/<part>/<part>.json``."""
+    log.info("%s: %d runs", part.capitalize(), len(rows))
+    steps = 3 if run.quick else steps
     return trained_mod.run_trained(
         run.base_dir,
         run.experts,
-        run.out / "balancing",
+        run.out / part,
         rows,
-        router_steps=args.balancing_router_steps or steps,
-        experts_steps=args.balancing_experts_steps or steps,
+        router_steps=getattr(args, f"{part}_router_steps") or steps,
+        experts_steps=getattr(args, f"{part}_experts_steps") or steps,
         **_training_settings(run, args),
-        curve_every=args.balancing_curve_every or (3 if run.quick else 50),
+        curve_every=getattr(args, f"{part}_curve_every") or (3 if run.quick else curve_every),
         curve_eval_tokens=128 if run.quick else 256,
-        summary="balancing.json",
+        summary=f"{part}.json",
     )
 
 

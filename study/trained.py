@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 TRAINED_ROWS = ("off", "constant@0.8", "u_shaped@0.8")
 #: Evaluation points of every run, in order.
 POINTS = ("merged", "router", "experts")
+#: Optional row entries: ``model`` (``dense``: the base alone is upcycled, by the row's
+#: ``params``), ``replay`` (a label) and ``train_sources`` (the row's own training mixture).
+ROW_ENTRIES = ("model", "replay", "train_sources")
 
 
 def trained_rows(seeds: Sequence[int], names: Sequence[str] = TRAINED_ROWS) -> list[dict[str, Any]]:
@@ -77,7 +80,8 @@ def run_trained(
     """Merge, then train a router stage and an experts stage, evaluating after each;
     write ``summary`` in ``out_dir``.
 
-    A row's ``trainer`` entry adds ``moe_ct_training`` parameters (e.g. ``balancing``).
+    A row's ``trainer`` entry adds (or replaces) ``moe_ct_training`` parameters (e.g.
+    ``balancing``); its ``ROW_ENTRIES`` give it its own mixture or a dense model.
     ``curve_every`` > 0 also evaluates ``curve_eval_tokens`` held-out tokens per source every
     that many steps of each stage (the run's ``curves``). ``eval_sources`` and
     ``train_sources`` replace the Debian Reference defaults (tests)."""
@@ -106,22 +110,20 @@ def run_trained(
         out / summary, "runs", len(rows), settings, resume, taskpool, base_dir, experts
     )
     refs = runs.header["references"]
-    run_one = functools.partial(
-        _merge_train_evaluate,
-        base_dir,
-        experts,
-        taskpool,
-        refs,
-        {"train": train_sources, "eval": eval_sources},
-        settings,
-    )
+    run_one = functools.partial(_merge_train_evaluate, base_dir, experts, taskpool, refs)
     for i, row in enumerate(rows, 1):
-        compute = functools.partial(run_one, row)
-        path = row_path(run_dir, row)
-        result = runs.run(path, compute, resume, settings=settings, params=row["params"])
+        sources = {"train": row.get("train_sources", train_sources), "eval": eval_sources}
+        compute = functools.partial(run_one, sources, settings, row)
+        path, entries = row_path(run_dir, row), _row_entries(row)
+        result = runs.run(path, compute, resume, settings=settings, params=row["params"], **entries)
         if result is not None:
             _log_run(f"[{i}/{len(rows)}] {_key(row)}", result)
     return runs.dump()
+
+
+def _row_entries(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The row's optional entries that its result records (and resume compares)."""
+    return {k: row[k] for k in ROW_ENTRIES if k in row}
 
 
 def _log_run(prefix: str, result: Mapping[str, Any]) -> None:
@@ -160,7 +162,7 @@ def _train(
         )
     else:
         extra = {}
-    trainer = MoECTTrainingAlgorithm(
+    params = dict(
         train_sources=sources["train"],
         stage=stage,
         max_steps=steps,
@@ -172,8 +174,9 @@ def _train(
         seed=row["params"]["seed"],
         log_every=max(steps // 2, 1),
         **extra,
-        **row.get("trainer", {}),
     )
+    # the row's own trainer parameters win (a dense row trains its FFN in both stages)
+    trainer = MoECTTrainingAlgorithm(**{**params, **row.get("trainer", {})})
     pool = make_pool(base_dir, {}, "float32", in_memory={"_pretrained_": model})
     trained = trainer.run(pool)
     keys = ("step", "loss", "lm_loss", "aux_loss", *STEP_METRICS, "bias_min", "bias_max")
@@ -195,8 +198,9 @@ def _merge_train_evaluate(
 
     t0 = time.perf_counter()
     seed = row["params"]["seed"]
+    merged = {} if row.get("model") == "dense" else experts  # dense: the base alone
     model = OrthogonalMoECTMergingAlgorithm(**row["params"]).run(
-        make_pool(base_dir, experts, "float32")
+        make_pool(base_dir, merged, "float32")
     )
     points: dict[str, Any] = {}
     histories: dict[str, Any] = {}
@@ -216,6 +220,7 @@ def _merge_train_evaluate(
         "name": row["name"],
         "group": row["group"],
         "params": dict(row["params"]),
+        **_row_entries(row),
         "settings": settings,
         "points": points,
         "histories": histories,

@@ -275,3 +275,164 @@ def test_balancing_runs_train_glm4_moe_per_mode_and_render_a_section(tiny_models
     assert doc.read_text() == "# Study, rewritten\n\n" + section + "\nNotes by hand.\n"
     balancing.plot_curves(result, tmp_path / "balancing.png")
     assert (tmp_path / "balancing.png").stat().st_size > 0
+
+
+#: Out-of-domain English for the replay runs: in no training mixture.
+OOD_EN = "Permission is granted to copy and distribute verbatim copies of this license. " * 6
+
+
+def test_replay_mixtures_weigh_new_languages_and_english():
+    from study.forgetting import debian_mixture, forgetting_rows, replay_mixture
+
+    new = {"de": {"text": "x"}, "fr": {"text": "y"}}
+    assert replay_mixture(new, {"text": "e"}, 0.0) == {
+        "de": {"text": "x", "weight": 0.5},
+        "fr": {"text": "y", "weight": 0.5},
+    }
+    mix = replay_mixture(new, {"text": "e"}, 0.2)
+    assert mix["en_replay"] == {"text": "e", "weight": 0.2} and mix["de"]["weight"] == 0.4
+    assert sum(s["weight"] for s in mix.values()) == pytest.approx(1.0)
+    mix = debian_mixture(["en", "de", "fr", "es"], 0.1)
+    assert list(mix) == ["de", "fr", "es", "en_replay"]
+    assert mix["es"] == {"debian_reference": "es", "split": "train", "weight": 0.3}
+    assert mix["en_replay"] == {"debian_reference": "en", "split": "train", "weight": 0.1}
+    with pytest.raises(ValueError, match="replay must be in"):
+        replay_mixture(new, {"text": "e"}, 1.0)
+    rows = forgetting_rows([3, 4], lambda r: {"r": r}, (0.0, 0.25), experts_lr=2e-4)
+    assert [(r["name"], r["params"]["seed"]) for r in rows[:4]] == [
+        ("moe replay0", 3),
+        ("dense replay0", 3),
+        ("moe replay25", 3),
+        ("dense replay25", 3),
+    ]
+    moe, dense = rows[2], rows[3]
+    assert moe["params"]["architecture"] == "glm4_moe" and moe["trainer"] == {"balancing": "bias"}
+    assert dense["params"]["num_experts"] == 1 and dense["trainer"]["learning_rate"] == 2e-4
+    assert moe["train_sources"] == dense["train_sources"] == {"r": 0.25}
+    with pytest.raises(ValueError, match="Unknown models"):
+        forgetting_rows([0], lambda r: {}, models=("moe", "moe2"))
+
+
+def test_the_dense_baseline_is_the_dense_model_with_its_ffn_trained(tiny_models):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fusion_bench_moect import OrthogonalMoECTMergingAlgorithm
+    from fusion_bench_moect.inspection import decoder_layers, expert_triples, moe_block
+    from study.common import make_pool
+    from study.forgetting import forgetting_rows
+    from study.trained import _train
+
+    row = forgetting_rows([0], lambda r: dict(SOURCES), (0.0,), ("dense",), experts_lr=1e-2)[0]
+    moe = OrthogonalMoECTMergingAlgorithm(**row["params"]).run(make_pool(tiny_models["base"], {}))
+    dense = AutoModelForCausalLM.from_pretrained(tiny_models["base"], dtype=torch.float32)
+    ids = torch.arange(3, 40).view(1, -1)
+    with torch.no_grad():
+        assert torch.equal(moe(ids).logits, dense(ids).logits)  # the dense function
+    before = {n: p.detach().clone() for n, p in moe.named_parameters()}
+    settings = {
+        "router_stage": {"steps": 2, "learning_rate": 5e-4},
+        "experts_stage": {"steps": 2, "learning_rate": 1e-4},
+        **{k: TINY_RUN[k] for k in ("batch_size", "seq_len")},
+        "train_tokens_per_language": 200,
+    }
+    sources = {"train": row["train_sources"], "eval": SOURCES}
+    # the router point trains the FFN too, at the row's (experts') learning rate
+    trained, history, _ = _train(moe, "router", row, tiny_models["base"], sources, settings)
+    assert len(history) == 2
+    changed = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(
+        ".experts." in n for n in changed
+    )  # FFN only; one router gets no gradient
+    # written back into the dense architecture, the trained FFN gives the trained logits
+    with torch.no_grad():
+        for moe_layer, layer in zip(decoder_layers(trained), decoder_layers(dense), strict=True):
+            ((gate, up, down),) = expert_triples(moe_block(moe_layer))
+            for name, value in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
+                getattr(layer.mlp, name).weight.copy_(value)
+        torch.testing.assert_close(dense(ids).logits, trained(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_replay_runs_compare_moe_and_dense_and_render_a_section(tiny_models, tmp_path):
+    from study import balancing, forgetting, sections
+    from study.grid import row_path
+    from study.runs import RunLog
+    from study.trained import POINTS, run_trained
+
+    def mixture(replay):
+        return forgetting.replay_mixture({"de": SOURCES["de"]}, SOURCES["en"], replay)
+
+    rows = forgetting.forgetting_rows([0], mixture, (0.0, 0.5))
+    evals = {**SOURCES, "fr": SOURCES["de"], "en_gpl3": {"text": OOD_EN}}
+    kwargs = dict(TINY_RUN, router_steps=2, experts_steps=2, curve_every=2, eval_sources=evals)
+    experts = {"de": tiny_models["de"], "fr": tiny_models["de"]}
+    args = (tiny_models["base"], experts, tmp_path, rows)
+    result = run_trained(*args, summary="forgetting.json", **kwargs)
+    assert result["complete"] and len(result["runs"]) == 4
+    runs = {r["name"]: r for r in result["runs"]}
+    assert runs["moe replay50"]["train_sources"]["en_replay"]["weight"] == 0.5
+    assert "en_replay" not in runs["dense replay0"]["train_sources"]
+    base = result["references"]["base"]["perplexity"]
+    for name in ("dense replay0", "dense replay50"):
+        points = runs[name]["points"]
+        # before training the dense run is the base; training moves it
+        assert points["merged"]["ppl_en_gpl3"] == pytest.approx(base["en_gpl3"], rel=1e-6)
+        assert points["experts"]["ppl_de"] != points["merged"]["ppl_de"]
+        assert points["experts"]["mean_anchor_share"] is None
+        assert [p["step"] for p in runs[name]["curves"]["router"]] == [0, 2]
+    moe = runs["moe replay0"]["points"]
+    assert all(moe[p]["anchor_share_en"] is not None for p in POINTS)
+    measured = forgetting.measures(moe["experts"], result["settings"]["languages"])
+    assert measured["en_ood"] == pytest.approx(moe["experts"]["ppl_en_gpl3"] / base["en_gpl3"] - 1)
+    new = [moe["experts"]["ppl_de"] / base["de"] - 1, moe["experts"]["ppl_fr"] / base["fr"] - 1]
+    assert measured["plasticity"] == pytest.approx(sum(new) / 2)
+    # a resumed run keeps the saved runs; a run saved with another mixture is not reused
+    again = run_trained(*args, summary="forgetting.json", resume=True, **kwargs)
+    assert [r["points"] for r in again["runs"]] == [r["points"] for r in result["runs"]]
+    saved = row_path(tmp_path / "runs", rows[0])
+    assert RunLog.finished(saved, train_sources=rows[0]["train_sources"]) is not None
+    assert RunLog.finished(saved, train_sources=mixture(0.25)) is None
+    section = forgetting.render(result, "img", "python -m study --parts forgetting")
+    assert forgetting.verdict(result) in section
+    assert "| moe | 0% | 1 |" in section and "| dense | 50% | 1 | " in section
+    kept = json.loads(json.dumps(forgetting.compact(result)))
+    assert forgetting.render(kept, "img", "python -m study --parts forgetting") == section
+    doc = tmp_path / "study.md"
+    doc.write_text("# Study\n\n" + balancing.BEGIN + "\nb\n" + balancing.END + "\n\nNotes.\n")
+    for _ in range(2):  # written again, it replaces itself
+        forgetting.SECTION.write(doc, section)
+    assert forgetting.SECTION.read(doc) == section
+    tail = sections.read_tail(doc, (balancing.SECTION, forgetting.SECTION))
+    assert tail.startswith(balancing.BEGIN) and tail.endswith(section)
+    forgetting.plot(result, tmp_path / "forgetting.png")
+    assert (tmp_path / "forgetting.png").stat().st_size > 0
+
+
+def _replay_summary(ood: dict, new: dict) -> dict:
+    """A forgetting summary whose runs end with the given out-of-domain English and de
+    changes per (model, replay), one seed."""
+    runs = [
+        {
+            "name": f"{model} replay{round(100 * replay)}",
+            "model": model,
+            "replay": replay,
+            "points": {"experts": {"forgetting_en_gpl3": change, "de_vs_base": new[model, replay]}},
+        }
+        for (model, replay), change in ood.items()
+    ]
+    return {"settings": {"languages": ["en", "de"]}, "runs": runs}
+
+
+def test_the_verdict_reads_the_replay_each_model_needs_and_its_cost():
+    from study.forgetting import verdict
+
+    ood = {("moe", 0.0): 0.05, ("moe", 0.1): 0.004, ("moe", 0.25): -0.01}
+    ood |= {("dense", 0.0): 0.3, ("dense", 0.1): 0.2, ("dense", 0.25): 0.1}
+    new = {key: -0.2 if key[0] == "moe" else -0.3 for key in ood}
+    new["moe", 0.1] = -0.15
+    text = verdict(_replay_summary(ood, new))
+    assert "the MoE needs 10% replay to keep it (+5.0% at 0%, +0.4% at 10%)" in text
+    assert "the dense fine-tune forgets it at every replay ratio tried (at best +10.0%)" in text
+    assert text.endswith("at 10% replay de perplexity moves MoE -15.0%, dense fine-tune -30.0%.")
+    ood["moe", 0.0] = 0.0
+    assert "the MoE keeps it at 0% replay (+0.0%)" in verdict(_replay_summary(ood, new))
