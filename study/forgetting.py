@@ -255,13 +255,15 @@ def course_table(summary: Mapping[str, Any]) -> list[str]:
 
 
 def _mixtures(summary: Mapping[str, Any]) -> str:
-    """Each replay ratio's mixture weights, as the runs recorded them, and what they read."""
+    """Each replay ratio's share of every step per source (the trainer's data plan of the
+    experts stage), and what the sources read."""
     seen: dict[float, str] = {}
     debian = True
     for _, replay, runs in groups(summary):
         mixture = runs[0].get("train_sources", {})
         debian = debian and all("debian_reference" in v for v in mixture.values())
-        seen.setdefault(replay, ", ".join(f"{k} {v.get('weight'):.3g}" for k, v in mixture.items()))
+        plan = runs[0]["data_plans"]["experts"]
+        seen.setdefault(replay, ", ".join(f"{k} {v['share']:.3g}" for k, v in plan.items()))
     text = "; ".join(f"replay {_pct(r)}: {w}" for r, w in seen.items())
     return text + (", each the Debian Reference's train split in its language" if debian else "")
 
@@ -282,8 +284,8 @@ def render(summary: Mapping[str, Any], img_rel: str, command: str) -> str:
         f"fine-tuned on the same windows ({r['steps']} + {e['steps']} steps, lr "
         f"{e['learning_rate']:g}; the base as a one-expert top-1 MoE, the dense function, through "
         f"the same trainer). Batch {s['batch_size']} x {s['seq_len']} tokens, constant LR, at most "
-        f"{s['train_tokens_per_language']} tokens read per source; weighted mixtures "
-        f"({_mixtures(summary)}). Evaluated on "
+        f"{s['train_tokens_per_language']} tokens read per source; weighted mixtures, as shares "
+        f"of every step ({_mixtures(summary)}). Evaluated on "
         f"{s['eval_tokens_per_language']} held-out tokens per text; changes are perplexity "
         "against the dense base (> 0 = worse), mean ± std over seeds.",
         "",

@@ -145,10 +145,11 @@ def _train(
     base_dir: str,
     sources: Mapping[str, Any],
     settings: Mapping[str, Any],
-) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """One ``moe_ct_training`` stage (``router`` or ``experts``) on ``model`` with the row's
-    seed and ``trainer`` parameters; returns the trained model, its per-step history and its
-    held-out evaluations during training (``settings["curve"]``, else none)."""
+    seed and ``trainer`` parameters; returns the trained model, its per-step history, its
+    held-out evaluations during training (``settings["curve"]``, else none) and the trainer's
+    data plan (each source's share of every step)."""
     from fusion_bench_moect import MoECTTrainingAlgorithm
 
     stage_settings = settings[f"{stage}_stage"]
@@ -181,7 +182,7 @@ def _train(
     trained = trainer.run(pool)
     keys = ("step", "loss", "lm_loss", "aux_loss", *STEP_METRICS, "bias_min", "bias_max")
     history = [{k: h[k] for k in keys if k in h} for h in trainer.history]
-    return trained, history, [curve_point(e) for e in trainer.evaluations]
+    return trained, history, [curve_point(e) for e in trainer.evaluations], trainer.data_plan
 
 
 def _merge_train_evaluate(
@@ -205,11 +206,12 @@ def _merge_train_evaluate(
     points: dict[str, Any] = {}
     histories: dict[str, Any] = {}
     curves: dict[str, Any] = {}
+    plans: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     for point in POINTS:
         if point != "merged":
             t1 = time.perf_counter()
-            model, histories[point], curves[point] = _train(
+            model, histories[point], curves[point], plans[point] = _train(
                 model, point, row, base_dir, sources, settings
             )
             seconds[f"{point}_train"] = time.perf_counter() - t1
@@ -225,6 +227,7 @@ def _merge_train_evaluate(
         "points": points,
         "histories": histories,
         **({"curves": curves} if settings.get("curve") else {}),
+        "data_plans": plans,
         "stage_seconds": seconds,
         "seconds": time.perf_counter() - t0,
     }

@@ -338,7 +338,7 @@ def test_the_dense_baseline_is_the_dense_model_with_its_ffn_trained(tiny_models)
     }
     sources = {"train": row["train_sources"], "eval": SOURCES}
     # the router point trains the FFN too, at the row's (experts') learning rate
-    trained, history, _ = _train(moe, "router", row, tiny_models["base"], sources, settings)
+    trained, history, *_ = _train(moe, "router", row, tiny_models["base"], sources, settings)
     assert len(history) == 2
     changed = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(
@@ -372,6 +372,13 @@ def test_replay_runs_compare_moe_and_dense_and_render_a_section(tiny_models, tmp
     runs = {r["name"]: r for r in result["runs"]}
     assert runs["moe replay50"]["train_sources"]["en_replay"]["weight"] == 0.5
     assert "en_replay" not in runs["dense replay0"]["train_sources"]
+    # the trainer's weighted mixture: the share of every step each source got, in each stage
+    for model in forgetting.MODELS:
+        for stage in ("router", "experts"):
+            half = runs[f"{model} replay50"]["data_plans"][stage]
+            assert {k: v["share"] for k, v in half.items()} == {"de": 0.5, "en_replay": 0.5}
+            alone = runs[f"{model} replay0"]["data_plans"][stage]
+            assert {k: v["share"] for k, v in alone.items()} == {"de": 1.0}
     base = result["references"]["base"]["perplexity"]
     for name in ("dense replay0", "dense replay50"):
         points = runs[name]["points"]
