@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import logging
 import os
@@ -43,6 +44,8 @@ from .report import write_report
 log = logging.getLogger(__name__)
 
 PARTS = ("experts", "grid", "trained", "collapse", "balancing", "forgetting", "report")
+#: The sections the parts write into the document themselves, which the report keeps.
+PART_SECTIONS = (balancing_mod.SECTION, forgetting_mod.SECTION)
 
 
 def _parse_ints(text: str) -> list[int]:
@@ -167,67 +170,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     markers = _experts_part(run, args, "experts" in parts, timings)
-    grid = _part(
-        "grid" in parts, run.out / "grid" / "grid.json", timings, lambda: _run_grid(run, args)
-    )
-    trained = _part(
-        "trained" in parts,
-        run.out / "trained" / "trained.json",
-        timings,
-        lambda: _run_trained(run, args),
-    )
-    collapse = _part(
-        "collapse" in parts,
-        run.out / "collapse" / "collapse.json",
-        timings,
-        lambda: _run_collapse(run, args),
-    )
-    balancing = _part(
-        "balancing" in parts,
-        run.out / "balancing" / "balancing.json",
-        timings,
-        lambda: _run_balancing(run, args),
-    )
-    forgetting = _part(
-        "forgetting" in parts,
-        run.out / "forgetting" / "forgetting.json",
-        timings,
-        lambda: _run_forgetting(run, args),
-    )
+    runners = {
+        "grid": _run_grid,
+        "trained": _run_trained,
+        "collapse": _run_collapse,
+        "balancing": _run_balancing,
+        "forgetting": _run_forgetting,
+    }
+    done = {
+        name: _part(
+            name in parts,
+            run.out / name / f"{name}.json",
+            timings,
+            functools.partial(fn, run, args),
+        )
+        for name, fn in runners.items()
+    }
+    grid, trained, collapse = done["grid"], done["trained"], done["collapse"]
     if args.collapse_extra:
         collapse = collapse_mod.combine_runs(
             collapse, [Path(p) for p in args.collapse_extra.split(",") if p]
         )
-    if grid and grid.get("rows"):
-        timings["grid (sum of row times)"] = sum(r.get("seconds", 0.0) for r in grid["rows"])
-    if trained and trained.get("runs"):
-        timings["trained (sum of run times)"] = sum(r.get("seconds", 0.0) for r in trained["runs"])
-    if collapse and collapse.get("runs"):
-        timings["collapse (sum of run times)"] = sum(
-            r.get("seconds", 0.0) for r in collapse["runs"]
-        )
+    for name, summary, key in (("grid", grid, "rows"), ("trained", trained, "runs"),
+                               ("collapse", collapse, "runs")):  # fmt: skip
+        if summary and summary.get(key):
+            timings[f"{name} (sum of {key[:-1]} times)"] = sum(
+                r.get("seconds", 0.0) for r in summary[key]
+            )
     if time.perf_counter() - started > 5:
         timings["this invocation"] = time.perf_counter() - started
     if "report" in parts:
-        label = args.label or (
-            f"{'quick' if run.quick else 'full'} run, "
-            f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC, "
-            f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
-            f"{'GPU' if torch.cuda.is_available() else 'CPU'}"
-        )
-        # the report rewrites the document; the parts' sections and notes stay at its end
-        kept = sections.read_tail(run.doc, (balancing_mod.SECTION, forgetting_mod.SECTION))
+        label = args.label or _label(run)
+        # a report written anew (no generated block yet) drops the rest of the document:
+        # the parts' sections and the notes after them then go back at its end
+        kept = sections.read_tail(run.doc, PART_SECTIONS)
         path = write_report(
             grid, collapse, markers, run.doc, run.img, timings, label, trained=trained
         )
-        if kept:
+        if kept and not any(section.read(run.doc) for section in PART_SECTIONS):
             sections.append_tail(run.doc, kept)
         print(f"Report: {path}  (plots and data in {run.img})")
-    if "balancing" in parts and balancing and balancing.get("complete"):
-        _write_section(run, args, "balancing", balancing, balancing_mod, balancing_mod.plot_curves)
-    if "forgetting" in parts and forgetting and forgetting.get("complete"):
-        _write_section(run, args, "forgetting", forgetting, forgetting_mod, forgetting_mod.plot)
+    for part, module, plot in (("balancing", balancing_mod, balancing_mod.plot_curves),
+                               ("forgetting", forgetting_mod, forgetting_mod.plot)):  # fmt: skip
+        if part in parts and done[part] and done[part].get("complete"):
+            _write_section(run, args, part, done[part], module, plot)
     return 0
+
+
+def _label(run: SimpleNamespace) -> str:
+    """The report's line about this run: kind, time, machine."""
+    return (
+        f"{'quick' if run.quick else 'full'} run, "
+        f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC, "
+        f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+        f"{'GPU' if torch.cuda.is_available() else 'CPU'}"
+    )
 
 
 def _write_section(

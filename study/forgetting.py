@@ -180,17 +180,23 @@ def verdict(summary: Mapping[str, Any]) -> str:
     said = "; ".join(_describe(names[m], ood[m]) for m in models)
     ratio = _keeps(ood[models[0]])
     ratio = max(ood[models[0]]) if ratio is None else ratio
-    cost = ", ".join(
-        f"{names[m]} {100 * means[(m, ratio)]['plasticity']:+.1f}%"
-        for m in models
-        if (m, ratio) in means and means[(m, ratio)]["plasticity"] is not None
-    )
+    first = min(ood[models[0]])
+
+    def cost(m: str) -> str:
+        at = [means.get((m, r), {}).get("plasticity") for r in (ratio, first)]
+        if at[0] is None:
+            return f"{names[m]} n/a"
+        text = f"{names[m]} {100 * at[0]:+.1f}%"
+        if ratio != first and at[1] is not None:
+            text += f" ({100 * at[1]:+.1f}% at {_pct(first)})"
+        return text
+
     seeds = len(groups(summary)[0][2])
     new = "/".join(_new(summary["settings"]["languages"]))
     return (
         f"Out-of-domain English perplexity against the dense base after training (mean of "
         f"{seeds} seed{'s' if seeds > 1 else ''}; kept = within {100 * KEEP_BAR:g}%): {said}; "
-        f"at {_pct(ratio)} replay {new} perplexity moves {cost or 'n/a'}."
+        f"at {_pct(ratio)} replay {new} perplexity moves {', '.join(map(cost, models))}."
     )
 
 

@@ -440,6 +440,27 @@ def test_the_verdict_reads_the_replay_each_model_needs_and_its_cost():
     text = verdict(_replay_summary(ood, new))
     assert "the MoE needs 10% replay to keep it (+5.0% at 0%, +0.4% at 10%)" in text
     assert "the dense fine-tune forgets it at every replay ratio tried (at best +10.0%)" in text
-    assert text.endswith("at 10% replay de perplexity moves MoE -15.0%, dense fine-tune -30.0%.")
+    assert text.endswith(
+        "at 10% replay de perplexity moves MoE -15.0% (-20.0% at 0%), dense fine-tune -30.0% "
+        "(-30.0% at 0%)."
+    )
     ood["moe", 0.0] = 0.0
     assert "the MoE keeps it at 0% replay (+0.0%)" in verdict(_replay_summary(ood, new))
+
+
+@pytest.mark.parametrize("generated", [True, False], ids=["generated-block", "new-document"])
+def test_the_report_keeps_the_parts_sections_once(tmp_path, generated):
+    from study import balancing, forgetting
+    from study.cli import main
+    from study.report import BEGIN, END
+
+    parts = (
+        f"{balancing.BEGIN}\nb\n{balancing.END}\n\nNotes.\n\n"
+        f"{forgetting.SECTION.begin}\nf\n{forgetting.SECTION.end}\n"
+    )
+    doc = tmp_path / "study.md"
+    doc.write_text(f"# Study\n\n{BEGIN}\nold\n{END}\n\n{parts}" if generated else parts)
+    out = ["--out", str(tmp_path / "out"), "--doc", str(doc), "--img-dir", str(tmp_path / "img")]
+    assert main(["--parts", "report", *out]) == 0
+    text = doc.read_text()
+    assert text.endswith(parts) and text.count(parts) == 1 and "\nold\n" not in text
