@@ -34,14 +34,12 @@ from typing import Any
 
 from fusion_bench_moect.eval.plots import figure
 
-from . import sections
-from .balancing import STAGES, balancing_rows, compact
+from . import balancing, sections
+from .balancing import STAGES, balancing_rows
 from .common import mean_std, pm, table
 from .grid import train_split_sources
 from .report_training import trained_groups
 from .trained import POINTS
-
-__all__ = ["compact"]  # the record beside the document: as the balancing section's
 
 REPLAY_RATIOS = (0.0, 0.10, 0.25)
 MODELS = ("moe", "dense")
@@ -205,6 +203,12 @@ def _pct(ratio: float) -> str:
 
 
 # ------------------------------------------------------------------ report
+def compact(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The record kept beside the document (``docs/study/forgetting.json``), cut as the
+    balancing section's: each run's histories to their last step."""
+    return balancing.compact(summary)
+
+
 def _cells(model: str, runs: Sequence[Mapping[str, Any]], point: str, langs: Sequence[str]):
     per_run = [measures(r["points"][point], langs) for r in runs]
 
