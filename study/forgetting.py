@@ -138,13 +138,16 @@ def groups(summary: Mapping[str, Any]) -> list[tuple[str, float, list[dict[str, 
     return sorted(found, key=lambda g: (MODELS.index(g[0]), g[1]))
 
 
-def after(summary: Mapping[str, Any]) -> dict[tuple[str, float], dict[str, float | None]]:
-    """Mean over seeds of every measure after the experts stage, per (model, replay)."""
+def after(
+    summary: Mapping[str, Any], std: bool = False
+) -> dict[tuple[str, float], dict[str, float | None]]:
+    """Mean (``std``: standard deviation) over seeds of every measure after the experts
+    stage, per (model, replay)."""
     langs = summary["settings"]["languages"]
     out = {}
     for model, replay, runs in groups(summary):
         per_run = [measures(r["points"]["experts"], langs) for r in runs]
-        out[(model, replay)] = {k: mean_std([m[k] for m in per_run])[0] for k in per_run[0]}
+        out[(model, replay)] = {k: mean_std([m[k] for m in per_run])[std] for k in per_run[0]}
     return out
 
 
@@ -315,29 +318,33 @@ def plot(summary: Mapping[str, Any], path: Path) -> Path:
     """Forgetting (out-of-domain and in-domain English) against plasticity (mean new-language
     change) after training, one line per model through its replay ratios; and out-of-domain
     English perplexity during training."""
-    means = after(summary)
+    means, stds = after(summary), after(summary, std=True)
     panels = (("en_ood", "English out-of-domain (GPL-3)"), ("en", "English in-domain"))
+    new = "/".join(_new(summary["settings"]["languages"]))
     with figure(path, dpi=110, ncols=3, figsize=(16, 4.8)) as (fig, axes):
         for ax, (key, title) in zip(axes, panels, strict=False):
             for model, style in zip(MODELS, ("o-", "s--"), strict=True):
-                pts = sorted((r, v) for (m, r), v in means.items() if m == model)
-                xs = [100 * _num(v["plasticity"]) for _, v in pts]
-                ys = [100 * _num(v[key]) for _, v in pts]
-                ax.plot(xs, ys, style, label=model)
-                for (replay, _), x, y in zip(pts, xs, ys, strict=True):
+                keys = sorted(k for k in means if k[0] == model)
+                xs, ys = ([100 * _num(means[k][m]) for k in keys] for m in ("plasticity", key))
+                xerr, yerr = ([100 * _num(stds[k][m]) for k in keys] for m in ("plasticity", key))
+                ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, fmt=style, capsize=3, label=model)
+                for (_, replay), x, y in zip(keys, xs, ys, strict=True):
                     ax.annotate(_pct(replay), (x, y), textcoords="offset points", xytext=(4, 4))
             ax.axhline(0, color="grey", lw=0.8)
-            ax.set_xlabel("de/fr/es perplexity vs base (%)  [< 0 = learned: plasticity]")
+            ax.set_xlabel(f"{new} perplexity vs base (%)  [< 0 = learned: plasticity]")
             ax.set_ylabel(f"{title} vs base (%)  [> 0 = forgetting]")
             ax.legend()
         _plot_curves(summary, axes[2])
-        fig.suptitle("Forgetting vs plasticity per English replay ratio, MoE vs dense (means)")
+        fig.suptitle(
+            "Forgetting vs plasticity per English replay ratio, MoE vs dense (mean ± std over seeds)"
+        )
     return path
 
 
 def _plot_curves(summary: Mapping[str, Any], ax: Any) -> None:
     """Out-of-domain English perplexity during training, mean over seeds per group."""
     offset = summary["settings"]["router_stage"]["steps"]
+    colors = {r: f"C{i}" for i, r in enumerate(sorted({g[1] for g in groups(summary)}))}
     for model, replay, runs in groups(summary):
         steps: dict[int, list[float]] = {}
         for run in runs:
@@ -348,7 +355,7 @@ def _plot_curves(summary: Mapping[str, Any], ax: Any) -> None:
         xs = sorted(steps)
         ys = [sum(steps[x]) / len(steps[x]) for x in xs]
         style = "-" if model == "moe" else "--"
-        ax.plot(xs, ys, style, label=f"{model} replay {_pct(replay)}")
+        ax.plot(xs, ys, style, color=colors[replay], label=f"{model} replay {_pct(replay)}")
     ax.axvline(offset, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("training step (router stage, then experts stage)")
     ax.set_ylabel("English out-of-domain perplexity (held-out)")
