@@ -163,10 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("fusion_bench", "httpx", "lightning", "lightning_fabric"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parts = {p for p in args.parts.split(",") if p}
-    unknown = parts - set(PARTS)
-    if unknown:
-        parser.error(f"unknown parts {sorted(unknown)}; valid: {', '.join(PARTS)}")
     run = _resolve(args)
+    _check(parser, args, parts, run)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     markers = _experts_part(run, args, "experts" in parts, timings)
@@ -215,6 +213,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if part in parts and done[part] and done[part].get("complete"):
             _write_section(run, args, part, done[part], module, plot)
     return 0
+
+
+def _check(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, parts: set[str], run: SimpleNamespace
+) -> None:
+    """Bad parts or part options end the run here, in one line, before any part runs."""
+    unknown = parts - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; valid: {', '.join(PARTS)}")
+    if "forgetting" in parts:
+        try:
+            _forgetting_rows(run, args)
+        except ValueError as err:
+            parser.error(f"--forgetting-*: {err}")
 
 
 def _label(run: SimpleNamespace) -> str:
@@ -378,7 +390,8 @@ def _run_balancing(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, 
     return _run_stages(run, args, "balancing", rows, steps=200, curve_every=50)
 
 
-def _run_forgetting(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]:
+def _forgetting_rows(run: SimpleNamespace, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The replay runs the ``--forgetting-*`` options ask for (ValueError for bad ones)."""
     seeds = _parse_ints(args.forgetting_seeds) if args.forgetting_seeds else [0, 1]
     replays = forgetting_mod.REPLAY_RATIOS
     if args.forgetting_replay:
@@ -387,13 +400,17 @@ def _run_forgetting(run: SimpleNamespace, args: argparse.Namespace) -> dict[str,
     if args.forgetting_models:
         models = tuple(m for m in args.forgetting_models.split(",") if m)
     langs = ["en", *run.experts]
-    rows = forgetting_mod.forgetting_rows(
+    return forgetting_mod.forgetting_rows(
         seeds[:1] if run.quick and not args.forgetting_seeds else seeds,
         lambda replay: forgetting_mod.debian_mixture(langs, replay),
         replays,
         models,
         experts_lr=args.experts_lr,
     )
+
+
+def _run_forgetting(run: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]:
+    rows = _forgetting_rows(run, args)
     return _run_stages(run, args, "forgetting", rows, steps=100, curve_every=25)
 
 

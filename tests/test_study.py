@@ -464,3 +464,20 @@ def test_the_report_keeps_the_parts_sections_once(tmp_path, generated):
     assert main(["--parts", "report", *out]) == 0
     text = doc.read_text()
     assert text.endswith(parts) and text.count(parts) == 1 and "\nold\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--forgetting-replay", "0,1.5"], "replay must be in [0, 1)"),
+        (["--forgetting-models", "moe,sparse"], "Unknown models ['sparse']"),
+    ],
+)
+def test_bad_replay_options_stop_before_any_part(tmp_path, capsys, option, message):
+    from study.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        main(["--parts", "experts,forgetting", "--out", str(out), *option])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
