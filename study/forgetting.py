@@ -250,6 +250,19 @@ def results_table(summary: Mapping[str, Any]) -> list[str]:
     return table([*header, "anchor share of English", "MaxVio", "CV", "dead experts"], rows)
 
 
+def perplexity_table(summary: Mapping[str, Any]) -> list[str]:
+    """Held-out perplexity per text: the dense base, then every model after training."""
+    texts = list(summary["settings"]["sources"])
+    base = summary["references"]["base"]["perplexity"]
+    rows = [["dense base (before training)", "", *(pm([base.get(t)]) for t in texts)]]
+    for model, replay, runs in groups(summary):
+        points = [r["points"]["experts"] for r in runs]
+        rows.append(
+            [model, _pct(replay), *(pm([p.get(f"ppl_{t}") for p in points]) for t in texts)]
+        )
+    return table(["model", "English replay", *(f"ppl {t}" for t in texts)], rows)
+
+
 def course_table(summary: Mapping[str, Any]) -> list[str]:
     """Out-of-domain English and new-language change at each point (merged, after the
     router stage, after the experts stage), mean over seeds."""
@@ -303,6 +316,8 @@ def render(summary: Mapping[str, Any], img_rel: str, command: str) -> str:
         "against the dense base (> 0 = worse), mean ± std over seeds.",
         "",
         *results_table(summary),
+        "",
+        *perplexity_table(summary),
         "",
         *course_table(summary),
         "",

@@ -402,6 +402,7 @@ def test_replay_runs_compare_moe_and_dense_and_render_a_section(tiny_models, tmp
     section = forgetting.render(result, "img", "python -m study --parts forgetting")
     assert forgetting.verdict(result) in section
     assert "| moe | 0% | 1 |" in section and "| dense | 50% | 1 | " in section
+    assert f"| dense base (before training) |  | {base['en']:.3f} |" in section
     kept = json.loads(json.dumps(forgetting.compact(result)))
     assert forgetting.render(kept, "img", "python -m study --parts forgetting") == section
     doc = tmp_path / "study.md"
