@@ -58,7 +58,10 @@ def test_cli_fsdp2_trains_like_ddp_evaluates_and_resumes(
     ran = json.loads((fsdp / "config.json").read_text())["moe_ct_training"]["run"]
     assert ran["strategy"] == "ModelParallelStrategy" and ran["sharded"] is True  # issue 29
     assert (ran["processes"], ran["nodes"], ran["accelerator"]) == (2, 1, "cpu")
-    assert ran["mixed_precision"] is None  # FSDP2's "auto": bf16 on a CUDA device only
+    # FSDP2 casts every gathered parameter to the compute dtype: float32 on the CPU ("auto": bf16
+    # on a CUDA device with bf16), so frozen weights kept as stored compute like DDP's
+    fsdp2_policy = {"by": "fsdp2", "param_dtype": "float32", "reduce_dtype": "float32"}
+    assert ran["mixed_precision"] == fsdp2_policy
     assert [h["step"] for h in training_history(ddp)["train"]] == [1, 2, 3, 4]
     events = list(log_dir.rglob("events.out.tfevents*"))
     assert events, "no TensorBoard log in the run's log dir"

@@ -175,7 +175,7 @@ def test_resume_mid_mixture_is_exact_and_the_plan_is_recorded(
     # the data plan is part of what a resumed run must share
     other = _weighted(real_text())
     other["short"]["weight"] = 0.5
-    with pytest.raises(ValueError, match="another stage or parallel layout"):
+    with pytest.raises(ValueError, match="another stage, strategy, global batch or data mixture"):
         run_local(moe_dir, str(tokenizer_dir), **{**settings, "train_sources": other,
                   "ckpt_path": str(step3), "checkpoint_every": 0})  # fmt: skip
 

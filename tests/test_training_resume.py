@@ -130,7 +130,7 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
         ("no_manifest", "not a complete moe_ct_training step checkpoint"),
         ("garbage_manifest", "trainer_state.json is corrupt"),
         ("truncated_weights", "trainable.safetensors is missing, truncated or corrupt"),
-        ("other_stage", "another stage, strategy or global batch"),
+        ("other_stage", "another stage, strategy, global batch or data mixture"),
         ("other_global_batch", r"processes x accumulate_grad_batches': \(1, 2\)"),
         ("other_model", "continues training of another model"),
     ],

@@ -71,8 +71,8 @@ def _check_compatible(fabric, config: TrainingConfig, run: TrainRun, manifest: d
     directory = config.ckpt_path
     now, saved = layout(fabric, config, run), manifest["layout"]
     # another process count is fine when every optimiser step still sees the same windows
-    # (WindowBatchSampler): same micro-batch size and processes x accumulation
-    keep = ("stage", "balancing", "batch_size", "sharded")
+    # (both samplers): same micro-batch size, processes x accumulation and data mixture
+    keep = ("stage", "balancing", "batch_size", "sharded", "data")
     differs = {k: (saved.get(k), now[k]) for k in keep if saved.get(k) != now[k]}
     if global_micro_batches(saved) != global_micro_batches(now):
         differs["processes x accumulate_grad_batches"] = (
@@ -81,8 +81,9 @@ def _check_compatible(fabric, config: TrainingConfig, run: TrainRun, manifest: d
         )
     if differs:
         raise ValueError(
-            f"ckpt_path={directory} was written with another stage, strategy or global batch "
-            f"(checkpoint, now): {differs}; resume with the same stage, strategy and batch_size, "
+            f"ckpt_path={directory} was written with another stage, strategy, global batch or data "
+            f"mixture (checkpoint, now): {differs}; resume with the same stage, strategy, "
+            "batch_size and train_sources, "
             "and processes x accumulate_grad_batches unchanged (e.g. 2 processes -> 1 with "
             "accumulate_grad_batches doubled)."
         )
