@@ -171,12 +171,25 @@ def launch(args, tokenizer) -> dict:
         marks["loop"] = time.perf_counter() - marks["loop"]
 
     TrainingLoop._optimizer_step, TrainingLoop.train = first_step, timed
+    from fusion_bench_moect.training import algorithm
+
+    shared = algorithm.shared_training_data
+
+    def timed_data(*a, **k):
+        started = time.perf_counter()
+        data = shared(*a, **k)
+        marks["data"] = time.perf_counter() - started
+        return data
+
+    algorithm.shared_training_data = timed_data
+    marks["imported"] = time.time()
     algo = MoECTTrainingAlgorithm(
         train_sources=_sources(args.source), stage="experts", max_steps=3, batch_size=2,
         seq_len=256, accelerator="cpu", data_cache_dir=args.cache, log_every=100,
     )  # fmt: skip
     algo.run(CausalLMPool(models={"_pretrained_": args.moe}, tokenizer=str(TOKENIZER)))
-    return {"first_step_s": marks["first"] - args.spawned, "loop_start_s": marks["start"] - args.spawned,
+    return {"first_step_s": marks["first"] - args.spawned,
+        "imports_s": marks["imported"] - args.spawned, "data_s": marks["data"], "loop_start_s": marks["start"] - args.spawned,
             "train_tokens_s": 3 * 512 / marks["loop"],
             "plan": algo.data_plan}  # fmt: skip
 
@@ -205,6 +218,7 @@ def main() -> None:
     parser.add_argument("--slice-mb", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--launch-rounds", type=int, default=3)
+    parser.add_argument("--only-launch", action="store_true", help="the launch rows alone")
     parser.add_argument("--keep", action="store_true", help="keep the corpus and the stores")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
@@ -233,7 +247,7 @@ def measure(args) -> dict:
     slice_glob = str(folder / f"part-00[0-{args.slice_mb // parts - 1}].txt")
     small, big = str(folder / "part-00?.txt"), str(folder / "part-*.txt")
     rows: dict[str, list] = {"old": [], "store, 1 thread": [], "store, 2 threads": []}
-    for _ in range(args.rounds):
+    for _ in range(0 if args.only_launch else args.rounds):
         for row, threads in (("old", 2), ("store, 1 thread", 1), ("store, 2 threads", 2)):
             cache = args.root / "scratch"
             shutil.rmtree(cache, ignore_errors=True)
@@ -241,9 +255,8 @@ def measure(args) -> dict:
             rows[row].append(run(kind, slice_glob, cache, threads)["mb_s"])
             print(row, rows[row][-1], flush=True)
     stores = args.root / "stores"
-    whole = {
-        size: run("build", glob, stores) for size, glob in (("0.1", small), (str(args.gb), big))
-    }
+    sizes = (("0.1", small), (str(args.gb), big))
+    whole = {} if args.only_launch else {size: run("build", glob, stores) for size, glob in sizes}
     print("whole stores", whole, flush=True)
     moe = smollm2_moe(args.root / "smollm2_moe4", architecture="mixtral", granularity=2)
     run("loader", small, stores)  # builds the replay store, warms the page cache: not counted
@@ -255,7 +268,7 @@ def measure(args) -> dict:
             memory[size].append(run("loader", glob, stores))
             print(size, launches[size][-1]["first_step_s"], memory[size][-1], flush=True)
     load.append(os.getloadavg()[0])
-    return {"load_average_start_end": load, "slice_mb": args.slice_mb, "rows": {k: spread(v) for k, v in rows.items()},
+    return {"load_average_start_end": load, "slice_mb": args.slice_mb, "rows": {k: spread(v) for k, v in rows.items() if v},
             "raw": rows, "whole": whole, "launches": launches, "memory": memory,
             "corpus": json.loads((folder / "done").read_text())}  # fmt: skip
 

@@ -52,6 +52,8 @@ def test_a_store_holds_every_token_and_is_built_once(tokenizer, tmp_path, monkey
     stamp = (store.path / META).stat().st_mtime_ns
     again = ensure_store(tokenizer, str(tmp_path / "*.txt"), "mine", tmp_path / "cache")
     assert again.path == store.path and (store.path / META).stat().st_mtime_ns == stamp
+    same = ensure_store(tokenizer, {"path": str(tmp_path / "*.txt")}, "mine", tmp_path / "cache")
+    assert same.path == store.path  # {path: X} is the source X: not tokenised again
 
 
 def test_a_changed_source_or_tokenizer_gets_a_new_store(tokenizer, tmp_path):

@@ -73,6 +73,8 @@ def tokenizer_identity(tokenizer: Any) -> str:
 
 def store_key(spec: Any, tokenizer_id: str, max_tokens: int | None) -> str:
     """The hex key of a source's store: source identity, tokenizer identity, packing."""
+    if isinstance(spec, Mapping) and set(spec) == {"path"}:
+        spec = spec["path"]  # the same source as the bare path: the same store
     identity = {
         "format": FORMAT,
         "spec": spec,
