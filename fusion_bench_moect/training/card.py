@@ -96,7 +96,7 @@ def _training(run: Mapping[str, Any], params: Mapping[str, Any]) -> list[str]:
         f"- **Steps**: {params['max_steps']} max, {params['batch_size']} windows of "
         f"{params['seq_len']} tokens per micro-batch and process, x "
         f"{params['accumulate_grad_batches']} accumulation; peak LR {params['learning_rate']}, "
-        f"{params['warmup_steps']} warm-up steps.",
+        f"warm-up {params['warmup_steps']} (steps).",
         f"- **Balancing**: `{params['balancing']}` (aux loss weight "
         f"{params['router_aux_loss_coef']}, z-loss {params['router_z_loss_coef']}).",
     ]
