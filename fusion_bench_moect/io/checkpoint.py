@@ -324,15 +324,25 @@ def _move_into_place(tmp: Path, target: Path) -> None:
         log.warning("Replaced %s but cannot remove its old version %s (%s).", target, old, err)
 
 
+def write_extra_files(directory: Path, files: dict[str, str | bytes] | None) -> None:
+    """Write ``files`` (name -> text or bytes) into ``directory`` (a checkpoint's temporary
+    directory, so that they appear with the model in the same rename)."""
+    for name, content in (files or {}).items():
+        if isinstance(content, bytes):
+            (directory / name).write_bytes(content)
+        else:
+            (directory / name).write_text(content)
+
+
 def save_checkpoint(
     model: Any,
     directory: str | os.PathLike,
     tokenizer: Any = None,
     overwrite: bool = False,
-    extra_files: dict[str, str] | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
     state_dict: dict[str, Any] | None = None,
 ) -> Path:
-    """Save ``model`` (and ``tokenizer``, and ``extra_files`` name -> text) as a Hugging Face
+    """Save ``model`` (and ``tokenizer``, and ``extra_files`` name -> text or bytes) as a Hugging Face
     directory, all or nothing. ``state_dict`` replaces the model's own (e.g. the full
     weights gathered from FSDP shards).
 
@@ -346,8 +356,7 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         make_portable(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        write_extra_files(tmp, extra_files)
     target = Path(directory).expanduser().absolute()
     log.info("Saved MoE checkpoint to %s", target)
     return target

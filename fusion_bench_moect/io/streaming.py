@@ -29,7 +29,7 @@ import torch
 
 from ..model_card import CARD_FILE
 from ..progress import progress
-from .checkpoint import atomic_directory, make_portable
+from .checkpoint import atomic_directory, make_portable, write_extra_files
 from .filewriter import PositionalWriter
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ def write_hub_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     units: Sequence[int] | None = None,
     card: Callable[[Any], str] | None = None,
-    extra_files: dict[str, str] | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
 ) -> Path:
     """Write a Hugging Face checkpoint from a stream of tensors, all or nothing.
 
@@ -268,7 +268,7 @@ def write_hub_checkpoint(
         max_shard_bytes: Largest shard.
         units: Runs of ``specs`` kept in one shard (``shard_layout``).
         card: Returns the model card (``README.md``) given the final config.
-        extra_files: More files to write beside the model, name -> text.
+        extra_files: More files to write beside the model, name -> text or bytes.
 
     Returns:
         The checkpoint directory.
@@ -292,8 +292,7 @@ def write_hub_checkpoint(
         elif tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
         make_portable(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        write_extra_files(tmp, extra_files)
     target = Path(directory).expanduser().absolute()
     log.info(
         "Saved MoE checkpoint to %s (%d tensors, %.2f GB in %d shard(s))",

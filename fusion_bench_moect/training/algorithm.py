@@ -37,7 +37,7 @@ from .loop import Position, TrainingLoop, TrainRun
 from .losses import set_model_aux_coefficient
 from .metrics import Evaluator
 from .optim import build_optimizer, build_scheduler
-from .plots import plot_training_history
+from .plots import HISTORY_PLOT, plot_training_history
 from .runtime import training_record
 from .sampler import MixtureBatchSampler, WindowBatchSampler
 from .sharding import is_sharded, set_experts_implementation
@@ -272,19 +272,11 @@ class MoECTTrainingAlgorithm(SavedBySaveCheckpoint, BaseAlgorithm, FabricTrainin
         final = {k: v for k, v in run.history[-1].items() if k != "layers"} if run.history else {}
         record = training_record(config.record(), fabric, module)
         module.config.moe_ct_training = {**record, "final": final, "data_plan": self.data_plan}
-        if config.save_checkpoint:
-            checkpoints.save_model(fabric, run, Path(config.save_checkpoint))
-            if fabric.is_global_zero:
-                plot_training_history(
-                    run.history,
-                    run.evaluations,
-                    Path(config.save_checkpoint) / "training_history.png",
-                    title=f"moe_ct_training ({config.stage})",
-                )
+        if config.save_checkpoint:  # the plot goes in with the model, in the same rename
+            title = f"moe_ct_training ({config.stage})"
+            checkpoints.save_model(fabric, run, Path(config.save_checkpoint), title)
         if self.log_dir is not None and fabric.is_global_zero:
-            plot_training_history(
-                run.history, run.evaluations, Path(self.log_dir) / "training_history.png"
-            )
+            plot_training_history(run.history, run.evaluations, Path(self.log_dir) / HISTORY_PLOT)
         return module
 
     # the mixin's epoch hook: this loop runs whole epochs in ``run``

@@ -26,6 +26,7 @@ from ..model_card import (
     usage,
 )
 from .loop import TrainRun
+from .plots import HISTORY_PLOT
 
 _STAGES = {
     "router": "routers only",
@@ -68,7 +69,7 @@ def training_card(
         *_held_out(evaluations),
         "## History",
         "",
-        "![training history](training_history.png)",
+        f"![training history]({HISTORY_PLOT})",
         "",
         "Every step's record: `training_history.json`.",
         "",

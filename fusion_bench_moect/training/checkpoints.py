@@ -17,6 +17,7 @@ A step directory is written under a temporary name and renamed when complete
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import random
@@ -38,6 +39,7 @@ from .card import card_file
 from .config import TrainingConfig
 from .export import save_streamed
 from .loop import Position, TrainRun
+from .plots import HISTORY_PLOT, plot_training_history
 from .sharding import full_state_dict, local
 
 log = logging.getLogger(__name__)
@@ -85,11 +87,17 @@ def history_json(run: TrainRun) -> str:
     return json.dumps({"train": run.history, "eval": run.evaluations, "data_plan": plan}, indent=1)
 
 
-def save_model(fabric: Any, run: TrainRun, directory: Path) -> None:
-    """The whole model as a Hugging Face directory, rank 0 writing. Started from a checkpoint
+def save_model(fabric: Any, run: TrainRun, directory: Path, title: str) -> None:
+    """The whole model as a Hugging Face directory, rank 0 writing, with its history, the
+    history plot (``title``) and the card, all in the same rename. Started from a checkpoint
     directory: tensor by tensor, frozen ones copied from it (``export``); a model given as an
     object: its state dict (FSDP2 shards gathered on rank 0)."""
-    extra = {"training_history.json": history_json(run), **card_file(run, directory)}
+    extra: dict[str, str | bytes] = {}
+    if fabric.is_global_zero:
+        plot = io.BytesIO()
+        plot_training_history(run.history, run.evaluations, plot, title=title)
+        extra = {"training_history.json": history_json(run), HISTORY_PLOT: plot.getvalue(),
+                 **card_file(run, directory)}  # fmt: skip
     module = run.module
     if is_checkpoint(str(getattr(module, "name_or_path", "") or "")):
         save_streamed(fabric, module, run.trainable, directory, run.tokenizer, extra)

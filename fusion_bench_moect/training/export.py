@@ -77,7 +77,7 @@ def save_streamed(
     trainable: set[str],
     directory: Path,
     tokenizer: Any,
-    extra_files: dict[str, str],
+    extra_files: dict[str, str | bytes],
 ) -> None:
     """Write ``module`` (started from the checkpoint at ``module.name_or_path``) to
     ``directory``, atomically; rank 0 writes, every process gathers."""

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 from ..eval.plots import pyplot
+
+HISTORY_PLOT = "training_history.png"
+"""The plot's file name, beside the saved model and in the run's log directory."""
 
 
 def plot_training_history(
     history: Sequence[Mapping[str, Any]],
     evaluations: Sequence[Mapping[str, Any]],
-    path: str | os.PathLike,
+    path: str | os.PathLike | IO[bytes],
     title: str = "moe_ct_training",
 ) -> str:
     """Write a 2x2 PNG: losses, CV / MaxVio, router entropy / anchor share, eval perplexity.
@@ -22,7 +25,7 @@ def plot_training_history(
             ``mean_cv``, ``mean_max_violation``, ``mean_router_entropy``,
             ``mean_anchor_share``; with bias balancing ``bias_min``, ``bias_max``).
         evaluations: Evaluation records (``step``, ``perplexity``: {source: ppl}).
-        path: Output PNG.
+        path: Output PNG (or a binary file object).
         title: Figure title.
 
     Returns:
