@@ -166,6 +166,9 @@ class OutputArchitecture(ABC):
     supports_dense_layers: ClassVar[bool] = False
     #: Whether the router can limit a token's experts to its best groups (``n_group``).
     supports_group_routing: ClassVar[bool] = False
+    #: llama.cpp's converter gives this family a vocabulary of its own (special tokens looked
+    #: up by name) that a base of another family lacks: convert with the base's vocabulary.
+    gguf_vocabulary_from_base: ClassVar[bool] = False
     #: Name of the router's (E,) buffer added to the scores for top-k selection only
     #: (aux-loss-free balancing), or None.
     router_bias_name: ClassVar[str | None] = None

@@ -35,6 +35,7 @@ class Glm4MoeArchitecture(OutputArchitecture):
     has_shared_expert = True
     shared_expert_attr = "shared_experts"
     supports_group_routing = True
+    gguf_vocabulary_from_base = True  # llama.cpp's _set_vocab_glm looks up [gMASK] & co.
     router_bias_name = "e_score_correction_bias"
     router_scoring = "sigmoid"
     # transformers 4 knows only ``n_routed_experts`` (5 maps ``num_local_experts`` onto it).

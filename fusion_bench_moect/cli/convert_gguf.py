@@ -33,13 +33,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ..arch import ARCHITECTURES
 from ..assets.llama_cpp import LlamaCppError, fetch_llama_cpp, vendored_source
 
 log = logging.getLogger("fusion_bench_moect.convert_gguf")
 
 #: The tokens ``_set_vocab_glm`` looks up by name (llama.cpp's conversion/base.py).
 GLM_SPECIAL_TOKENS = ("[gMASK]", "<|user|>", "<|endoftext|>", "<|observation|>")
-GLM4_MOE = "Glm4MoeForCausalLM"
 #: Options that would make the converter write elsewhere than the file renamed into place.
 _OWN_OUTPUT = ("--outfile", "--split-max-tensors", "--split-max-size", "--remote", "--vocab-only")
 
@@ -122,8 +122,9 @@ def model_class(converter: ModuleType, architecture: str) -> type:
     )
 
 
-def patch_glm4_moe(converter: ModuleType, base_architecture: str) -> None:
-    """Give llama.cpp's GLM4-MoE class the base family's vocabulary path (this process only)."""
+def patch_vocabularies(converter: ModuleType, base_architecture: str) -> None:
+    """Give llama.cpp's classes of the families that set a vocabulary of their own (GLM4-MoE)
+    the base family's vocabulary path (this process only)."""
     try:
         base_class = model_class(converter, base_architecture)
     except NotImplementedError:
@@ -131,8 +132,10 @@ def patch_glm4_moe(converter: ModuleType, base_architecture: str) -> None:
             f"error: llama.cpp's converter has no class for --base-architecture "
             f"{base_architecture}; pass the dense base's config.json 'architectures' entry"
         ) from None
-    glm = model_class(converter, GLM4_MOE)
-    glm.set_vocab = base_family_vocabulary(glm.set_vocab, base_class)
+    for family in ARCHITECTURES.values():
+        if family.gguf_vocabulary_from_base:
+            own = model_class(converter, family.model_class_name)
+            own.set_vocab = base_family_vocabulary(own.set_vocab, base_class)
 
 
 def resolve_llama_cpp(args: argparse.Namespace) -> Path:
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     check_paths(args, extra)
     tree = resolve_llama_cpp(args)
     converter = load_converter(tree)
-    patch_glm4_moe(converter, args.base_architecture)
+    patch_vocabularies(converter, args.base_architecture)
     partial = args.outfile.with_name(f".{args.outfile.name}.partial")
     sys.argv = [str(tree / "convert_hf_to_gguf.py"), str(args.model), "--outfile", str(partial)]
     sys.argv += ["--outtype", args.outtype, *extra]
