@@ -234,9 +234,11 @@ def save_step(fabric: Any, config: TrainingConfig, run: TrainRun, position: Posi
 
 
 def clear_stale(root: Path) -> None:
-    """Remove the temporaries of step checkpoints whose writer was killed (never a live one's)."""
-    for entry in sorted(root.glob(".step-*.tmp-*")) if root.is_dir() else []:
-        clear_stale_temporaries(root / entry.name[1:].split(".tmp-")[0])
+    """Remove the temporaries of step checkpoints whose writer was killed (never a live one's).
+    One pass over ``root``: ``clear_stale_temporaries`` takes every dead writer's, any name."""
+    stale = sorted(root.glob(".step-*.tmp-*")) if root.is_dir() else []
+    if stale:
+        clear_stale_temporaries(root / stale[0].name[1:].split(".tmp-")[0])
 
 
 def prune(root: Path, keep_last: int | None) -> None:
