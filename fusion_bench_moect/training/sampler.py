@@ -14,23 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import Dataset
 
 from ..data.mixture import Mixture
 from .data import TrainingDataError
-
-
-class WindowDataset(Dataset):
-    """Packed windows of every source (a tensor), as ``long`` token ids."""
-
-    def __init__(self, windows: torch.Tensor) -> None:
-        self.windows = windows
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.windows[index].long()
 
 
 class WindowBatchSampler:
