@@ -30,9 +30,18 @@ def test_cli_fsdp2_trains_like_ddp_evaluates_and_resumes(
     tok = str(tokenizer_dir)
     held_out = f"+method.eval_sources={{gpl:{{text:'{real_text()[::3][:3000]}'}}}}"
     evals = (held_out, "method.eval_window=64", "method.eval_every=2")
+    # a weighted mixture (issue 26: exact resume mid-mixture also under FSDP2): 30 % of a short
+    # source repeated in epochs, 70 % of a long one
+    (tmp_path / "short.txt").write_text(real_text()[:160])
+    (tmp_path / "long.txt").write_text(real_text())
+    mixture = (
+        "~method.train_sources",
+        f"+method.train_sources={{short:{{path:'{tmp_path / 'short.txt'}',weight:0.3}},"
+        f"long:{{path:'{tmp_path / 'long.txt'}',weight:0.7}}}}",
+    )
     ckpts = tmp_path / "ckpts"
     fsdp = train_cli(
-        tmp_path, tmp_path / "fsdp2", moe_dir, tok, "fabric=moe_fsdp2", *evals,
+        tmp_path, tmp_path / "fsdp2", moe_dir, tok, "fabric=moe_fsdp2", *evals, *mixture,
         "method.checkpoint_every=2", f"method.checkpoint_dir={ckpts}",
         devices=2, learning_rate=1e-3,
     )  # fmt: skip
@@ -41,17 +50,20 @@ def test_cli_fsdp2_trains_like_ddp_evaluates_and_resumes(
     assert json.loads((step2 / "trainer_state.json").read_text())["layout"]["sharded"] is True
     log_dir = tmp_path / "logs"
     ddp = train_cli(
-        tmp_path, tmp_path / "ddp", moe_dir, tok, "fabric.strategy=ddp",
+        tmp_path, tmp_path / "ddp", moe_dir, tok, "fabric.strategy=ddp", *mixture,
         devices=2, learning_rate=1e-3, log_dir=log_dir,
     )  # fmt: skip
     resumed = train_cli(
-        tmp_path, tmp_path / "resumed", moe_dir, tok, "fabric=moe_fsdp2", *evals,
+        tmp_path, tmp_path / "resumed", moe_dir, tok, "fabric=moe_fsdp2", *evals, *mixture,
         f"method.ckpt_path={step2}", devices=2, learning_rate=1e-3,
     )  # fmt: skip
     sharded, reference, again = weights(fsdp), weights(ddp), weights(resumed)
     assert max((sharded[k] - reference[k]).abs().max().item() for k in reference) < 1e-6
     assert all(torch.equal(sharded[k], again[k]) for k in sharded)
     assert training_history(fsdp) == training_history(resumed)
+    plan = json.loads((fsdp / "training_history.json").read_text())["data_plan"]
+    assert plan["short"]["share"] == pytest.approx(0.3, abs=1e-3)
+    assert plan["short"]["epochs"] > 1 > plan["long"]["epochs"]
     assert [e["step"] for e in training_history(fsdp)["eval"]] == [0, 2, 4]
     params = json.loads((ddp / "config.json").read_text())["moe_ct_training"]["params"]
     assert params["stage"] == "experts" and params["max_steps"] == 4
