@@ -67,6 +67,36 @@ def test_a_changed_source_or_tokenizer_gets_a_new_store(tokenizer, tmp_path):
     assert third.path not in (first.path, second.path)
 
 
+def test_a_launch_reads_the_whole_store_only_after_it_changed(tokenizer, tmp_path, monkeypatch):
+    """The digest check reads every byte (about 1 s per 400 MB: 25 s a launch at 10 GB); once a
+    store matched, later launches compare the file's state instead, and any write since, even
+    one that puts the modification time back, makes the next launch read it again."""
+    import os
+
+    from fusion_bench_moect.data import store as store_module
+
+    reads = []
+    digest = store_module._digest
+    monkeypatch.setattr(store_module, "_digest", lambda path: reads.append(path) or digest(path))
+    spec = {"text": real_text()}
+    built = ensure_store(tokenizer, spec, "s", tmp_path)  # its digest came from the bytes written
+    path, expected = built.path, built.tokens.tolist()
+    del built
+    assert ensure_store(tokenizer, spec, "s", tmp_path).tokens.tolist() == expected
+    assert reads == []
+    tokens = path / TOKENS
+    before = tokens.stat()
+    raw = tokens.read_bytes()
+    tokens.write_bytes(raw[:10] + bytes([raw[10] ^ 1]) + raw[11:])
+    os.utime(tokens, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same mtime
+    assert ensure_store(tokenizer, spec, "s", tmp_path).tokens.tolist() == expected  # rebuilt
+    assert reads == [tokens]
+    tokens.write_bytes(tokens.read_bytes())  # rewritten unchanged: read once, then trusted
+    for _ in range(2):
+        assert ensure_store(tokenizer, spec, "s", tmp_path).tokens.tolist() == expected
+    assert reads == [tokens, tokens]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "meta"])
 def test_a_damaged_store_is_named_and_rebuilt(tokenizer, tmp_path, caplog, damage):
     spec = {"text": real_text()}
