@@ -33,6 +33,7 @@ from .balancing import Balancer, check_balancing
 from .config import TrainingConfig, docstring
 from .data import log_data_plan, shared_training_data
 from .freeze import TrainingPlan, apply_requires_grad, plan_training
+from .host_memory import give_back_freed_blocks
 from .loop import Position, TrainingLoop, TrainRun
 from .losses import set_model_aux_coefficient
 from .metrics import Evaluator
@@ -98,6 +99,7 @@ class MoECTTrainingAlgorithm(SavedBySaveCheckpoint, BaseAlgorithm, FabricTrainin
         With several processes only rank 0 logs (docs/training.md); transformers' own bars
         follow the package's progress policy (a terminal only, rank 0 only)."""
         rank = self.fabric.global_rank
+        give_back_freed_blocks()  # before the model is loaded: every large block from here on
         with one_voice(rank), library_bars(enabled=rank == 0):
             return self._train(modelpool)
 
