@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import under_hydra
 from .io.model_card import record_evaluation
 from .schema import check_optional_path
 
@@ -22,6 +23,7 @@ class SavedBySaveCheckpoint:
     def on_run_end(self) -> None:
         super().on_run_end()  # type: ignore[misc]
         program = getattr(self, "_program", None)
+        _report_beside_the_logs(program)
         fabric = getattr(self, "_fabric_instance", None)
         if fabric is None or fabric.is_global_zero:
             record_evaluation(program, check_optional_path("save_checkpoint", self.save_checkpoint))
@@ -35,3 +37,16 @@ class SavedBySaveCheckpoint:
 
 def _saved_by_save_checkpoint(model: Any) -> None:
     """Stands in for the program's ``save_merged_model`` once ``save_checkpoint`` wrote it."""
+
+
+def _report_beside_the_logs(program: Any) -> None:
+    """Without a logger (``fabric.loggers=null``) FusionBench's program has no ``log_dir`` and
+    wrote its report to a folder literally named ``{log_dir}`` in the working directory; it
+    goes to the run's Hydra output folder (its logs) instead."""
+    path = getattr(program, "report_save_path", None)
+    if not isinstance(path, str) or "{log_dir}" not in path or not under_hydra():
+        return
+    if getattr(program, "log_dir", None) is None:
+        from fusion_bench.utils.hydra_utils import get_hydra_output_dir
+
+        program.report_save_path = path.format(log_dir=get_hydra_output_dir())

@@ -61,6 +61,9 @@ def test_cli_fsdp2_trains_like_ddp_evaluates_and_resumes(
     assert max((sharded[k] - reference[k]).abs().max().item() for k in reference) < 1e-6
     assert all(torch.equal(sharded[k], again[k]) for k in sharded)
     assert training_history(fsdp) == training_history(resumed)
+    # no logger: FusionBench's report goes to the run's Hydra folder, not to "./{log_dir}"
+    assert json.loads((tmp_path / "fsdp2-logs" / "program_report.json").read_text())
+    assert not (tmp_path / "{log_dir}").exists()
     plan = json.loads((fsdp / "training_history.json").read_text())["data_plan"]
     assert plan["short"]["share"] == pytest.approx(0.3, abs=1e-3)
     assert plan["short"]["epochs"] > 1 > plan["long"]["epochs"]
