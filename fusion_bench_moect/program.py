@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fusion_bench.utils.hydra_utils import get_hydra_output_dir
+
 from .errors import under_hydra
 from .io.model_card import record_evaluation
 from .schema import check_optional_path
@@ -47,6 +49,4 @@ def _report_beside_the_logs(program: Any) -> None:
     if not isinstance(path, str) or "{log_dir}" not in path or not under_hydra():
         return
     if getattr(program, "log_dir", None) is None:
-        from fusion_bench.utils.hydra_utils import get_hydra_output_dir
-
         program.report_save_path = path.format(log_dir=get_hydra_output_dir())
