@@ -4,10 +4,11 @@ A store is a directory ``<cache>/<name>-<key>/`` holding ``tokens.bin`` (every d
 ids, EOS after each, as ``uint16`` where the vocabulary fits, else ``uint32``: Megatron's
 indexed-dataset idea) and ``meta.json`` (counts, the largest id, a BLAKE2b digest of
 ``tokens.bin``; ``verified.json`` records the file's state when the digest last matched, so
-a launch reads the whole file only after it changed). The key hashes the source's identity (its spec and every file's path, size and
-mtime), the tokenizer's identity (its serialised ``tokenizer.json``) and the packing settings
-(EOS, ``max_tokens``), so a changed file or tokenizer gets a new store and stale ids are never
-read. The window length is applied when reading, so one store serves every ``seq_len``.
+a launch reads the whole file only after it changed). The key hashes the source's identity
+(its spec and every file's path, size and mtime), the tokenizer's identity (its serialised
+``tokenizer.json``) and the packing settings (EOS, ``max_tokens``), so a changed file or
+tokenizer gets a new store and stale ids are never read. The window length is applied when
+reading, so one store serves every ``seq_len``.
 
 Stores are written in a temporary directory moved into place by one rename
 (``io.checkpoint.atomic_directory``): a build killed at any point leaves no directory that
@@ -30,8 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io.checkpoint import atomic_directory
-from ..io.model_card import write_text_atomically
+from ..io.checkpoint import atomic_directory, write_text_atomically
 from ..paths import cache_root
 from .documents import TrainingDataError, iter_documents, source_files
 

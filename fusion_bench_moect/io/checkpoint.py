@@ -324,6 +324,16 @@ def _move_into_place(tmp: Path, target: Path) -> None:
         log.warning("Replaced %s but cannot remove its old version %s (%s).", target, old, err)
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in one rename (a reader sees the old file or the new)."""
+    tmp = _temporary_path(path, "tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_extra_files(directory: Path, files: dict[str, str | bytes] | None) -> None:
     """Write ``files`` (name -> text or bytes) into ``directory`` (a checkpoint's temporary
     directory, so that they appear with the model in the same rename)."""

@@ -12,18 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ..model_card import CARD_FILE, with_results
+from .checkpoint import write_text_atomically
 
 log = logging.getLogger(__name__)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` in one rename (a reader sees the old file or the new)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def add_results(directory: str | os.PathLike, report: Mapping[str, Any]) -> bool:
