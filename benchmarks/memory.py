@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -119,6 +120,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--interval", type=float, default=0.1)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--results", default="memory.json", help="raw records, under --root")
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
     codes = dict(c.split("=", 1) for c in (args.code or [f"branch={REPO}"]))
@@ -141,22 +143,34 @@ def main() -> int:
                       "peaks": peaks}  # fmt: skip
             print("RESULT " + json.dumps(record), flush=True)
             results.append(record)
-    (args.root / "memory.json").write_text(json.dumps(results, indent=1))
+    (args.root / args.results).write_text(json.dumps(results, indent=1))
     report(results)
     return 0
 
 
 def report(results: list[dict]) -> None:
+    """One row per variant: the median over rounds, with min-max where rounds differ."""
     gb = 1e9
+    rounds = len({r["round"] for r in results})
+    print(f"{rounds} round(s); median (min-max) of the rounds")
     print("| code | build | stage | processes | load: per process / sum | train | save | "
           "whole run per process |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    variants: dict[tuple, list[dict]] = {}
     for r in results:
-        p = r["peaks"]
-        cells = [f"{p[ph]['process'] / gb:.2f} / {p[ph]['sum'] / gb:.2f} GB" for ph in PHASES]
-        whole = max(p[ph]["process"] for ph in PHASES) / gb
-        print(f"| {r['code']} | {r['build']} | `{r['stage']}` | {r['row']} | "
-              f"{' | '.join(cells)} | {whole:.2f} GB |")  # fmt: skip
+        variants.setdefault((r["code"], r["build"], r["stage"], r["row"]), []).append(r["peaks"])
+
+    def cell(values: list[float]) -> str:
+        values = sorted(v / gb for v in values)
+        median = statistics.median(values)
+        spread = f" ({values[0]:.2f}-{values[-1]:.2f})" if len(values) > 1 else ""
+        return f"{median:.2f}{spread}"
+
+    for (code, build, stage, row), peaks in variants.items():
+        cells = [f"{cell([p[ph]['process'] for p in peaks])} / "
+                 f"{cell([p[ph]['sum'] for p in peaks])} GB" for ph in PHASES]  # fmt: skip
+        whole = cell([max(p[ph]["process"] for ph in PHASES) for p in peaks])
+        print(f"| {code} | {build} | `{stage}` | {row} | {' | '.join(cells)} | {whole} GB |")
 
 
 if __name__ == "__main__":
