@@ -71,6 +71,7 @@ def rows(seeds: Sequence[int] = (42,)) -> list[dict[str, Any]]:
 def section(result: Mapping[str, Any], command: str) -> str:
     """The markdown section: references, then each variant's perplexities at each point."""
     refs = result["references"]
+    seeds = list(dict.fromkeys(run["params"]["seed"] for run in result["runs"]))
     langs = list(next(iter(refs.values()))["perplexity"])
     lines = [
         "## Attention merged over the experts (issue 28)",
@@ -79,7 +80,7 @@ def section(result: Mapping[str, Any], command: str) -> str:
         f"`{CENTRE}` with its attention from the base, averaged over the experts "
         "(`SimpleAverageAlgorithm`) or by task arithmetic (scaling 0.3), then trained "
         "(router stage, experts stage). Held-out perplexity (lower is better; mean ± std "
-        f"over seeds {', '.join(map(str, result['seeds']))}):",
+        f"over seeds {', '.join(map(str, seeds))}):",
         "",
     ]
     body = [
@@ -124,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resume=args.resume,
         summary="non_expert.json",
     )
-    result = {**result, "seeds": seeds, "expert_settings": dataclasses.asdict(settings)}
+    result = {**result, "expert_settings": dataclasses.asdict(settings)}
     (out / "non_expert.json").write_text(json.dumps(result, indent=1))
     command = "python -m study.non_expert" + (" --quick" if quick else "")
     command += "" if seeds == [42] else f" --seeds {','.join(map(str, seeds))}"
